@@ -1,0 +1,192 @@
+"""The forward process, what a network predicts, the training loss, and the denoiser wrapper.
+
+Notation (Kingma et al. 2021, 'Variational diffusion models'; the DDPM special case in brackets):
+    x_t = alpha_t x0 + sigma_t eps                      [alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)]
+    v_t = alpha_t eps - sigma_t x0                      (Salimans & Ho 2022, 'Progressive distillation', eq. 8)
+    score  grad log p(x_t) = -E[eps | x_t] / sigma_t
+Everything here takes per-sample ``alpha, sigma`` of shape (B,) and images of shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .schedules import Schedule
+
+Tensor = torch.Tensor
+Prediction = Literal["eps", "x0", "v"]
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("simple", "min-snr")
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> Tensor:
+    """Standard normal noise drawn with ``generator`` (on the generator's device, then moved), so that a seed
+    gives the same numbers whichever device the result lives on."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _bc(a: Tensor, x: Tensor) -> Tensor:
+    """Broadcast per-sample coefficients (B,) (or a scalar) against x (B, ...), in x's dtype."""
+    a = torch.as_tensor(a, device=x.device).to(x.dtype)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
+
+
+def q_sample(x0: Tensor, alpha: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+    """Draw from the forward marginal q(x_t | x0) = N(alpha_t x0, sigma_t^2 I) (DDPM eq. 4)."""
+    return _bc(alpha, x0) * x0 + _bc(sigma, x0) * eps
+
+
+def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """What the network is trained to output."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return _bc(alpha, x0) * eps - _bc(sigma, x0) * x0
+    raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+
+
+def x0_from_prediction(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Convert a network output to the denoised estimate x0_hat = E[x0 | x_t]."""
+    a, s = _bc(alpha, x_t), _bc(sigma, x_t)
+    if prediction == "eps":
+        if (torch.as_tensor(alpha) == 0).any():
+            raise ConfigError(
+                "an eps-prediction model cannot denoise at zero SNR (alpha_t = 0: x0 = (x - sigma eps) / 0); "
+                "train with prediction 'v' or 'x0' for a zero-terminal-SNR schedule"
+            )
+        return (x_t - s * out) / a
+    if prediction == "x0":
+        return out
+    if prediction == "v":
+        # x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2); the denominator is 1 for variance-preserving schedules
+        return (a * x_t - s * out) / (a**2 + s**2)
+    raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+
+
+def eps_from_x0(x0_hat: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps_hat = (x_t - alpha x0_hat) / sigma (undefined at sigma = 0, the clean level)."""
+    return (x_t - _bc(alpha, x_t) * x0_hat) / _bc(sigma, x_t)
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return _bc(alpha, x0) * eps - _bc(sigma, x0) * x0
+
+
+def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
+    """The score view: grad_x log p_t(x) = -eps / sigma_t (Song et al. 2021, eq. 8 and Tweedie's formula)."""
+    return -eps / _bc(sigma, eps)
+
+
+def score_from_x0(x0_hat: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """grad_x log p_t(x) = (alpha_t x0_hat - x_t) / sigma_t^2 (Tweedie)."""
+    return (_bc(alpha, x_t) * x0_hat - x_t) / _bc(sigma, x_t) ** 2
+
+
+def snr(alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha**2 / sigma**2
+
+
+def loss_weight(weighting: str, prediction: Prediction, alpha: Tensor, sigma: Tensor, gamma: float = 5.0) -> Tensor:
+    """Per-sample weight of the MSE on the network output.
+
+    'simple' is DDPM's unweighted loss (eq. 14). 'min-snr' (Hang et al. 2023, 'Efficient diffusion training via
+    Min-SNR weighting', eq. 8) weights the x0-space error by min(SNR, gamma); expressed on each prediction's own
+    error that is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v."""
+    if weighting == "simple":
+        return torch.ones_like(alpha)
+    if weighting != "min-snr":
+        raise ConfigError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+    if gamma <= 0:
+        raise ConfigError(f"min-SNR gamma must be positive, got {gamma}")
+    s = snr(alpha, sigma)
+    clipped = s.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / s
+    if prediction == "x0":
+        return clipped
+    if prediction == "v":
+        return clipped / (s + 1)
+    raise ConfigError(f"unknown prediction {prediction!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    """How a backbone's output is read and trained; saved in every checkpoint."""
+
+    prediction: str = "eps"
+    weighting: str = "simple"
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown loss weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Denoiser(nn.Module):
+    """A backbone plus the schedule it was trained on: D(x_t, t, cond) -> x0_hat.
+
+    The backbone maps (x_t, t, class_labels) to its prediction (eps, x0 or v) and never sees alpha or sigma;
+    this wrapper owns the conversion. ``t`` is the schedule's (possibly fractional) time, shape (B,) or scalar."""
+
+    def __init__(self, backbone: nn.Module, schedule: Schedule, config: DiffusionConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.schedule = schedule
+        self.config = config or DiffusionConfig()
+
+    @property
+    def prediction(self) -> str:
+        return self.config.prediction
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+        return self.backbone(x_t, t, cond)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0])
+        alpha, sigma = self.schedule.alpha_sigma(t.cpu())
+        out = self.raw(x_t, t, cond).to(x_t.dtype)
+        return x0_from_prediction(self.prediction, out, x_t, alpha.to(x_t.device), sigma.to(x_t.device))
+
+    def loss(self, x0: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample weighted MSE for uniformly drawn t in {0..T-1} (DDPM Alg. 1); shape (B,)."""
+        B = x0.shape[0]
+        T = self.schedule.num_timesteps
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).cpu().to(torch.float64)
+        eps = randn(x0.shape, generator, x0.device, x0.dtype)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x_t = q_sample(x0, alpha.to(x0.device), sigma.to(x0.device), eps)
+        target = prediction_target(self.prediction, x0, eps, alpha.to(x0.device), sigma.to(x0.device))
+        out = self.raw(x_t, t.to(x0.device), cond)
+        mse = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
+        w = loss_weight(self.config.weighting, self.prediction, alpha, sigma, self.config.min_snr_gamma)
+        return mse * w.to(mse.device, mse.dtype)
+
+
+class ClippedDenoiser(nn.Module):
+    """Clamp x0_hat to the data range (DDPM's 'clip_denoised'); still a denoiser."""
+
+    def __init__(self, denoiser: nn.Module, lo: float = -1.0, hi: float = 1.0):
+        super().__init__()
+        self.denoiser, self.lo, self.hi = denoiser, lo, hi
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.denoiser(x_t, t, cond).clamp(self.lo, self.hi)

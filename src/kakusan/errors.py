@@ -1,0 +1,17 @@
+"""The errors kakusan raises for a user's mistake. The CLI prints these as one line and exits non-zero."""
+
+
+class KakusanError(Exception):
+    """Base class: a problem the user can fix (bad input, config, file)."""
+
+
+class ConfigError(KakusanError, ValueError):
+    """A configuration value, name or combination is invalid."""
+
+
+class DataError(KakusanError):
+    """A data set is missing, empty, corrupt or of the wrong shape."""
+
+
+class CheckpointError(KakusanError):
+    """A checkpoint is missing, unreadable, not kakusan's, or does not match."""

@@ -1,0 +1,248 @@
+"""The U-Net denoiser backbone of DDPM (Ho et al. 2020, appendix B), made configurable.
+
+Shape walk for the ``ddpm-cifar10`` preset (B, 3, 32, 32):
+    conv_in 3->128 @32 | level 0: 2 res blocks 128 @32, down | level 1: 2 x (res 256 + attn) @16, down
+    | level 2: 2 res 256 @8, down | level 3: 2 res 256 @4 | middle: res, attn, res @4
+    | up levels mirror the way down with 3 res blocks each, taking one skip per block | norm, SiLU, conv_out.
+The network maps (x_t, t, class_labels) -> output and knows nothing of the noise schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 128  # base width; level i has channels * channel_mults[i]
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    attention_head_dim: int | None = None  # None: one head spanning all channels (as DDPM)
+    dropout: float = 0.1
+    norm_groups: int = 32
+    time_conditioning: str = "add"  # "add" (DDPM) or "scale-shift" (improved DDPM / ADM)
+    num_classes: int = 0  # > 0: class-conditional, with a learned null label at index num_classes
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.image_size >= 1 and self.in_channels >= 1 and self.out_channels >= 1,
+             "image_size and channel counts must be positive")
+        need(self.channels >= 1 and len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
+             "channels and channel_mults must be positive")
+        need(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
+        need(self.time_conditioning in ("add", "scale-shift"),
+             f"time_conditioning must be 'add' or 'scale-shift', got {self.time_conditioning!r}")
+        need(self.num_classes >= 0, "num_classes must be >= 0")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        need(self.image_size % factor == 0,
+             f"image size {self.image_size} is not divisible by {factor}, the U-Net's total downsampling "
+             f"({len(self.channel_mults)} levels); choose a size divisible by {factor} or fewer levels")
+        for m in self.channel_mults:
+            c = self.channels * m
+            need(c % self.norm_groups == 0, f"width {c} is not divisible by norm_groups {self.norm_groups}")
+            if self.attention_head_dim:
+                need(c % self.attention_head_dim == 0,
+                     f"width {c} is not divisible by attention_head_dim {self.attention_head_dim}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown U-Net config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of t (Vaswani et al. 2017; DDPM appendix B): [sin(t w_k), cos(t w_k)] with
+    w_k = max_period^(-k / (half - 1)), k = 0 .. half - 1 (DDPM's spacing). (B,) -> (B, dim)."""
+    half = dim // 2
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + time embedding (added, or as scale/shift of the second norm), GroupNorm ->
+    SiLU -> dropout -> conv, plus a (1x1 conv) shortcut. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, c_out * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (ADM's zero_module)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out[*2], 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions (scaled dot product via PyTorch SDPA), residual."""
+
+    def __init__(self, channels: int, head_dim: int | None, groups: int):
+        super().__init__()
+        self.heads = channels // head_dim if head_dim else 1
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(h).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The res blocks (each optionally followed by attention) of one resolution on one side of the U."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.channels
+        temb_dim = 4 * ch
+        ss = cfg.time_conditioning == "scale-shift"
+        res_block = lambda a, b: ResBlock(a, b, temb_dim, cfg.dropout, cfg.norm_groups, ss)  # noqa: E731
+        attn = lambda c: AttentionBlock(c, cfg.attention_head_dim, cfg.norm_groups)  # noqa: E731
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # class labels: index num_classes is the null label (unconditional / classifier-free guidance)
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        widths = [ch * m for m in cfg.channel_mults]
+        n_levels = len(widths)
+        self.down, self.downsamples = nn.ModuleList(), nn.ModuleList()
+        skip_channels = [ch]
+        c, res = ch, cfg.image_size
+        for i, w in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(res_block(c, w))
+                attns.append(attn(w) if res in cfg.attention_resolutions else nn.Identity())
+                c = w
+                skip_channels.append(c)
+            self.down.append(Level(blocks, attns))
+            if i < n_levels - 1:
+                self.downsamples.append(Downsample(c))
+                skip_channels.append(c)
+                res //= 2
+        self.mid_block1, self.mid_attn, self.mid_block2 = res_block(c, c), attn(c), res_block(c, c)
+
+        self.up, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(res_block(c + skip_channels.pop(), w))
+                attns.append(attn(w) if res in cfg.attention_resolutions else nn.Identity())
+                c = w
+            self.up.append(Level(blocks, attns))
+            if i > 0:
+                self.upsamples.append(Upsample(c))
+                res *= 2
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, c, eps=1e-6)
+        self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """x: (B, C_in, H, W); t: (B,) the schedule's time; class_labels: (B,) ints, num_classes = null."""
+        cfg = self.config
+        temb = self.time_mlp(timestep_embedding(t, cfg.channels))  # (B, 4ch)
+        if self.label_emb is not None:
+            if class_labels is None:  # unconditional: the null label
+                class_labels = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.label_emb(class_labels)
+        elif class_labels is not None:
+            raise ConfigError("this model is unconditional; it takes no class labels")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, temb))
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,277 @@
+"""Noise schedules as pure functions.
+
+Every schedule is reduced to one table, ``alpha_bar[t]`` for the discrete training steps
+``t = 0 .. T-1`` (0-indexed, as in diffusers), from which the one representation used everywhere follows:
+
+    x_t = alpha_t * x0 + sigma_t * eps,   alpha_t = sqrt(alpha_bar_t),   sigma_t = sqrt(1 - alpha_bar_t)
+
+``Schedule.alpha_sigma(t)`` also takes fractional ``t`` (linear interpolation of ``alpha_bar`` between the
+grid points), so the same object serves discrete samplers and continuous-time ones.
+
+Tables are computed in float64 and cast where used: ``alpha_bar`` of the linear schedule at t = 999 is 6e-5,
+and its complement loses digits in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from .errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# beta / alpha_bar tables (each a pure function returning float64 tensors of length T)
+
+
+def _check_beta_range(beta_start: float, beta_end: float) -> None:
+    if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
+        raise ConfigError(f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}")
+    if beta_start > beta_end:
+        raise ConfigError(f"beta_start ({beta_start}) must not exceed beta_end ({beta_end})")
+
+
+def _check_steps(num_timesteps: int) -> None:
+    if not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ConfigError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+
+
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM (Ho et al. 2020, sec. 4): beta_t linear from beta_start to beta_end."""
+    _check_steps(num_timesteps)
+    _check_beta_range(beta_start, beta_end)
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def quadratic_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDIM's 'quadratic' schedule: sqrt(beta_t) linear, i.e. beta_t = linspace(sqrt(b0), sqrt(b1))^2."""
+    _check_steps(num_timesteps)
+    _check_beta_range(beta_start, beta_end)
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def scaled_linear_betas(
+    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """Latent/Stable Diffusion's 'scaled_linear': the quadratic form with LDM's defaults."""
+    return quadratic_betas(num_timesteps, beta_start, beta_end)
+
+
+def betas_from_alpha_bar(alpha_bar_fn: Callable[[Tensor], Tensor], num_timesteps: int, max_beta: float) -> Tensor:
+    """Discretise a continuous alpha_bar(s), s in [0, 1]: beta_t = 1 - abar((t+1)/T) / abar(t/T), clipped."""
+    s = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    abar = alpha_bar_fn(s)
+    betas = 1.0 - abar[1:] / abar[:-1]
+    return betas.clamp(0.0, max_beta)
+
+
+def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Improved DDPM (Nichol & Dhariwal 2021, eq. 17): abar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2)."""
+    _check_steps(num_timesteps)
+    if not (0.0 <= s < 1.0):
+        raise ConfigError(f"cosine offset s must lie in [0, 1), got {s}")
+    if not (0.0 < max_beta <= 1.0):
+        raise ConfigError(f"max_beta must lie in (0, 1], got {max_beta}")
+
+    def f(u: Tensor) -> Tensor:
+        return torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    return betas_from_alpha_bar(lambda u: f(u) / f(torch.zeros(())), num_timesteps, max_beta)
+
+
+def sigmoid_betas(
+    num_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
+    """Sigmoid schedule (Chen 2023, 'On the importance of noise scheduling', Alg. 1):
+    abar(t) = (sigmoid(end/tau) - sigmoid((t (end - start) + start)/tau)) / (sigmoid(end/tau) - sigmoid(start/tau))."""
+    _check_steps(num_timesteps)
+    if not start < end:
+        raise ConfigError(f"sigmoid schedule needs start < end, got {start} and {end}")
+    if tau <= 0:
+        raise ConfigError(f"sigmoid schedule needs tau > 0, got {tau}")
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+
+    def abar(u: Tensor) -> Tensor:
+        return (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+
+    return betas_from_alpha_bar(abar, num_timesteps, max_beta)
+
+
+def alpha_bar_from_betas(betas: Tensor) -> Tensor:
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s)  (DDPM eq. 4)."""
+    return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+
+
+def rescale_zero_terminal_snr(alpha_bar: Tensor) -> Tensor:
+    """Lin et al. 2024 ('Common diffusion noise schedules are flawed', Alg. 1): shift and scale sqrt(alpha_bar)
+    so that the last step has alpha = 0 (zero SNR) while the first keeps its value."""
+    sqrt_ab = alpha_bar.to(torch.float64).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    return sqrt_ab**2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The schedule object: a frozen table plus (alpha, sigma) lookups
+
+
+BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "quadratic": quadratic_betas,
+    "sigmoid": sigmoid_betas,
+    "scaled-linear": scaled_linear_betas,
+}
+
+
+@dataclass
+class ScheduleConfig:
+    """A schedule by name and parameters; saved in every checkpoint.
+
+    ``params`` are passed to the named beta function (e.g. ``{"beta_start": 1e-4, "beta_end": 0.02}`` for
+    ``linear``, ``{"s": 0.008}`` for ``cosine``)."""
+
+    name: str = "linear"
+    num_timesteps: int = 1000
+    params: dict = field(default_factory=dict)
+    zero_terminal_snr: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleConfig":
+        return cls(**d)
+
+
+class Schedule:
+    """A discrete variance-preserving schedule: ``alpha_bar`` for t = 0..T-1, float64.
+
+    The network's time input is ``t`` itself (a float in [0, T-1]); the clean image is outside the table."""
+
+    def __init__(self, alpha_bar: Tensor, config: ScheduleConfig | None = None):
+        alpha_bar = alpha_bar.to(torch.float64)
+        if alpha_bar.ndim != 1 or len(alpha_bar) < 2:
+            raise ConfigError("alpha_bar must be a 1-D table of at least 2 steps")
+        if not torch.isfinite(alpha_bar).all() or (alpha_bar < 0).any() or (alpha_bar >= 1).any():
+            raise ConfigError("alpha_bar must lie in [0, 1)")
+        if (alpha_bar[1:] > alpha_bar[:-1]).any():
+            raise ConfigError("alpha_bar must be non-increasing in t")
+        self.alpha_bar = alpha_bar
+        self.config = config
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alpha_bar)
+
+    @property
+    def betas(self) -> Tensor:
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        return 1.0 - self.alpha_bar / prev
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alpha_bar[-1] == 0)
+
+    def alpha_bar_at(self, t: Tensor | float) -> Tensor:
+        """alpha_bar at (possibly fractional) t in [0, T-1], by linear interpolation; float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if ((t < 0) | (t > self.num_timesteps - 1)).any():
+            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}]")
+        table = self.alpha_bar.to(t.device)
+        lo = t.floor().long().clamp(max=self.num_timesteps - 2)
+        frac = t - lo
+        return table[lo] * (1 - frac) + table[lo + 1] * frac
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), float64."""
+        ab = self.alpha_bar_at(t)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t); -inf at zero terminal SNR."""
+        ab = self.alpha_bar_at(t)
+        return 0.5 * (ab.log() - (1 - ab).log())
+
+    def __repr__(self) -> str:
+        name = self.config.name if self.config else "custom"
+        return f"Schedule({name}, T={self.num_timesteps}, alpha_bar[-1]={self.alpha_bar[-1].item():.3g})"
+
+
+def make_schedule(config: ScheduleConfig | str = "linear", **overrides) -> Schedule:
+    """Build a schedule from its config (or a name and keyword parameters)."""
+    if isinstance(config, str):
+        num_timesteps = overrides.pop("num_timesteps", 1000)
+        zts = overrides.pop("zero_terminal_snr", False)
+        config = ScheduleConfig(config, num_timesteps, dict(overrides), zts)
+    elif overrides:
+        raise TypeError("pass overrides only with a schedule name")
+    if config.name not in BETA_SCHEDULES:
+        raise ConfigError(f"unknown schedule {config.name!r}; choose from {', '.join(BETA_SCHEDULES)}")
+    try:
+        betas = BETA_SCHEDULES[config.name](config.num_timesteps, **config.params)
+    except TypeError as e:  # unknown parameter names
+        raise ConfigError(f"bad parameters for schedule {config.name!r}: {e}") from None
+    alpha_bar = alpha_bar_from_betas(betas)
+    if config.zero_terminal_snr:
+        alpha_bar = rescale_zero_terminal_snr(alpha_bar)
+    return Schedule(alpha_bar, config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling grids: which timesteps a sampler visits, and the noise levels it receives
+
+
+class NoiseLevels(NamedTuple):
+    """The N+1 noise levels a sampler walks through, noisiest first, each a float64 tensor of shape (N+1,).
+
+    ``t[i]`` is the network's time input; ``alpha[i], sigma[i]`` define x_i = alpha x0 + sigma eps.
+    The last level is the clean image (alpha 1, sigma 0, t = -1: never passed to the network)."""
+
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.t) - 1
+
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> Tensor:
+    """The ``num_steps`` integer timesteps a discrete sampler visits, descending (DDIM, sec. 4.2;
+    'leading'/'trailing'/'linspace' as in Lin et al. 2024, table 2). float64 tensor of shape (num_steps,)."""
+    T = schedule.num_timesteps
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {num_steps!r}")
+    if num_steps > T:
+        raise ConfigError(f"steps ({num_steps}) cannot exceed the schedule's {T} timesteps")
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round()
+    elif spacing == "leading":
+        ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps)
+    elif spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / num_steps, dtype=torch.float64).round() - 1).flip(0)
+    else:
+        raise ConfigError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    return ts.flip(0)
+
+
+def noise_levels(schedule: Schedule, ts: Tensor) -> NoiseLevels:
+    """Noise levels for descending timesteps ``ts``, with the clean level appended."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if ts.ndim != 1 or len(ts) < 1:
+        raise ConfigError("timesteps must be a non-empty 1-D tensor")
+    if (ts[1:] >= ts[:-1]).any():
+        raise ConfigError("timesteps must be strictly decreasing (noisiest first)")
+    alpha, sigma = schedule.alpha_sigma(ts)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return NoiseLevels(torch.cat([ts, -one]), torch.cat([alpha, one]), torch.cat([sigma, zero]))

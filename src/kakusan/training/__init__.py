@@ -1,0 +1,6 @@
+from .checkpoint import read_config, resolve_checkpoint, save_checkpoint
+from .ema import EMA
+from .trainer import Trainer, TrainConfig, load_denoiser
+
+__all__ = ["EMA", "Trainer", "TrainConfig", "load_denoiser", "read_config", "resolve_checkpoint",
+           "save_checkpoint"]

@@ -1,0 +1,336 @@
+"""The training loop: AdamW, LR warm-up, gradient clipping, EMA, bf16 autocast on CUDA, a JSONL log, sample
+grids and atomic checkpoints, and exact resume.
+
+Everything random is a function of (seed, step) or of saved generator state: the batch at step k is read from
+a per-epoch permutation seeded by (seed, epoch), and the noise / timestep / label-dropout generator and the
+global RNG (dropout) are saved in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import ImageDataset, load_dataset, to_model_range
+from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser
+from ..errors import CheckpointError, ConfigError, KakusanError
+from ..guidance import ClassifierFreeGuidance
+from ..images import save_grid
+from ..models import UNet, UNetConfig, get_preset
+from ..samplers import sample
+from ..schedules import ScheduleConfig, make_schedule
+from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
+                         unflatten_optimizer_state)
+from .ema import EMA
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    preset: str = "unet-digits"
+    model: dict = field(default_factory=dict)  # overrides of the preset's UNetConfig fields
+    schedule: str = "cosine"
+    schedule_params: dict = field(default_factory=dict)
+    zero_terminal_snr: bool = False
+    num_timesteps: int = 1000
+    prediction: str = "v"
+    weighting: str = "min-snr"
+    min_snr_gamma: float = 5.0
+    cond: str = "none"  # "none" or "class"
+    label_dropout: float = 0.1
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 200
+    lr_decay: str = "constant"  # "constant" or "cosine" (to 10% at the last step)
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    hflip: bool = False
+    seed: int = 0
+    out: str = "runs/default"
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_sampler: str = "ddim"
+    sample_steps: int = 50
+    guidance: float = 2.0  # for the grids of class-conditional runs
+    device: str = "auto"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
+    nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at once
+    limit: int | None = None  # use only the first N training images
+    progress: bool = True
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        positive = ("steps", "batch_size", "num_timesteps", "log_every", "sample_every", "checkpoint_every")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.cond not in ("none", "class"):
+            raise ConfigError(f"cond must be 'none' or 'class', got {self.cond!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ConfigError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
+        DiffusionConfig(self.prediction, self.weighting, self.min_snr_gamma)  # validates names
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ConfigError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0' (eps cannot be "
+                              "inverted at alpha = 0)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
+    return dev
+
+
+def build_model_config(cfg: TrainConfig, data: ImageDataset) -> UNetConfig:
+    c, h, _ = data.shape
+    overrides = {"in_channels": c, "out_channels": c, "image_size": h, **cfg.model}
+    if cfg.cond == "class":
+        if data.labels is None:
+            raise ConfigError(f"--cond class needs labels, and {data.name} has none")
+        overrides["num_classes"] = data.num_classes
+    return get_preset(cfg.preset, **overrides)
+
+
+def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset) -> dict:
+    """Everything needed to rebuild and sample the model, saved in every checkpoint."""
+    return {
+        "model": {"type": "unet", **model_cfg.to_dict()},
+        "schedule": ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params,
+                                   cfg.zero_terminal_snr).to_dict(),
+        "diffusion": DiffusionConfig(cfg.prediction, cfg.weighting, cfg.min_snr_gamma).to_dict(),
+        "data": {"spec": cfg.data, "name": data.name, "size": len(data), "shape": list(data.shape),
+                 "class_names": data.class_names if cfg.cond == "class" else []},
+        "train": cfg.to_dict(),
+    }
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to 10%."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_decay == "cosine":
+        frac = min(1.0, step / max(1, cfg.steps - 1))
+        return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * warm
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The data indices of the batch at ``step``: consecutive slices of per-epoch permutations."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+class NonFiniteLoss(KakusanError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: ImageDataset | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.data = data or load_dataset(cfg.data, limit=cfg.limit)
+        self.model_cfg = build_model_config(cfg, self.data)
+        self.config = run_config(cfg, self.model_cfg, self.data)
+        self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
+        torch.manual_seed(cfg.seed)  # initial weights
+        self.model = UNet(self.model_cfg).to(self.device)
+        self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
+        self.ema = EMA(self.model, cfg.ema_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay, fused=fused)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.images = to_model_range(self.data.images)  # (N, C, H, W) float on CPU
+        self.labels = self.data.labels
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.skipped_steps = 0
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        s = {"generator": self.generator.get_state().numpy().tobytes().hex(),
+             "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
+             "skipped_steps": self.skipped_steps}
+        if self.device.type == "cuda":
+            s["cuda_rng"] = torch.cuda.get_rng_state(self.device).numpy().tobytes().hex()
+        return s
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
+                               self.optimizer, self.state(), self.cfg.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        ckpt = resolve_checkpoint(path or self.out)
+        if ckpt.is_file():
+            raise CheckpointError(f"{ckpt}: resuming needs a checkpoint folder (with optimizer state), not a file")
+        saved = read_config(ckpt)
+        if saved["model"] != self.config["model"] or saved["schedule"] != self.config["schedule"]:
+            raise CheckpointError(f"{ckpt}: its model or schedule differs from this run's config")
+        load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt)
+        load_state_dict_into(self.ema.model, load_tensors(ckpt / "ema.safetensors"), ckpt)
+        state = json.loads((ckpt / "state.json").read_text())
+        opt_tensors = load_tensors(ckpt / "optimizer.safetensors")
+        self.optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
+        u8 = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
+        self.generator.set_state(u8(state["generator"]))
+        torch.set_rng_state(u8(state["torch_rng"]))
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(u8(state["cuda_rng"]), self.device)
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def get_batch(self, step: int):
+        idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
+        x0 = self.images[idx].to(self.device, non_blocking=True)
+        if self.cfg.hflip:
+            flip = torch.rand(len(idx), generator=self.generator, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cond = None
+        if self.cfg.cond == "class":
+            cond = self.labels[idx].to(self.device)
+            drop = torch.rand(len(idx), generator=self.generator, device=self.device) < self.cfg.label_dropout
+            cond = torch.where(drop, torch.full_like(cond, self.model_cfg.num_classes), cond)
+        return x0, cond
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        self.model.train()
+        x0, cond = self.get_batch(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(cfg, self.step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.denoiser.loss(x0, cond, generator=self.generator).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+            self.skipped_steps += 1
+            if cfg.nan_policy == "stop" or self.skipped_steps >= 20:
+                raise NonFiniteLoss(f"step {self.step}: loss {loss_value}, gradient norm {grad_norm.item()}: "
+                                    f"stopping; the last good checkpoint is in {self.out / 'checkpoints'}")
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss_value
+
+    # ---- sampling grid -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
+        denoiser = ClippedDenoiser(Denoiser(self.ema.model, self.schedule, self.denoiser.config))
+        cond, nrow = None, None
+        if self.cfg.cond == "class":
+            k = self.model_cfg.num_classes
+            per = max(1, n // k)
+            cond = torch.arange(k, device=self.device).repeat_interleave(per)
+            denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, k), per
+            n = len(cond)
+        c, h, w = self.data.shape
+        x = sample(denoiser, self.schedule, (n, c, h, w), sampler=self.cfg.sample_sampler,
+                   steps=self.cfg.sample_steps, cond=cond, seed=seed, device=self.device)
+        return save_grid(x, path, nrow=nrow)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+        log = open(self.out / "log.jsonl", "a")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        losses, t_last, step_last = [], time.perf_counter(), self.step
+        t_start = time.perf_counter()
+        ckpt = None
+        try:
+            while self.step < cfg.steps:
+                losses.append(self.train_step())
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    finite = [v for v in losses if math.isfinite(v)]
+                    rec = {"step": self.step, "loss": sum(finite) / max(1, len(finite)),
+                           "lr": lr_at(cfg, self.step - 1),
+                           "images_per_s": (self.step - step_last) * cfg.batch_size / (now - t_last),
+                           "elapsed_s": now - t_start, "skipped_steps": self.skipped_steps}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    losses, t_last, step_last = [], now, self.step
+                if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                    self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    ckpt = self.save()
+        finally:
+            bar.close()
+            log.close()
+        return ckpt or resolve_checkpoint(self.out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading for sampling
+
+
+def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"
+                  ) -> tuple[Denoiser, dict]:
+    """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file."""
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    model_cfg = dict(config["model"])
+    if model_cfg.pop("type", "unet") != "unet":
+        raise CheckpointError(f"{ckpt}: unknown model type")
+    model = UNet(UNetConfig.from_dict(model_cfg))
+    if ckpt.is_file():
+        weights_path = ckpt
+    else:
+        weights_path = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
+    load_state_dict_into(model, load_tensors(weights_path), weights_path)
+    schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
+    denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
+    return denoiser, config
