@@ -34,7 +34,9 @@ def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32)
 
 def _bc(a: Tensor, x: Tensor) -> Tensor:
     """Broadcast per-sample coefficients (B,) (or a scalar) against x (B, ...), in x's dtype."""
-    a = torch.as_tensor(a, device=x.device).to(x.dtype)
+    if not torch.is_tensor(a):  # a Python float: straight to x's dtype (never through float32)
+        return torch.tensor(a, device=x.device, dtype=x.dtype)
+    a = a.to(device=x.device, dtype=x.dtype)
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
 
 

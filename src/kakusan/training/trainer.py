@@ -67,6 +67,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
     nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at once
     limit: int | None = None  # use only the first N training images
+    image_size: int | None = None  # resize the data to this size (needed for image folders)
+    channels: int | None = None  # 1 or 3 (image folders)
+    download: bool = False  # fetch MNIST / Fashion-MNIST / CIFAR-10 when missing (needs a network)
     progress: bool = True
 
     def __post_init__(self):
@@ -170,7 +173,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: ImageDataset | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.data = data or load_dataset(cfg.data, limit=cfg.limit)
+        self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                                         download_if_missing=cfg.download, limit=cfg.limit)
         self.model_cfg = build_model_config(cfg, self.data)
         self.config = run_config(cfg, self.model_cfg, self.data)
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from kakusan.diffusion import (Denoiser, DiffusionConfig, eps_from_x0, loss_weight, prediction_target, q_sample,
+                               score_from_eps, score_from_x0, snr, x0_from_prediction)
+from kakusan.errors import ConfigError
+from kakusan.schedules import make_schedule
+
+
+def test_forward_marginal_mean_and_variance():
+    """q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I): moments of 200k draws, within 5 standard errors."""
+    s = make_schedule("linear")
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    for t in (0, 250, 999):
+        alpha, sigma = s.alpha_sigma(t)
+        x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+        x_t = q_sample(x0, alpha.expand(n), sigma.expand(n), torch.randn(n, 1, generator=g, dtype=torch.float64))
+        se_mean = sigma.item() / n**0.5
+        assert abs(x_t.mean().item() - alpha.item() * 0.7) < 5 * se_mean
+        assert x_t.var().item() == pytest.approx(sigma.item() ** 2, rel=5 * (2 / n) ** 0.5)
+
+
+def test_forward_marginal_equals_composed_one_step_kernels():
+    """Running q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t) from t = 0 composes to the marginal."""
+    s = make_schedule("cosine", num_timesteps=50)
+    g = torch.Generator().manual_seed(1)
+    n = 100_000
+    x0 = torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]
+    x = x0.clone()
+    for beta in s.betas:
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    alpha, sigma = s.alpha_sigma(49)
+    resid = x - alpha * x0  # should be N(0, sigma^2)
+    assert resid.mean().abs().item() < 5 * sigma.item() / n**0.5
+    assert resid.var().item() == pytest.approx(sigma.item() ** 2, rel=0.02)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_prediction_conversions_are_exact(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    alpha, sigma = make_schedule("cosine").alpha_sigma(torch.linspace(0, 990, 16))
+    x_t = q_sample(x0, alpha, sigma, eps)
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    x0_hat = x0_from_prediction(prediction, target, x_t, alpha, sigma)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(eps_from_x0(x0_hat, x_t, alpha, sigma), eps, rtol=1e-7, atol=1e-7)
+
+
+def test_v_prediction_works_at_zero_terminal_snr_and_eps_refuses():
+    z = make_schedule("linear", zero_terminal_snr=True)
+    alpha, sigma = z.alpha_sigma(torch.tensor([999.0]))
+    x_t, v = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
+    torch.testing.assert_close(x0_from_prediction("v", v, x_t, alpha, sigma), -v)  # x0 = alpha x - sigma v
+    with pytest.raises(ConfigError, match="zero SNR"):
+        x0_from_prediction("eps", v, x_t, alpha, sigma)
+
+
+def test_score_view_matches_gaussian_closed_form():
+    """For x0 ~ N(mu, s^2 I): p_t = N(alpha mu, alpha^2 s^2 + sigma^2) and its score is known in closed form."""
+    mu, s2 = 0.3, 0.25
+    alpha, sigma = make_schedule("linear").alpha_sigma(torch.tensor([400.0]))
+    x = torch.linspace(-3, 3, 11, dtype=torch.float64)[:, None]
+    var_t = alpha**2 * s2 + sigma**2
+    true_score = -(x - alpha * mu) / var_t
+    x0_hat = mu + alpha * s2 / var_t * (x - alpha * mu)  # E[x0 | x_t]
+    torch.testing.assert_close(score_from_x0(x0_hat, x, alpha, sigma), true_score)
+    torch.testing.assert_close(score_from_eps(eps_from_x0(x0_hat, x, alpha, sigma), sigma), true_score)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weights_equal_clipped_snr_in_x0_space(prediction):
+    """Each prediction's weighted error equals min(SNR, gamma) * ||x0_hat - x0||^2 (Hang et al. 2023)."""
+    g = torch.Generator().manual_seed(0)
+    alpha, sigma = make_schedule("linear").alpha_sigma(torch.tensor([5.0, 100.0, 500.0, 900.0]))
+    x0, eps = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    x_t = q_sample(x0, alpha, sigma, eps)
+    x0_hat = x0 + 0.1 * torch.randn(4, 8, generator=g, dtype=torch.float64)
+    eps_hat = eps_from_x0(x0_hat, x_t, alpha, sigma)
+    pred = prediction_target(prediction, x0_hat, eps_hat, alpha, sigma)
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    weighted = loss_weight("min-snr", prediction, alpha, sigma, 5.0) * ((pred - target) ** 2).sum(1)
+    expected = snr(alpha, sigma).clamp(max=5.0) * ((x0_hat - x0) ** 2).sum(1)
+    torch.testing.assert_close(weighted, expected)
+    assert (loss_weight("simple", prediction, alpha, sigma) == 1).all()
+
+
+def test_bad_names():
+    with pytest.raises(ConfigError, match="unknown prediction"):
+        DiffusionConfig(prediction="score")
+    with pytest.raises(ConfigError, match="unknown loss weighting"):
+        DiffusionConfig(weighting="p2")
+
+
+class _Const(torch.nn.Module):
+    def forward(self, x, t, cond=None):
+        return torch.zeros_like(x)
+
+
+def test_denoiser_loss_shape_and_seeded_determinism():
+    d = Denoiser(_Const(), make_schedule("linear"), DiffusionConfig("eps"))
+    x0 = torch.randn(8, 1, 4, 4)
+    a = d.loss(x0, generator=torch.Generator().manual_seed(3))
+    b = d.loss(x0, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (8,) and torch.equal(a, b)
+    # predicting zero eps: the loss is the mean squared noise, ~1
+    big = d.loss(torch.randn(4096, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert big.mean().item() == pytest.approx(1.0, abs=0.03)
