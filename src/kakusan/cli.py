@@ -47,6 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
+    p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
@@ -214,10 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"kakusan: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from .errors import KakusanError
 
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except KakusanError as e:

@@ -115,17 +115,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
         return path
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            name = (root / "latest").read_text().strip()
-            if (root / name / "config.json").is_file():
-                return root / name
-        steps = sorted(p for p in root.glob("step-*") if (p / "config.json").is_file()) if root.is_dir() else []
-        if (root / "config.json").is_file():
-            return root
-        if steps:
-            return steps[-1]
-    raise CheckpointError(f"{path}: not a kakusan checkpoint (no config.json, no checkpoints/latest)")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path  # a checkpoint folder
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (root / "latest").is_file():
+        named = root / (root / "latest").read_text().strip()
+        if (named / "model.safetensors").is_file():
+            return named
+    steps = sorted(p for p in root.glob("step-*") if (p / "model.safetensors").is_file())
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path}: not a kakusan checkpoint (no model.safetensors, no checkpoints/latest)")
 
 
 def read_config(path: Path) -> dict:

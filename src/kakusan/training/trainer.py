@@ -8,6 +8,7 @@ global RNG (dropout) are saved in each checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -71,6 +72,7 @@ class TrainConfig:
     channels: int | None = None  # 1 or 3 (image folders)
     download: bool = False  # fetch MNIST / Fashion-MNIST / CIFAR-10 when missing (needs a network)
     progress: bool = True
+    max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -154,15 +156,22 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * warm
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The data indices of the batch at ``step``: consecutive slices of per-epoch permutations."""
+    """The data indices of the batch at ``step``: consecutive slices of per-epoch permutations, so the data
+    position is a pure function of (seed, step) and a resumed run reads exactly what it would have."""
     start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
+    parts, taken = [], 0
+    while taken < batch_size:
+        epoch, offset = divmod(start + taken, n)
+        part = _epoch_permutation(n, seed, epoch)[offset:offset + batch_size - taken]
+        parts.append(part)
+        taken += len(part)
+    return torch.cat(parts)
 
 
 class NonFiniteLoss(KakusanError):
@@ -309,8 +318,14 @@ class Trainer:
                     losses, t_last, step_last = [], now, self.step
                 if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
                     ckpt = self.save()
+                if out_of_time:
+                    print(f"stopping at step {self.step}: the {cfg.max_minutes} minute budget is spent", flush=True)
+                    if self.step % cfg.sample_every:
+                        self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
+                    break
         finally:
             bar.close()
             log.close()

@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH=torch` for the default CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m kakusan.cli demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) benchmarks/train_throughput.py --preset ddpm-cifar10 --batch-size 16 --steps 5
+
+clean:
+	rm -rf $(VENV) runs

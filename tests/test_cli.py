@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from kakusan.cli import main
+
+
+def kakusan(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kakusan.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kakusan: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("train", "sample", "demo", "samplers", "presets"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: kakusan " + cmd in capsys.readouterr().out
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "--data", "mnist:/x", "--preset", "unet-mnist", "--steps", "7", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["steps"] == 7 and cfg["preset"] == "unet-mnist" and cfg["prediction"] == "v"
+
+
+def test_lists(capsys):
+    assert main(["samplers"]) == 0 and "ddim" in capsys.readouterr().out
+    assert main(["presets"]) == 0 and "35.75M" in capsys.readouterr().out
+
+
+def test_train_then_sample_from_the_checkpoint_alone(tmp_path):
+    run = tmp_path / "run"
+    r = kakusan("train", "--preset", "unet-tiny", "--cond", "class", "--steps", "4", "--batch-size", "8",
+                "--limit", "64", "--sample-every", "100", "--out", run)
+    assert r.returncode == 0, r.stderr
+    grid = tmp_path / "g.png"
+    r = kakusan("sample", "--checkpoint", run, "--steps", "3", "-n", "6", "--class", "7", "--guidance", "2",
+                "--out", grid, "--out-dir", tmp_path / "each")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(grid).size[0] >= 256 and len(list((tmp_path / "each").glob("*.png"))) == 6
+    r = kakusan("sample", "--checkpoint", run, "--sampler", "ddpm", "--steps", "2", "-n", "2", "--out", grid)
+    assert r.returncode == 0, r.stderr
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--class", "12", "--steps", "2"), "out of range")
+    r = kakusan("train", "--preset", "unet-tiny", "--cond", "class", "--steps", "6", "--batch-size", "8",
+                "--limit", "64", "--sample-every", "100", "--out", run, "--resume")
+    assert r.returncode == 0 and "resumed at step 4" in r.stderr, r.stderr
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    _one_line_error(kakusan("train", "--data", f"mnist:{tmp_path}/missing", "--steps", "1"), "not found")
+    _one_line_error(kakusan("train", "--preset", "unet-gigantic"), "unknown preset")
+    _one_line_error(kakusan("train", "--steps", "0"), "steps")
+    _one_line_error(kakusan("sample", "--checkpoint", tmp_path / "nope"), "checkpoint not found")
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_text("this is not a checkpoint")
+    _one_line_error(kakusan("sample", "--checkpoint", bogus), "not a readable kakusan checkpoint")
+    _one_line_error(kakusan("sample", "--checkpoint", bogus, "--sampler", "warp"), "unknown sampler")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG corrupt")
+    r = kakusan("train", "--data", f"folder:{folder}", "--image-size", "8", "--steps", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [
+        "kakusan: warning: " + f"{folder}: skipped 1 unreadable file(s): broken.png (UnidentifiedImageError)",
+        f"kakusan: error: {folder}: none of the 1 image files could be read"]

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kakusan.data import load_digits
+from kakusan.errors import CheckpointError, ConfigError
+from kakusan.training import Trainer, TrainConfig, load_denoiser
+from kakusan.training.checkpoint import flatten_optimizer_state, resolve_checkpoint, unflatten_optimizer_state
+from kakusan.training.trainer import batch_indices, lr_at
+
+TINY = dict(preset="unet-tiny", batch_size=16, log_every=5, sample_every=1000, checkpoint_every=1000,
+            sample_steps=4, progress=False, warmup_steps=5, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_digits()
+    ds.images, ds.labels = ds.images[:200], ds.labels[:200]
+    return ds
+
+
+def _run(tmp_path, digits, name, **kw):
+    cfg = TrainConfig(out=str(tmp_path / name), **{**TINY, **kw})
+    tr = Trainer(cfg, digits)
+    return tr, tr.fit()
+
+
+def test_training_writes_log_grid_and_checkpoint(tmp_path, digits):
+    tr, ckpt = _run(tmp_path, digits, "run", steps=12, cond="class", sample_every=12)
+    for f in ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"):
+        assert (ckpt / f).is_file(), f
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 12]
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in log)
+    assert (tmp_path / "run" / "samples" / "step-00000012.png").is_file()
+    # the model file alone carries the config: enough to sample
+    den, config = load_denoiser(ckpt / "model.safetensors")
+    assert config["model"]["num_classes"] == 10 and config["schedule"]["name"] == "cosine"
+    x = torch.randn(2, 1, 8, 8)
+    out = den(x, torch.tensor([500.0, 500.0]), torch.tensor([1, 2]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_loss_goes_down_on_real_digits(tmp_path, digits):
+    tr, _ = _run(tmp_path, digits, "learn", steps=120, log_every=20, prediction="eps", weighting="simple")
+    log = [json.loads(line) for line in (tmp_path / "learn" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.75 * log[0]["loss"], [r["loss"] for r in log]
+
+
+def test_resume_is_exact(tmp_path, digits):
+    """12 steps straight == 6 steps, checkpoint, a fresh process-like Trainer resumed, 6 more (bitwise, CPU)."""
+    kw = dict(steps=12, cond="class", model={"dropout": 0.1})
+    _, full = _run(tmp_path, digits, "full", **kw)
+    _run(tmp_path, digits, "split", **{**kw, "steps": 6})
+    tr = Trainer(TrainConfig(out=str(tmp_path / "split"), **{**TINY, **kw}), digits)
+    tr.resume()
+    assert tr.step == 6
+    tr.fit()
+    for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a, b = load_file(full / f), load_file(tmp_path / "split" / "checkpoints" / "step-00000012" / f)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    la = [json.loads(x)["loss"] for x in (full.parents[1] / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert la[-1] == lb[-1]
+
+
+def test_checkpoint_retention_and_latest(tmp_path, digits):
+    _run(tmp_path, digits, "keep", steps=8, checkpoint_every=2, keep_checkpoints=2)
+    root = tmp_path / "keep" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000006", "step-00000008"]
+    assert (root / "latest").read_text().strip() == "step-00000008"
+    assert resolve_checkpoint(tmp_path / "keep") == root / "step-00000008"
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_bad_checkpoints(tmp_path, digits):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_denoiser(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a kakusan checkpoint"):
+        load_denoiser(tmp_path / "empty")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_denoiser(tmp_path / "junk.safetensors")
+    _, ckpt = _run(tmp_path, digits, "ok", steps=2)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "format": 99, "kakusan_version": "9.0"}))
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_denoiser(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model": {**cfg["model"], "channels": 32}}))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_denoiser(ckpt)
+
+
+def test_optimizer_state_round_trip():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.sum().backward()
+    opt.step()
+    t, meta = flatten_optimizer_state(opt.state_dict())
+    back = unflatten_optimizer_state(t, json.loads(json.dumps(meta)))
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    opt2.load_state_dict(back)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_nan_loss_is_skipped_or_stops(tmp_path, digits):
+    tr = Trainer(TrainConfig(out=str(tmp_path / "nan"), steps=3, **TINY), digits)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.images[:] = float("nan")
+    loss = tr.train_step()
+    assert loss != loss and tr.skipped_steps == 1  # NaN, skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    tr.cfg.nan_policy = "stop"
+    with pytest.raises(Exception, match="stopping; the last good checkpoint"):
+        tr.train_step()
+
+
+def test_schedule_of_data_and_lr():
+    a = batch_indices(10, 4, 0, seed=0).tolist() + batch_indices(10, 4, 1, seed=0).tolist()
+    assert len(set(a[:8])) == 8  # no repeats within an epoch
+    assert sorted(batch_indices(10, 10, 0, 0).tolist()) == list(range(10))
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=100, lr_decay="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 99) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"), (dict(lr=0), "lr"),
+    (dict(cond="text"), "cond"), (dict(prediction="score"), "prediction"),
+    (dict(zero_terminal_snr=True, prediction="eps"), "zero-terminal-SNR"), (dict(precision="fp8"), "precision"),
+])
+def test_bad_train_configs(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kw)
+
+
+def test_class_conditioning_needs_labels(tmp_path, digits):
+    ds = load_digits()
+    ds.labels = None
+    with pytest.raises(ConfigError, match="needs labels"):
+        Trainer(TrainConfig(out=str(tmp_path / "x"), cond="class", **TINY), ds)

@@ -1,0 +1,108 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kakusan.errors import ConfigError
+from kakusan.models import PRESETS, UNet, UNetConfig, get_preset, timestep_embedding
+
+DDPM_CIFAR10_PARAMS = 35_746_307  # DDPM's CIFAR-10 U-Net; diffusers' UNet2DModel in that config has the same
+
+
+def _randomise(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_and_keep_shape(name):
+    cfg = PRESETS[name]
+    if name == "ddpm-cifar10":
+        cfg = get_preset(name, image_size=8)  # same network, small input, to stay fast
+    m = UNet(cfg)
+    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    assert m(x, torch.tensor([0.0, 999.0])).shape == (2, cfg.out_channels, cfg.image_size, cfg.image_size)
+
+
+def test_ddpm_cifar10_parameter_count():
+    m = UNet(get_preset("ddpm-cifar10"))
+    assert sum(p.numel() for p in m.parameters()) == DDPM_CIFAR10_PARAMS
+    assert sum(isinstance(b, torch.nn.GroupNorm) for b in m.modules()) > 0
+
+
+def test_same_parameter_count_as_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    d = diffusers.UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)
+    assert sum(p.numel() for p in d.parameters()) == DDPM_CIFAR10_PARAMS
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 1.0, 17.0, 999.0])
+    emb = timestep_embedding(t, 32).double().numpy()
+    half = 16
+    freqs = np.exp(-math.log(10000) * np.arange(half) / (half - 1))
+    ref = np.concatenate([np.sin(t.numpy()[:, None] * freqs), np.cos(t.numpy()[:, None] * freqs)], axis=1)
+    np.testing.assert_allclose(emb, ref, atol=2e-4)  # float32 arguments up to 999 rad
+    assert timestep_embedding(t, 33).shape == (4, 33)
+
+
+def test_output_depends_on_time_and_label_and_input():
+    cfg = get_preset("unet-tiny", num_classes=3)
+    m = _randomise(UNet(cfg)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    base = m(x, torch.tensor([10.0]), torch.tensor([0]))
+    assert not torch.allclose(base, m(x, torch.tensor([500.0]), torch.tensor([0])))
+    assert not torch.allclose(base, m(x, torch.tensor([10.0]), torch.tensor([1])))
+    assert not torch.allclose(base, m(x + 0.1, torch.tensor([10.0]), torch.tensor([0])))
+    # no label means the null label
+    torch.testing.assert_close(m(x, torch.tensor([10.0])), m(x, torch.tensor([10.0]), torch.tensor([3])))
+
+
+def test_zero_initialised_output_and_batch_independence():
+    m = UNet(get_preset("unet-tiny")).eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.count_nonzero(m(x, torch.zeros(4))) == 0  # the output conv starts at zero (ADM)
+    _randomise(m)
+    full = m(x, torch.arange(4.0))
+    single = torch.cat([m(x[i:i + 1], torch.tensor([float(i)])) for i in range(4)])
+    torch.testing.assert_close(full, single, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    m = _randomise(UNet(get_preset("unet-tiny", num_classes=2)))
+    m(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])).square().mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(image_size=28, channel_mults=(1, 2, 2, 2)), "not divisible by 8"),
+    (dict(channels=30), "norm_groups"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(time_conditioning="film"), "time_conditioning"),
+    (dict(num_res_blocks=0), "num_res_blocks"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        get_preset("unet-tiny", **kw)
+
+
+def test_unknown_preset_and_labels_on_unconditional():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("unet-huge")
+    with pytest.raises(ConfigError, match="unconditional"):
+        UNet(get_preset("unet-tiny"))(torch.randn(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_config_round_trip():
+    cfg = get_preset("ddpm-cifar10")
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown U-Net config keys"):
+        UNetConfig.from_dict({**cfg.to_dict(), "depth": 3})
