@@ -113,8 +113,10 @@ def cmd_sample(args) -> int:
         if not 0 <= args.class_label < k:
             raise ConfigError(f"--class {args.class_label} is out of range: this model has classes 0..{k - 1}")
         cond = torch.full((args.n,), args.class_label, device=device)
-    elif k:  # a class-conditional model without --class: cycle through the classes
-        cond = torch.arange(args.n, device=device) % k
+    elif k:  # a class-conditional model without --class: one row per class
+        per_class = -(-args.n // k)
+        cond = torch.arange(args.n, device=device) // per_class
+        args.nrow = args.nrow or per_class
     if args.guidance is not None:
         if not k:
             raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")

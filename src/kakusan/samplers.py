@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 
 def _step_iter(levels: NoiseLevels, progress: bool):
     n = levels.num_steps
-    return tqdm(range(n), desc="sampling", leave=False, disable=not progress)
+    return tqdm(range(n), desc="sampling", leave=False, disable=None if progress else True)
 
 
 def _coeffs(levels: NoiseLevels, i: int, x: Tensor):

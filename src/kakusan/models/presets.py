@@ -16,9 +16,9 @@ PRESETS: dict[str, UNetConfig] = {
     "unet-digits": UNetConfig(image_size=8, in_channels=1, out_channels=1, channels=32, channel_mults=(1, 2),
                               num_res_blocks=2, attention_resolutions=(4,), dropout=0.0, norm_groups=8,
                               time_conditioning="scale-shift"),
-    # MNIST / Fashion-MNIST at 28x28 on a CPU (~2M parameters): 28 -> 14 -> 7
+    # MNIST / Fashion-MNIST at 28x28 on a CPU (~1.2M parameters, ~0.75 s per step of 64 on 2 cores): 28 -> 14 -> 7
     "unet-mnist": UNetConfig(image_size=28, in_channels=1, out_channels=1, channels=32, channel_mults=(1, 2, 2),
-                             num_res_blocks=2, attention_resolutions=(7,), dropout=0.1, norm_groups=16,
+                             num_res_blocks=1, attention_resolutions=(7,), dropout=0.0, norm_groups=16,
                              time_conditioning="scale-shift"),
     # DDPM's CIFAR-10 network (Ho et al. 2020, appendix B); same architecture as diffusers' UNet2DModel in the
     # google/ddpm-cifar10-32 configuration

@@ -296,7 +296,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
         log = open(self.out / "log.jsonl", "a")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not cfg.progress,
+        # disable=None: tqdm turns itself off when the output is not a terminal (logs stay clean)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=None if cfg.progress else True,
                    dynamic_ncols=True)
         losses, t_last, step_last = [], time.perf_counter(), self.step
         t_start = time.perf_counter()
