@@ -116,7 +116,7 @@ def test_spacings_match_published_tables():
     assert timesteps(s, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert timesteps(s, 10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert timesteps(s, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    for sp in SPACINGS:
+    for sp in ("leading", "trailing", "linspace"):
         assert timesteps(s, 1000, sp).tolist() == list(range(999, -1, -1))
     with pytest.raises(ConfigError, match="positive"):
         timesteps(s, 0)
@@ -139,3 +139,26 @@ def test_rescale_keeps_first_value():
     ab = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)
     out = rescale_zero_terminal_snr(ab)
     assert out[0].item() == pytest.approx(0.99) and out[-1].item() == 0
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+@pytest.mark.parametrize("zts", [False, True])
+def test_sigma_spacings(spacing, zts):
+    s = make_schedule("cosine", zero_terminal_snr=zts)
+    ts = timesteps(s, 12, spacing)
+    assert len(ts) == 12 and ts[0] == 999 and ts[-1] == 0 and (ts.diff() < 0).all()
+    alpha, sigma = s.alpha_sigma(ts[1:] if zts else ts)
+    st = sigma / alpha  # sigma~ = sigma / alpha
+    if spacing == "karras":  # sigma~^(1/7) equally spaced (EDM eq. 5)
+        d = (st ** (1 / 7)).diff()
+    else:  # log sigma~ equally spaced
+        d = st.log().diff()
+    torch.testing.assert_close(d, d[0].expand_as(d), rtol=1e-6, atol=1e-9)
+
+
+def test_schedule_inverse():
+    s = make_schedule("linear")
+    ts = torch.rand(100, dtype=torch.float64) * 999
+    torch.testing.assert_close(s.t_at_alpha_bar(s.alpha_bar_at(ts)), ts, rtol=0, atol=1e-9)
+    a, sg = s.alpha_sigma(ts)
+    torch.testing.assert_close(s.t_at_sigma_tilde(sg / a), ts, rtol=0, atol=1e-7)

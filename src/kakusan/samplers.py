@@ -11,6 +11,7 @@ Nothing is kept between calls: no step index, no object to reset.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,6 +91,203 @@ def sample_ddim(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Exponential integrators in log-SNR (DPM-Solver++, UniPC)
+#
+# With lambda = log(alpha / sigma), h = lambda_s - lambda_t and data prediction D, the probability-flow ODE
+# (eta = 0) and the reverse SDE (eta = 1) have the exact step (Lu et al. 2022, DPM-Solver++, eq. 9 and its SDE form)
+#     x_s = (sigma_s / sigma_t) e^{-eta h} x_t + alpha_s int_0^h g e^{-g (h - u)} D(lambda_t + u) du
+#           + sigma_s sqrt(1 - e^{-2 eta h}) z,          g = 1 + eta.
+# Replacing D by the polynomial through the last few evaluations and integrating exactly gives a multistep method
+# of that order. The weights need the moments m_k = int_0^h g e^{-g(h-u)} u^k du, which obey
+#     m_0 = 1 - e^{-g h},   m_k = h^k - (k / g) m_{k-1}   (integration by parts).
+
+
+def _moments(h: float, g: float, n: int) -> list[float]:
+    """m_k / h^k for k < n (scaled, so the weights below stay well conditioned)."""
+    m = [-math.expm1(-g * h)]
+    for k in range(1, n):
+        m.append(1.0 - k / (g * h) * m[-1])
+    return m
+
+
+def _interpolation_weights(nodes: list[float], h: float, g: float) -> list[float]:
+    """Weights w_j with int_0^h g e^{-g(h-u)} P(u) du = sum_j w_j D_j for the polynomial P through (nodes_j, D_j),
+    nodes given as offsets u_j in lambda from the current point (0), i.e. w = V^{-T} m (V the Vandermonde)."""
+    r = torch.tensor(nodes, dtype=torch.float64) / h
+    n = len(nodes)
+    V = r[:, None] ** torch.arange(n, dtype=torch.float64)[None]  # (n, n): V[j, k] = r_j^k
+    m = torch.tensor(_moments(h, g, n), dtype=torch.float64)
+    return torch.linalg.solve(V.T, m).tolist()
+
+
+def _lambda(alpha: float, sigma: float) -> float:
+    if alpha == 0:
+        return -math.inf
+    if sigma == 0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _exp_step(x, t_lvl, s_lvl, history, eta, generator):
+    """One exponential-integrator step from level t to s using ``history`` [(lambda_j, D_j)], newest first
+    (the current point first). Returns x_s."""
+    (a_t, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
+    if s_s == 0:  # the clean level: x_0 = D (the final denoise, exact for any method)
+        return history[0][1]
+    if a_t == 0:  # from zero SNR the only information is D (lambda_t = -inf): the exact first-order step
+        return a_s * history[0][1] + (s_s / s_t) * x
+    h = lam_s - lam_t
+    g = 1.0 + eta
+    nodes = [lam - lam_t for lam, _ in history]
+    w = _interpolation_weights(nodes, h, g)
+    x_s = (s_s / s_t) * math.exp(-eta * h) * x + a_s * sum(wj * d for wj, (_, d) in zip(w, history))
+    if eta > 0:
+        x_s = x_s + s_s * math.sqrt(-math.expm1(-2 * eta * h)) * randn(x.shape, generator, x.device, x.dtype)
+    return x_s
+
+
+def _level(levels: NoiseLevels, i: int):
+    a, s = levels.alpha[i].item(), levels.sigma[i].item()
+    return a, s, _lambda(a, s)
+
+
+@torch.no_grad()
+def sample_dpmpp(
+    denoiser, x: Tensor, levels: NoiseLevels, *, cond=None, generator=None, callback=None,
+    order: int = 2, eta: float = 0.0, progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2) of ``order`` 1-3, data prediction; ``eta`` = 0 follows the
+    probability-flow ODE, eta = 1 the reverse SDE (SDE-DPM-Solver++). The first steps use the history available;
+    history from a zero-SNR start (lambda = -inf) carries no slope and is dropped."""
+    if order not in (1, 2, 3):
+        raise ConfigError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}")
+    history: list[tuple[float, Tensor]] = []
+    for i in _step_iter(levels, progress):
+        t_lvl, s_lvl = _level(levels, i), _level(levels, i + 1)
+        x0_hat = denoiser(x, torch.full((x.shape[0],), levels.t[i].item(), device=x.device), cond)
+        history = [(t_lvl[2], x0_hat)] + [hd for hd in history if math.isfinite(hd[0])][: order - 1]
+        x = _exp_step(x, t_lvl, s_lvl, history, eta, generator)
+        if callback is not None:
+            callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
+    return x
+
+
+@torch.no_grad()
+def sample_unipc(
+    denoiser, x: Tensor, levels: NoiseLevels, *, cond=None, generator=None, callback=None,
+    order: int = 2, progress: bool = False,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023, Alg. 2/3; B(h) = e^h - 1, 'bh2'), data prediction. Each step predicts x_s with the
+    order-p multistep (UniP), evaluates D(x_s) once, and corrects x_s with the order-(p+1) formula that includes
+    that evaluation (UniC); the evaluation is reused by the next step's predictor, so one model call per step.
+    The predictor and corrector integrate the interpolating polynomial exactly; where the paper fixes a
+    coefficient to 1/2 (the order-2 predictor and the order-1 corrector) that choice, scaled by B(h), is kept."""
+    if order not in (1, 2, 3):
+        raise ConfigError(f"UniPC order must be 1, 2 or 3, got {order}")
+    n = levels.num_steps
+    history: list[tuple[float, Tensor]] = []
+    x0_hat = None
+    for i in _step_iter(levels, progress):
+        t_lvl, s_lvl = _level(levels, i), _level(levels, i + 1)
+        if x0_hat is None:  # the first evaluation; later ones come from the corrector's call
+            x0_hat = denoiser(x, torch.full((x.shape[0],), levels.t[i].item(), device=x.device), cond)
+        history = [(t_lvl[2], x0_hat)] + [hd for hd in history if math.isfinite(hd[0])][: order - 1]
+        x_pred = _unipc_predict(x, t_lvl, s_lvl, history)
+        if i == n - 1:  # the final denoise needs no corrector
+            x = x_pred
+            if callback is not None:
+                callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
+            break
+        x0_next = denoiser(x_pred, torch.full((x.shape[0],), levels.t[i + 1].item(), device=x.device), cond)
+        x = _unipc_correct(x, t_lvl, s_lvl, history, x0_next) if math.isfinite(t_lvl[2]) else x_pred
+        if callback is not None:
+            callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
+        x0_hat = x0_next
+    return x
+
+
+def _b_h(h: float) -> float:
+    return -math.expm1(-h)  # B(h) = 1 - e^{-h} in data-prediction form ('bh2')
+
+
+def _unipc_predict(x, t_lvl, s_lvl, history):
+    if len(history) != 2 or s_lvl[1] == 0 or t_lvl[0] == 0:
+        return _exp_step(x, t_lvl, s_lvl, history, 0.0, None)
+    # UniP-2: the slope term with the fixed coefficient 1/2 (x B(h)), as in the paper
+    (a_t, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
+    h = lam_s - lam_t
+    (_, d0), (lam_1, d1) = history
+    r1 = (lam_1 - lam_t) / h
+    return (s_s / s_t) * x + a_s * (_b_h(h) * d0 + 0.5 * _b_h(h) * (d1 - d0) / r1)
+
+
+def _unipc_correct(x, t_lvl, s_lvl, history, x0_next):
+    (a_t, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
+    h = lam_s - lam_t
+    if len(history) == 1:  # UniC-1: the fixed coefficient 1/2 (x B(h)) on the new slope
+        d0 = history[0][1]
+        return (s_s / s_t) * x + a_s * (_b_h(h) * d0 + 0.5 * _b_h(h) * (x0_next - d0))
+    points = [(lam_s, x0_next)] + history
+    w = _interpolation_weights([lam - lam_t for lam, _ in points], h, 1.0)
+    return (s_s / s_t) * x + a_s * sum(wj * d for wj, (_, d) in zip(w, points))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Heun (EDM, Karras et al. 2022, Alg. 2), in the variance-exploding variables x~ = x / alpha, sigma~ = sigma / alpha
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser, x: Tensor, levels: NoiseLevels, *, cond=None, generator=None, callback=None,
+    s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+    schedule=None, progress: bool = False,
+) -> Tensor:
+    """EDM's second-order Heun sampler with optional stochastic 'churn': before step i, if s_tmin <= sigma~_i
+    <= s_tmax, raise the noise level to sigma^ = sigma~_i (1 + gamma), gamma = min(s_churn / N, sqrt(2) - 1), by
+    adding fresh noise of scale sqrt(sigma^2 - sigma~_i^2) s_noise. The last step (to sigma = 0) is an Euler step.
+    Churn evaluates the network between grid points, so it needs the schedule (to map sigma~ to t).
+    A step from zero SNR (sigma~ = inf) is taken in its exact first-order form."""
+    if s_churn < 0 or s_noise < 0:
+        raise ConfigError("s_churn and s_noise must be >= 0")
+    if s_churn > 0 and schedule is None:
+        raise ConfigError("Heun with s_churn > 0 needs the schedule (pass schedule=...)")
+    n = levels.num_steps
+    gamma_max = min(s_churn / n, math.sqrt(2) - 1)
+
+    def D(x_vp, t_val):
+        return denoiser(x_vp, torch.full((x_vp.shape[0],), t_val, device=x_vp.device), cond)
+
+    for i in _step_iter(levels, progress):
+        t, a_t, s_t, a_s, s_s = _coeffs(levels, i, x)
+        t_s = levels.t[i + 1].item()
+        if a_t == 0:  # sigma~ = inf: the exact step from zero SNR
+            x0_hat = D(x, t)
+            x = a_s * x0_hat + (s_s / s_t) * x
+        else:
+            st, ss = s_t / a_t, s_s / a_s
+            xt = x / a_t  # x~
+            gamma = gamma_max if s_tmin <= st <= s_tmax else 0.0
+            if gamma > 0:
+                st_hat = st * (1 + gamma)
+                xt = xt + math.sqrt(st_hat**2 - st**2) * s_noise * randn(x.shape, generator, x.device, x.dtype)
+                t = schedule.t_at_sigma_tilde(st_hat).item()
+                st = st_hat
+            a_hat = 1.0 / math.sqrt(1.0 + st**2) if gamma > 0 else a_t
+            x0_hat = D(a_hat * xt, t)
+            d = (xt - x0_hat) / st
+            xt_next = xt + (ss - st) * d
+            if ss > 0:  # Heun's correction
+                d2 = (xt_next - D(a_s * xt_next, t_s)) / ss
+                xt_next = xt + (ss - st) * 0.5 * (d + d2)
+            x = a_s * xt_next
+        if callback is not None:
+            callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -101,14 +299,39 @@ class SamplerInfo:
     stochastic: bool
     default_spacing: str
     summary: str
+    last_step_nfe: int = 1  # model evaluations of the final step (Heun's is an Euler step)
+
+    def nfe(self, steps: int) -> int:
+        return (steps - 1) * self.nfe_per_step + self.last_step_nfe
+
+
+def _with(fn, **fixed):
+    def run(*args, **kwargs):
+        return fn(*args, **{**fixed, **kwargs})
+    return run
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(sample_ddpm, 1, 1, True, "trailing", "DDPM ancestral sampling, posterior variance"),
-    "ddpm-upper": SamplerInfo(
-        lambda *a, **k: sample_ddpm(*a, variance="upper", **k), 1, 1, True, "trailing",
-        "DDPM ancestral sampling, beta_t ('upper') variance"),
+    "ddpm-upper": SamplerInfo(_with(sample_ddpm, variance="upper"), 1, 1, True, "trailing",
+                              "DDPM ancestral sampling, beta_t ('upper') variance"),
     "ddim": SamplerInfo(sample_ddim, 1, 1, False, "trailing", "DDIM, deterministic (eta = 0; pass eta for more)"),
+    "euler": SamplerInfo(sample_ddim, 1, 1, False, "karras",
+                         "Euler on the probability-flow ODE in sigma~ = sigma/alpha (the same update as DDIM)"),
+    "euler-ancestral": SamplerInfo(_with(sample_ddim, eta=1.0), 1, 1, True, "karras",
+                                   "Euler ancestral (= DDIM with eta = 1, DDPM's posterior step)"),
+    "heun": SamplerInfo(sample_heun, 2, 2, False, "karras", "EDM's Heun, 2nd order (s_churn > 0: stochastic)",
+                        last_step_nfe=1),
+    "dpmpp-2m": SamplerInfo(_with(sample_dpmpp, order=2), 2, 1, False, "logsnr", "DPM-Solver++(2M), multistep"),
+    "dpmpp-3m": SamplerInfo(_with(sample_dpmpp, order=3), 3, 1, False, "logsnr", "DPM-Solver++(3M), multistep"),
+    "dpmpp-2m-sde": SamplerInfo(_with(sample_dpmpp, order=2, eta=1.0), 1, 1, True, "logsnr",
+                                "SDE-DPM-Solver++(2M)"),
+    "dpmpp-3m-sde": SamplerInfo(_with(sample_dpmpp, order=3, eta=1.0), 1, 1, True, "logsnr",
+                                "SDE-DPM-Solver++(3M)"),
+    "unipc-2": SamplerInfo(_with(sample_unipc, order=2), 3, 1, False, "logsnr",
+                           "UniPC, order-2 predictor + corrector (bh2)"),
+    "unipc-3": SamplerInfo(_with(sample_unipc, order=3), 4, 1, False, "logsnr",
+                           "UniPC, order-3 predictor + corrector (bh2)"),
 }
 
 
@@ -127,6 +350,8 @@ def sample(
     """Draw x_T ~ N(0, sigma_max^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``."""
     info = get_sampler(sampler)
     levels = noise_levels(schedule, timesteps(schedule, steps, spacing or info.default_spacing))
+    if info.fn is sample_heun:
+        options.setdefault("schedule", schedule)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     x = randn(shape, generator, device, dtype) * levels.sigma[0].item()

@@ -189,6 +189,23 @@ class Schedule:
         frac = t - lo
         return table[lo] * (1 - frac) + table[lo + 1] * frac
 
+    def t_at_alpha_bar(self, alpha_bar: Tensor | float) -> Tensor:
+        """The inverse of ``alpha_bar_at``: the fractional t at which the (piecewise-linear) alpha_bar equals the
+        given values, clamped to [0, T-1]. float64, the shape of the input."""
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        table = self.alpha_bar  # decreasing
+        desc = -table  # increasing, for searchsorted
+        hi = torch.searchsorted(desc, -ab.reshape(-1)).clamp(1, self.num_timesteps - 1)
+        lo = hi - 1
+        a_lo, a_hi = table[lo], table[hi]
+        frac = ((a_lo - ab.reshape(-1)) / (a_lo - a_hi)).clamp(0, 1)
+        return (lo + frac).reshape(ab.shape)
+
+    def t_at_sigma_tilde(self, sigma_tilde: Tensor | float) -> Tensor:
+        """t at which sigma_t / alpha_t (the variance-exploding noise level) takes the given values."""
+        st = torch.as_tensor(sigma_tilde, dtype=torch.float64)
+        return self.t_at_alpha_bar(1.0 / (1.0 + st**2))
+
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), float64."""
         ab = self.alpha_bar_at(t)
@@ -243,26 +260,53 @@ class NoiseLevels(NamedTuple):
         return len(self.t) - 1
 
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr", "exponential")
 
 
-def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> Tensor:
-    """The ``num_steps`` integer timesteps a discrete sampler visits, descending (DDIM, sec. 4.2;
-    'leading'/'trailing'/'linspace' as in Lin et al. 2024, table 2). float64 tensor of shape (num_steps,)."""
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho: float = 7.0) -> Tensor:
+    """The ``num_steps`` timesteps a sampler visits, noisiest first; float64 tensor of shape (num_steps,).
+
+    Uniform in t (integer steps): 'leading', 'trailing', 'linspace' (DDIM sec. 4.2; Lin et al. 2024, table 2).
+    Fractional t: 'karras' (EDM eq. 5: sigma~^(1/rho) uniform, sigma~ = sigma / alpha), 'logsnr' (uniform in
+    lambda = log(alpha / sigma), as DPM-Solver), 'exponential' (uniform in log sigma~: the same grid as 'logsnr').
+    A zero-terminal-SNR schedule starts at t = T-1 (sigma~ = inf); the Karras and log-SNR grids then span the
+    remaining finite range."""
     T = schedule.num_timesteps
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {num_steps!r}")
-    if num_steps > T:
-        raise ConfigError(f"steps ({num_steps}) cannot exceed the schedule's {T} timesteps")
+    if spacing in ("leading", "trailing", "linspace") and num_steps > T:
+        raise ConfigError(f"steps ({num_steps}) cannot exceed the schedule's {T} timesteps with {spacing!r} spacing")
     if spacing == "linspace":
         ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round()
     elif spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps)
     elif spacing == "trailing":
         ts = (torch.arange(T, 0, -T / num_steps, dtype=torch.float64).round() - 1).flip(0)
+    elif spacing in ("karras", "logsnr", "exponential"):
+        if rho <= 0:
+            raise ConfigError(f"rho must be positive, got {rho}")
+        zts = schedule.zero_terminal_snr
+        n = num_steps - 1 if zts else num_steps  # with zero terminal SNR, t = T-1 is prepended
+        t_max = T - 2 if zts else T - 1
+        ab = schedule.alpha_bar
+        st_min, st_max = ((1 - ab[0]) / ab[0]).sqrt(), ((1 - ab[t_max]) / ab[t_max]).sqrt()
+        u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+        if spacing == "karras":
+            st = (st_max ** (1 / rho) + u * (st_min ** (1 / rho) - st_max ** (1 / rho))) ** rho
+        else:
+            st = torch.exp(st_max.log() + u * (st_min.log() - st_max.log()))
+        ts = schedule.t_at_sigma_tilde(st).flip(0) if n > 0 else torch.zeros(0, dtype=torch.float64)
+        if n > 1:  # the ends exactly on the grid, free of round-off
+            ts[0], ts[-1] = 0.0, float(t_max)
+        if zts:
+            ts = torch.cat([ts, torch.tensor([T - 1.0], dtype=torch.float64)])
     else:
         raise ConfigError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
-    return ts.flip(0)
+    ts = ts.flip(0)
+    if len(ts) > 1 and (ts[1:] >= ts[:-1]).any():
+        raise ConfigError(f"{num_steps} steps are too many for {spacing!r} spacing on this schedule "
+                          "(two steps would share a noise level)")
+    return ts
 
 
 def noise_levels(schedule: Schedule, ts: Tensor) -> NoiseLevels:
