@@ -144,8 +144,8 @@ def test_samplers_reproduce_a_gaussian_mixture(name):
     """Samples of a 1-D two-mode mixture (weights 0.3 / 0.7) have the right mode shares and spreads."""
     s = make_schedule("linear")
     mix = GaussianMixture(torch.tensor([[-2.0], [1.5]]), torch.tensor([0.3, 0.5]), torch.tensor([0.3, 0.7]))
-    x = sample(MixtureDenoiser(mix, s), s, (8000, 1), sampler=name, steps=50, seed=0, dtype=torch.float64,
-               spacing="linspace")  # ends at t = 0: the final denoise (at sigma 0.01) barely shrinks the spread
+    # first-order samplers: 100 steps keep their bias under the tolerances (at 50, DDPM's spread is ~9% low)
+    x = sample(MixtureDenoiser(mix, s), s, (8000, 1), sampler=name, steps=100, seed=0, dtype=torch.float64)
     left = x[x < 0]
     assert len(left) / len(x) == pytest.approx(0.3, abs=0.02)
     assert left.mean().item() == pytest.approx(-2.0, abs=0.03)
