@@ -162,3 +162,17 @@ def test_schedule_inverse():
     torch.testing.assert_close(s.t_at_alpha_bar(s.alpha_bar_at(ts)), ts, rtol=0, atol=1e-9)
     a, sg = s.alpha_sigma(ts)
     torch.testing.assert_close(s.t_at_sigma_tilde(sg / a), ts, rtol=0, atol=1e-7)
+
+
+def test_sigma_max_cap_starts_at_T_and_spaces_below_the_cap():
+    s = make_schedule("cosine")
+    ts = timesteps(s, 10, "karras", sigma_max=10.0)
+    assert len(ts) == 10 and ts[0] == 999 and ts[-1] == 0
+    a, sg = s.alpha_sigma(ts[1])
+    assert (sg / a).item() == pytest.approx(10.0, rel=1e-9)
+    d = ((s.alpha_sigma(ts[1:])[1] / s.alpha_sigma(ts[1:])[0]) ** (1 / 7)).diff()
+    torch.testing.assert_close(d, d[0].expand_as(d))
+    # a cap above the schedule's range changes nothing
+    assert torch.equal(timesteps(s, 10, "karras", sigma_max=1e9), timesteps(s, 10, "karras"))
+    with pytest.raises(ConfigError, match="sigma_max"):
+        timesteps(s, 10, "logsnr", sigma_max=-1.0)

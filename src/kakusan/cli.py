@@ -128,7 +128,7 @@ def cmd_sample(args) -> int:
     options = {"eta": args.eta} if args.eta is not None else {}
     t0 = time.perf_counter()
     x = sample(d, denoiser.schedule, shape, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-               cond=cond, seed=args.seed, device=device, progress=True, **options)
+               sigma_max=args.sigma_max, cond=cond, seed=args.seed, device=device, progress=True, **options)
     dt = time.perf_counter() - t0
     if args.out:
         save_grid(x, args.out, nrow=args.nrow)
@@ -162,9 +162,13 @@ def cmd_demo(args) -> int:
 def cmd_samplers(args) -> int:
     from .samplers import SAMPLERS
 
-    print(f"{'name':<12} {'order':>5} {'evals/step':>10} {'stochastic':>10}  description")
+    from .samplers import DEFAULT_SAMPLER
+
+    print(f"{'name':<16} {'order':>5} {'evals/step':>10} {'stochastic':>10} {'spacing':>9}  description")
     for name, info in SAMPLERS.items():
-        print(f"{name:<12} {info.order:>5} {info.nfe_per_step:>10} {str(info.stochastic):>10}  {info.summary}")
+        mark = " (default)" if name == DEFAULT_SAMPLER else ""
+        print(f"{name:<16} {info.order:>5} {info.nfe_per_step:>10} {str(info.stochastic):>10} "
+              f"{info.default_spacing:>9}  {info.summary}{mark}")
     return 0
 
 
@@ -179,6 +183,8 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .samplers import DEFAULT_SAMPLER
+
     parser = argparse.ArgumentParser(prog="kakusan", description="Image diffusion models: train, sample, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -188,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model .safetensors")
-    p.add_argument("--sampler", default="ddim", help="see 'kakusan samplers' (default ddim)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--spacing", help="leading | trailing | linspace (default: the sampler's)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"see 'kakusan samplers' (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spacing", help="leading | trailing | linspace | karras | logsnr | exponential "
+                                     "(default: the sampler's)")
+    p.add_argument("--sigma-max", type=float, help="cap the karras / logsnr grid at this sigma/alpha")
     p.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)

@@ -300,6 +300,7 @@ class SamplerInfo:
     default_spacing: str
     summary: str
     last_step_nfe: int = 1  # model evaluations of the final step (Heun's is an Euler step)
+    default_sigma_max: float | None = None  # cap of the default spacing (see schedules.timesteps)
 
     def nfe(self, steps: int) -> int:
         return (steps - 1) * self.nfe_per_step + self.last_step_nfe
@@ -328,11 +329,16 @@ SAMPLERS: dict[str, SamplerInfo] = {
                                 "SDE-DPM-Solver++(2M)"),
     "dpmpp-3m-sde": SamplerInfo(_with(sample_dpmpp, order=3, eta=1.0), 1, 1, True, "logsnr",
                                 "SDE-DPM-Solver++(3M)"),
-    "unipc-2": SamplerInfo(_with(sample_unipc, order=2), 3, 1, False, "logsnr",
-                           "UniPC, order-2 predictor + corrector (bh2)"),
+    "unipc-2": SamplerInfo(_with(sample_unipc, order=2), 3, 1, False, "karras",
+                           "UniPC, order-2 predictor + corrector (bh2); default: Karras grid below sigma~ = 10",
+                           default_sigma_max=10.0),
     "unipc-3": SamplerInfo(_with(sample_unipc, order=3), 4, 1, False, "logsnr",
                            "UniPC, order-3 predictor + corrector (bh2)"),
 }
+
+
+# what a user gets without choosing: measured against diffusers in benchmarks/sampler_accuracy.py
+DEFAULT_SAMPLER = "unipc-2"
 
 
 def get_sampler(name: str) -> SamplerInfo:
@@ -344,12 +350,16 @@ def get_sampler(name: str) -> SamplerInfo:
 @torch.no_grad()
 def sample(
     denoiser, schedule: Schedule, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int = 50,
-    spacing: str | None = None, cond=None, seed: int | None = 0, generator: torch.Generator | None = None,
+    spacing: str | None = None, sigma_max: float | None = None, cond=None, seed: int | None = 0,
+    generator: torch.Generator | None = None,
     device="cpu", dtype=torch.float32, callback=None, progress: bool = False, **options,
 ) -> Tensor:
-    """Draw x_T ~ N(0, sigma_max^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``."""
+    """Draw x_T ~ N(0, sigma_T^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``. Without
+    ``spacing`` the sampler's default grid is used (and its default sigma_max cap, unless one is given)."""
     info = get_sampler(sampler)
-    levels = noise_levels(schedule, timesteps(schedule, steps, spacing or info.default_spacing))
+    if spacing is None:
+        spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
+    levels = noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
     if info.fn is sample_heun:
         options.setdefault("schedule", schedule)
     if generator is None:

@@ -263,14 +263,17 @@ class NoiseLevels(NamedTuple):
 SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr", "exponential")
 
 
-def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho: float = 7.0) -> Tensor:
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho: float = 7.0,
+              sigma_max: float | None = None) -> Tensor:
     """The ``num_steps`` timesteps a sampler visits, noisiest first; float64 tensor of shape (num_steps,).
 
     Uniform in t (integer steps): 'leading', 'trailing', 'linspace' (DDIM sec. 4.2; Lin et al. 2024, table 2).
     Fractional t: 'karras' (EDM eq. 5: sigma~^(1/rho) uniform, sigma~ = sigma / alpha), 'logsnr' (uniform in
     lambda = log(alpha / sigma), as DPM-Solver), 'exponential' (uniform in log sigma~: the same grid as 'logsnr').
     A zero-terminal-SNR schedule starts at t = T-1 (sigma~ = inf); the Karras and log-SNR grids then span the
-    remaining finite range."""
+    remaining finite range. ``sigma_max`` caps those grids at sigma~ = sigma_max: the first step then goes from
+    t = T-1 straight to the cap (at such noise the denoiser is nearly constant and the exponential step nearly
+    exact), and the other steps are spent where the image forms."""
     T = schedule.num_timesteps
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {num_steps!r}")
@@ -285,11 +288,20 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
     elif spacing in ("karras", "logsnr", "exponential"):
         if rho <= 0:
             raise ConfigError(f"rho must be positive, got {rho}")
-        zts = schedule.zero_terminal_snr
-        n = num_steps - 1 if zts else num_steps  # with zero terminal SNR, t = T-1 is prepended
-        t_max = T - 2 if zts else T - 1
         ab = schedule.alpha_bar
-        st_min, st_max = ((1 - ab[0]) / ab[0]).sqrt(), ((1 - ab[t_max]) / ab[t_max]).sqrt()
+        st_top = ((1 - ab[-2]) / ab[-2]).sqrt().item()  # below T-1, which may be zero SNR
+        capped = sigma_max is not None and sigma_max < st_top
+        if sigma_max is not None and sigma_max <= 0:
+            raise ConfigError(f"sigma_max must be positive, got {sigma_max}")
+        prepend = schedule.zero_terminal_snr or capped  # t = T-1 first, then the grid
+        n = num_steps - 1 if prepend else num_steps
+        if capped:
+            t_max = schedule.t_at_sigma_tilde(sigma_max).item()
+        else:
+            t_max = T - 2 if schedule.zero_terminal_snr else T - 1
+        st_min = ((1 - ab[0]) / ab[0]).sqrt()
+        st_max = schedule.alpha_bar_at(t_max)
+        st_max = ((1 - st_max) / st_max).sqrt()
         u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
         if spacing == "karras":
             st = (st_max ** (1 / rho) + u * (st_min ** (1 / rho) - st_max ** (1 / rho))) ** rho
@@ -298,7 +310,7 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
         ts = schedule.t_at_sigma_tilde(st).flip(0) if n > 0 else torch.zeros(0, dtype=torch.float64)
         if n > 1:  # the ends exactly on the grid, free of round-off
             ts[0], ts[-1] = 0.0, float(t_max)
-        if zts:
+        if prepend:
             ts = torch.cat([ts, torch.tensor([T - 1.0], dtype=torch.float64)])
     else:
         raise ConfigError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")

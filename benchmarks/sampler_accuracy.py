@@ -1,0 +1,218 @@
+"""Sampler accuracy against an exact-score oracle: kakusan's samplers and diffusers' schedulers, driven by the same
+analytic Gaussian-mixture denoiser from the same starts, scored by RMSE to the exact probability-flow ODE endpoint
+(scipy DOP853, tight tolerances; `kakusan.testing.exact_endpoint`). Float64 throughout.
+
+Each diffusers scheduler is swept over its spacing options and reported at its best per NFE; kakusan's samplers
+likewise, and its recommended default (what `kakusan sample` uses without --sampler/--spacing) separately.
+
+    python benchmarks/sampler_accuracy.py                 # table + benchmarks/results/sampler_accuracy.json
+    python benchmarks/sampler_accuracy.py --quick         # fewer mixtures and starts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from kakusan.samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler  # noqa: E402
+from kakusan.schedules import make_schedule, noise_levels, timesteps  # noqa: E402
+from kakusan.testing import GaussianMixture, MixtureDenoiser, exact_endpoint  # noqa: E402
+
+NFES = (5, 10, 20, 50)
+
+
+def mixtures(quick: bool) -> dict[str, GaussianMixture]:
+    g = torch.Generator().manual_seed(1234)
+    out = {
+        # 16-D, 4 narrow components (stiff at the end of sampling)
+        "d16-k4-narrow": GaussianMixture(torch.randn(4, 16, generator=g), torch.full((4,), 0.1)),
+        # 16-D, 8 components of mixed widths and weights
+        "d16-k8-mixed": GaussianMixture(torch.randn(8, 16, generator=g) * 1.2,
+                                        torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.05, 0.15, 0.4]),
+                                        torch.rand(8, generator=g) + 0.2),
+    }
+    if not quick:
+        # 64-D, 10 components, moderately wide
+        out["d64-k10"] = GaussianMixture(torch.randn(10, 64, generator=g) * 0.5, torch.full((10,), 0.3))
+        # 2-D, 2 very narrow components far apart
+        out["d2-k2-verynarrow"] = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.02, 0.03]))
+    return out
+
+
+KAKUSAN_SPACINGS = ("logsnr", "karras", "linspace", "trailing", "logsnr@10", "karras@10")  # @: sigma_max cap
+
+
+def kakusan_runs(mix, schedule, x_T):
+    """{(sampler, spacing): {nfe: output}} for every deterministic kakusan sampler."""
+    den = MixtureDenoiser(mix, schedule)
+    out = {}
+    for name, info in SAMPLERS.items():
+        if info.stochastic or name == "euler":  # 'euler' is the DDIM update
+            continue
+        for sp in KAKUSAN_SPACINGS:
+            res = {}
+            for nfe in NFES:
+                steps = (nfe + 1) // 2 if info.nfe_per_step == 2 else nfe
+                name_sp, _, cap = sp.partition("@")
+                try:
+                    lv = noise_levels(schedule, timesteps(schedule, steps, name_sp,
+                                                          sigma_max=float(cap) if cap else None))
+                except Exception:
+                    continue
+                kw = {"schedule": schedule} if name == "heun" else {}
+                res[nfe] = info.fn(den, x_T, lv, **kw)
+            out[(name, sp)] = res
+    return out
+
+
+# ---- diffusers ----------------------------------------------------------------------------------------------
+
+
+def diffusers_configs(beta_schedule: str, betas: torch.Tensor):
+    import diffusers as D
+
+    base = dict(num_train_timesteps=1000, trained_betas=betas.numpy(), prediction_type="epsilon")
+    spacing = [{"timestep_spacing": s} for s in ("linspace", "leading", "trailing")]
+    sigma_opts = spacing + [{"use_karras_sigmas": True}]
+    cfgs = []
+    cfgs += [("DDIM", D.DDIMScheduler, {**base, "set_alpha_to_one": True, "clip_sample": False, **o}) for o in spacing]
+    for order in (2, 3):
+        for o in sigma_opts + [{"use_lu_lambdas": True}]:
+            cfgs.append((f"DPM++{order}M", D.DPMSolverMultistepScheduler,
+                         {**base, "solver_order": order, "algorithm_type": "dpmsolver++", **o}))
+        for o in sigma_opts:
+            cfgs.append((f"UniPC-{order}", D.UniPCMultistepScheduler, {**base, "solver_order": order, **o}))
+    cfgs += [("DEIS-3", D.DEISMultistepScheduler, {**base, "solver_order": 3, **o}) for o in sigma_opts]
+    cfgs += [("Euler", D.EulerDiscreteScheduler, {**base, **o}) for o in sigma_opts]
+    cfgs += [("Heun", D.HeunDiscreteScheduler, {**base, **o}) for o in sigma_opts]
+    return cfgs
+
+
+def run_diffusers(cls, kwargs, mix, nfe, x_T, alphas_cumprod):
+    """Drive a diffusers scheduler with the exact eps at the noise level it is at. Returns the output or None."""
+    sched = cls(**kwargs)
+    steps = (nfe + 1) // 2 if cls.__name__.startswith("Heun") else nfe
+    sched.set_timesteps(steps)
+    sigmas = getattr(sched, "sigmas", None)
+    x = x_T.clone() * (float(sched.init_noise_sigma) / _vp_sigma0(sched, alphas_cumprod))
+    for i, t in enumerate(sched.timesteps):
+        x_in = sched.scale_model_input(x, t)
+        if sigmas is not None and len(sigmas) > 1:
+            idx = sched.step_index if getattr(sched, "step_index", None) is not None else i
+            st = float(sigmas[idx])
+            a = 1.0 / math.sqrt(1.0 + st * st)
+            s = st * a
+        else:
+            ab = float(alphas_cumprod[int(t)])
+            a, s = math.sqrt(ab), math.sqrt(1 - ab)
+        x0 = mix.denoise(x_in, a, s)
+        eps = (x_in - a * x0) / s
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def _vp_sigma0(sched, alphas_cumprod) -> float:
+    """The VP sigma of the first noise level (our x_T is scaled to it); schedulers that start from VE noise
+    (init_noise_sigma > 1) get x_T / sigma_VP * init_noise_sigma."""
+    if float(sched.init_noise_sigma) == 1.0:
+        return 1.0
+    st = float(sched.sigmas[0])
+    return st / math.sqrt(1 + st * st)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--starts", type=int, default=64)
+    p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sampler_accuracy.json"))
+    args = p.parse_args()
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+        print("diffusers is not installed: kakusan only (pip install 'kakusan[bench]')", file=sys.stderr)
+
+    info = get_sampler(DEFAULT_SAMPLER)
+    default_name = DEFAULT_SAMPLER
+    default_spacing = info.default_spacing + (f"@{info.default_sigma_max:g}" if info.default_sigma_max else "")
+    results, t0 = [], time.time()
+    for sched_name in ("linear", "cosine"):
+        schedule = make_schedule(sched_name)
+        ab = schedule.alpha_bar
+        a0, s0 = (v.item() for v in schedule.alpha_sigma(999))
+        a1, s1 = (v.item() for v in schedule.alpha_sigma(0))
+        for mix_name, mix in mixtures(args.quick).items():
+            g = torch.Generator().manual_seed(7)
+            n = 16 if args.quick else args.starts
+            x_T = torch.randn(n, mix.dim, generator=g, dtype=torch.float64) * s0  # x_T ~ N(0, sigma_T^2)
+            ref = exact_endpoint(mix, x_T, a0, s0, a1, s1)
+            rmse = lambda out: (out - ref).pow(2).mean().sqrt().item()  # noqa: E731
+            rows = {}
+            for (name, sp), outs in kakusan_runs(mix, schedule, x_T).items():
+                rows[("kakusan", name, sp)] = {nfe: rmse(o) for nfe, o in outs.items()}
+            if diffusers is not None:
+                betas = schedule.betas.to(torch.float32)
+                for label, cls, kw in diffusers_configs(sched_name, betas):
+                    opt = next(f"{k}={v}" for k, v in kw.items() if k in ("timestep_spacing", "use_karras_sigmas",
+                                                                          "use_lu_lambdas"))
+                    res = {}
+                    for nfe in NFES:
+                        try:
+                            out = run_diffusers(cls, kw, mix, nfe, x_T, ab)
+                            res[nfe] = rmse(out) if torch.isfinite(out).all() else float("inf")
+                        except Exception as e:  # a configuration diffusers refuses
+                            res[nfe] = float("nan")
+                            print(f"  {label} {opt} nfe {nfe}: {type(e).__name__}: {e}", file=sys.stderr)
+                    rows[("diffusers", label, opt)] = res
+            results.append({"schedule": sched_name, "mixture": mix_name,
+                            "rows": [{"library": k[0], "sampler": k[1], "spacing": k[2],
+                                      "rmse": {str(n): v for n, v in r.items()}} for k, r in rows.items()]})
+            _print_table(sched_name, mix_name, rows, default_name, default_spacing)
+    meta = {"benchmark": "sampler_accuracy", "nfe": NFES, "default": [default_name, default_spacing],
+            "torch": torch.__version__, "diffusers": getattr(diffusers, "__version__", None),
+            "seconds": time.time() - t0}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "results": results}, indent=1))
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
+
+
+def _best(rows, library, nfe):
+    cands = [(r.get(nfe, float("inf")), k) for k, r in rows.items() if k[0] == library]
+    cands = [(v, k) for v, k in cands if v == v]  # drop NaN
+    return min(cands) if cands else (float("nan"), None)
+
+
+def _print_table(sched_name, mix_name, rows, default_name, default_spacing):
+    print(f"\n== {sched_name} schedule, mixture {mix_name}: RMSE to the exact endpoint ==")
+    print(f"{'':<44}" + "".join(f"{'NFE ' + str(n):>11}" for n in NFES))
+    best_per_sampler = {}
+    for k, r in rows.items():
+        key = (k[0], k[1])
+        for n in NFES:
+            v = r.get(n, float("inf"))
+            if v == v and v < best_per_sampler.setdefault(key, {}).get(n, (float("inf"), ""))[0]:
+                best_per_sampler[key][n] = (v, k[2])
+    for (lib, name), per in best_per_sampler.items():
+        print(f"{lib + ' ' + name + ' (best spacing)':<44}" +
+              "".join(f"{per.get(n, (float('nan'),))[0]:>11.2e}" for n in NFES))
+    d = rows.get(("kakusan", default_name, default_spacing), {})
+    print(f"{'kakusan default: ' + default_name + ' / ' + default_spacing:<44}" +
+          "".join(f"{d.get(n, float('nan')):>11.2e}" for n in NFES))
+    line = f"{'default / best diffusers':<44}"
+    for n in NFES:
+        b, _ = _best(rows, "diffusers", n)
+        line += f"{d.get(n, float('nan')) / b:>11.2f}" if b == b and b > 0 else f"{'-':>11}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
