@@ -59,8 +59,7 @@ class UNetConfig:
         need(self.image_size % factor == 0,
              f"image size {self.image_size} is not divisible by {factor}, the U-Net's total downsampling "
              f"({len(self.channel_mults)} levels); choose a size divisible by {factor} or fewer levels")
-        for m in self.channel_mults:
-            c = self.channels * m
+        for c in (self.channels, *(self.channels * m for m in self.channel_mults)):
             need(c % self.norm_groups == 0, f"width {c} is not divisible by norm_groups {self.norm_groups}")
             if self.attention_head_dim:
                 need(c % self.attention_head_dim == 0,
