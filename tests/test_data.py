@@ -113,12 +113,18 @@ def test_image_folder_modes_sizes_corrupt_and_labels(tmp_path):
     Image.new("L", (16, 16), 128).save(root / "cats" / "b.jpg")
     Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(root / "dogs" / "c.png")  # transparent -> white
     Image.new("P", (300, 200)).save(root / "dogs" / "d.gif")
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(root / "dogs" / "tiny.png")  # 1x1
+    Image.new("RGB", (6000, 4000), (0, 255, 0)).save(root / "dogs" / "huge.jpg", quality=50)  # 24 megapixels
     (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "dogs" / "notes.txt").write_text("not an image")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         ds = load_image_folder(root, image_size=8, channels=3)
-    assert ds.images.shape == (4, 3, 8, 8) and ds.skipped == 1
-    assert ds.class_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 1, 1]
+    assert ds.images.shape == (6, 3, 8, 8) and ds.skipped == 1
+    assert ds.class_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 1, 1, 1, 1]
+    names = sorted(p.name for p in root.rglob("*") if p.suffix in (".png", ".jpg", ".gif") and p.name != "broken.png")
+    by_name = dict(zip(names, ds.images))
+    assert tuple(by_name["tiny.png"][:, 0, 0].tolist()) == (0, 0, 255)
+    assert abs(int(by_name["huge.jpg"][1, 4, 4]) - 255) <= 2
     assert ds.images[2].min() == 255  # transparent composited on white
     assert tuple(ds.images[0, :, 4, 4].tolist()) == (255, 0, 0)
 
