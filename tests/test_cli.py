@@ -54,6 +54,12 @@ def test_train_then_sample_from_the_checkpoint_alone(tmp_path):
     r = kakusan("sample", "--checkpoint", run, "--sampler", "ddpm", "--steps", "2", "-n", "2", "--out", grid)
     assert r.returncode == 0, r.stderr
     _one_line_error(kakusan("sample", "--checkpoint", run, "--class", "12", "--steps", "2"), "out of range")
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--steps", "-3"), "positive")
+    uncond = tmp_path / "uncond"
+    assert kakusan("train", "--preset", "unet-tiny", "--steps", "2", "--batch-size", "4", "--limit", "16",
+                   "--sample-every", "100", "--out", uncond).returncode == 0
+    _one_line_error(kakusan("sample", "--checkpoint", uncond, "--guidance", "3"), "unconditional")
+    _one_line_error(kakusan("sample", "--checkpoint", uncond, "--class", "1"), "unconditional")
     r = kakusan("train", "--preset", "unet-tiny", "--cond", "class", "--steps", "6", "--batch-size", "8",
                 "--limit", "64", "--sample-every", "100", "--out", run, "--resume")
     assert r.returncode == 0 and "resumed at step 4" in r.stderr, r.stderr

@@ -71,6 +71,9 @@ def test_checkpoint_retention_and_latest(tmp_path, digits):
     _run(tmp_path, digits, "keep", steps=8, checkpoint_every=2, keep_checkpoints=2)
     root = tmp_path / "keep" / "checkpoints"
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000006", "step-00000008"]
+    _run(tmp_path, digits, "every", steps=10, checkpoint_every=1, keep_checkpoints=2, keep_every=4)
+    kept = sorted(p.name for p in (tmp_path / "every" / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000004", "step-00000008", "step-00000009", "step-00000010"]
     assert (root / "latest").read_text().strip() == "step-00000008"
     assert resolve_checkpoint(tmp_path / "keep") == root / "step-00000008"
     assert not list(root.glob(".tmp-*"))

@@ -47,6 +47,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
+    p.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
+    p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

@@ -75,8 +75,10 @@ def unflatten_optimizer_state(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 3) -> Path:
-    """Write checkpoint ``step-XXXXXXXX`` under ``ckpt_root`` atomically; keep the newest ``keep``."""
+                    optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 3,
+                    keep_every: int = 0) -> Path:
+    """Write checkpoint ``step-XXXXXXXX`` under ``ckpt_root`` atomically; keep the newest ``keep`` and, with
+    ``keep_every`` > 0, every checkpoint whose step is a multiple of it."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -104,6 +106,8 @@ def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Mo
     _fsync_dir(ckpt_root)
     old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for p in old[:-keep] if keep > 0 else []:
+        if keep_every > 0 and int(p.name.split("-")[1]) % keep_every == 0:
+            continue
         shutil.rmtree(p, ignore_errors=True)
     return final
 

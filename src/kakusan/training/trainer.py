@@ -60,7 +60,8 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 500
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest N
+    keep_every: int = 0  # > 0: also keep every checkpoint whose step is a multiple of this
     sample_sampler: str = "ddim"
     sample_steps: int = 50
     guidance: float = 2.0  # for the grids of class-conditional runs
@@ -213,7 +214,7 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
-                               self.optimizer, self.state(), self.cfg.keep_checkpoints)
+                               self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every)
 
     def resume(self, path: str | Path | None = None) -> None:
         ckpt = resolve_checkpoint(path or self.out)
