@@ -67,7 +67,7 @@ def kakusan_runs(mix, schedule, x_T):
                                                           sigma_max=float(cap) if cap else None))
                 except Exception:
                     continue
-                kw = {"schedule": schedule} if name == "heun" else {}
+                kw = {"schedule": schedule} if info.needs_schedule else {}
                 res[nfe] = info.fn(den, x_T, lv, **kw)
             out[(name, sp)] = res
     return out

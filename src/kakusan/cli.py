@@ -123,8 +123,6 @@ def cmd_sample(args) -> int:
         if not k:
             raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")
         d = ClassifierFreeGuidance(d, args.guidance, null_cond=k)
-    elif k:
-        d = ClassifierFreeGuidance(d, 1.0, null_cond=k)
     mc = config["model"]
     shape = (args.n, mc["in_channels"], mc["image_size"], mc["image_size"])
     options = {"eta": args.eta} if args.eta is not None else {}
@@ -138,7 +136,7 @@ def cmd_sample(args) -> int:
     if args.out_dir:
         save_images(x, args.out_dir)
         print(f"images: {args.out_dir}")
-    print(f"{args.n} samples, {args.sampler}, {args.steps} steps x {info.nfe_per_step} evaluations, "
+    print(f"{args.n} samples, {args.sampler}, {args.steps} steps ({info.nfe(args.steps)} model evaluations), "
           f"{dt:.1f} s" + (f" (classes {', '.join(classes)})" if classes and cond is not None else ""))
     return 0
 
@@ -162,9 +160,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_samplers(args) -> int:
-    from .samplers import SAMPLERS
-
-    from .samplers import DEFAULT_SAMPLER
+    from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
     print(f"{'name':<16} {'order':>5} {'evals/step':>10} {'stochastic':>10} {'spacing':>9}  description")
     for name, info in SAMPLERS.items():

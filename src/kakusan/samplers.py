@@ -30,7 +30,12 @@ def _step_iter(levels: NoiseLevels, progress: bool):
     return tqdm(range(n), desc="sampling", leave=False, disable=None if progress else True)
 
 
-def _coeffs(levels: NoiseLevels, i: int, x: Tensor):
+def _denoise(denoiser, x: Tensor, t: float, cond):
+    """D(x, t, cond) with t broadcast to the batch, (B,)."""
+    return denoiser(x, torch.full((x.shape[0],), t, device=x.device), cond)
+
+
+def _coeffs(levels: NoiseLevels, i: int):
     """(t, alpha_t, sigma_t, alpha_s, sigma_s) for the step from level i (t) to level i + 1 (s), as Python
     floats computed in float64 (so small differences such as sigma_t^2 - ... keep their digits)."""
     return (levels.t[i].item(), levels.alpha[i].item(), levels.sigma[i].item(),
@@ -52,8 +57,8 @@ def sample_ddpm(
     if variance not in ("posterior", "upper"):
         raise ConfigError(f"unknown DDPM variance {variance!r}; choose 'posterior' or 'upper'")
     for i in _step_iter(levels, progress):
-        t, a_t, s_t, a_s, s_s = _coeffs(levels, i, x)
-        x0_hat = denoiser(x, torch.full((x.shape[0],), t, device=x.device), cond)
+        t, a_t, s_t, a_s, s_s = _coeffs(levels, i)
+        x0_hat = _denoise(denoiser, x, t, cond)
         a_ts = a_t / a_s
         var_ts = s_t**2 - a_ts**2 * s_s**2  # sigma_{t|s}^2
         mean = (a_ts * s_s**2 / s_t**2) * x + (a_s * var_ts / s_t**2) * x0_hat
@@ -77,8 +82,8 @@ def sample_ddim(
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"DDIM eta must lie in [0, 1], got {eta}")
     for i in _step_iter(levels, progress):
-        t, a_t, s_t, a_s, s_s = _coeffs(levels, i, x)
-        x0_hat = denoiser(x, torch.full((x.shape[0],), t, device=x.device), cond)
+        t, a_t, s_t, a_s, s_s = _coeffs(levels, i)
+        x0_hat = _denoise(denoiser, x, t, cond)
         eps_hat = eps_from_x0(x0_hat, x, a_t, s_t)
         a_ts = a_t / a_s
         c2 = eta**2 * (s_t**2 - a_ts**2 * s_s**2) * s_s**2 / s_t**2
@@ -166,7 +171,7 @@ def sample_dpmpp(
     history: list[tuple[float, Tensor]] = []
     for i in _step_iter(levels, progress):
         t_lvl, s_lvl = _level(levels, i), _level(levels, i + 1)
-        x0_hat = denoiser(x, torch.full((x.shape[0],), levels.t[i].item(), device=x.device), cond)
+        x0_hat = _denoise(denoiser, x, levels.t[i].item(), cond)
         history = [(t_lvl[2], x0_hat)] + [hd for hd in history if math.isfinite(hd[0])][: order - 1]
         x = _exp_step(x, t_lvl, s_lvl, history, eta, generator)
         if callback is not None:
@@ -192,7 +197,7 @@ def sample_unipc(
     for i in _step_iter(levels, progress):
         t_lvl, s_lvl = _level(levels, i), _level(levels, i + 1)
         if x0_hat is None:  # the first evaluation; later ones come from the corrector's call
-            x0_hat = denoiser(x, torch.full((x.shape[0],), levels.t[i].item(), device=x.device), cond)
+            x0_hat = _denoise(denoiser, x, levels.t[i].item(), cond)
         history = [(t_lvl[2], x0_hat)] + [hd for hd in history if math.isfinite(hd[0])][: order - 1]
         x_pred = _unipc_predict(x, t_lvl, s_lvl, history)
         if i == n - 1:  # the final denoise needs no corrector
@@ -200,7 +205,7 @@ def sample_unipc(
             if callback is not None:
                 callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
             break
-        x0_next = denoiser(x_pred, torch.full((x.shape[0],), levels.t[i + 1].item(), device=x.device), cond)
+        x0_next = _denoise(denoiser, x_pred, levels.t[i + 1].item(), cond)
         x = _unipc_correct(x, t_lvl, s_lvl, history, x0_next) if math.isfinite(t_lvl[2]) else x_pred
         if callback is not None:
             callback({"i": i, "t": levels.t[i].item(), "x": x, "x0_hat": x0_hat})
@@ -229,9 +234,7 @@ def _unipc_correct(x, t_lvl, s_lvl, history, x0_next):
     if len(history) == 1:  # UniC-1: the fixed coefficient 1/2 (x B(h)) on the new slope
         d0 = history[0][1]
         return (s_s / s_t) * x + a_s * (_b_h(h) * d0 + 0.5 * _b_h(h) * (x0_next - d0))
-    points = [(lam_s, x0_next)] + history
-    w = _interpolation_weights([lam - lam_t for lam, _ in points], h, 1.0)
-    return (s_s / s_t) * x + a_s * sum(wj * d for wj, (_, d) in zip(w, points))
+    return _exp_step(x, t_lvl, s_lvl, [(lam_s, x0_next)] + history, 0.0, None)  # UniC-p: one more point
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,14 +259,11 @@ def sample_heun(
     n = levels.num_steps
     gamma_max = min(s_churn / n, math.sqrt(2) - 1)
 
-    def D(x_vp, t_val):
-        return denoiser(x_vp, torch.full((x_vp.shape[0],), t_val, device=x_vp.device), cond)
-
     for i in _step_iter(levels, progress):
-        t, a_t, s_t, a_s, s_s = _coeffs(levels, i, x)
+        t, a_t, s_t, a_s, s_s = _coeffs(levels, i)
         t_s = levels.t[i + 1].item()
         if a_t == 0:  # sigma~ = inf: the exact step from zero SNR
-            x0_hat = D(x, t)
+            x0_hat = _denoise(denoiser, x, t, cond)
             x = a_s * x0_hat + (s_s / s_t) * x
         else:
             st, ss = s_t / a_t, s_s / a_s
@@ -275,11 +275,11 @@ def sample_heun(
                 t = schedule.t_at_sigma_tilde(st_hat).item()
                 st = st_hat
             a_hat = 1.0 / math.sqrt(1.0 + st**2) if gamma > 0 else a_t
-            x0_hat = D(a_hat * xt, t)
+            x0_hat = _denoise(denoiser, a_hat * xt, t, cond)
             d = (xt - x0_hat) / st
             xt_next = xt + (ss - st) * d
             if ss > 0:  # Heun's correction
-                d2 = (xt_next - D(a_s * xt_next, t_s)) / ss
+                d2 = (xt_next - _denoise(denoiser, a_s * xt_next, t_s, cond)) / ss
                 xt_next = xt + (ss - st) * 0.5 * (d + d2)
             x = a_s * xt_next
         if callback is not None:
@@ -301,6 +301,7 @@ class SamplerInfo:
     summary: str
     last_step_nfe: int = 1  # model evaluations of the final step (Heun's is an Euler step)
     default_sigma_max: float | None = None  # cap of the default spacing (see schedules.timesteps)
+    needs_schedule: bool = False  # takes schedule= (Heun's churn evaluates between grid points)
 
     def nfe(self, steps: int) -> int:
         return (steps - 1) * self.nfe_per_step + self.last_step_nfe
@@ -322,7 +323,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "euler-ancestral": SamplerInfo(_with(sample_ddim, eta=1.0), 1, 1, True, "karras",
                                    "Euler ancestral (= DDIM with eta = 1, DDPM's posterior step)"),
     "heun": SamplerInfo(sample_heun, 2, 2, False, "karras", "EDM's Heun, 2nd order (s_churn > 0: stochastic)",
-                        last_step_nfe=1),
+                        last_step_nfe=1, needs_schedule=True),
     "dpmpp-2m": SamplerInfo(_with(sample_dpmpp, order=2), 2, 1, False, "logsnr", "DPM-Solver++(2M), multistep"),
     "dpmpp-3m": SamplerInfo(_with(sample_dpmpp, order=3), 3, 1, False, "logsnr", "DPM-Solver++(3M), multistep"),
     "dpmpp-2m-sde": SamplerInfo(_with(sample_dpmpp, order=2, eta=1.0), 1, 1, True, "logsnr",
@@ -360,7 +361,7 @@ def sample(
     if spacing is None:
         spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
     levels = noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
-    if info.fn is sample_heun:
+    if info.needs_schedule:
         options.setdefault("schedule", schedule)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)

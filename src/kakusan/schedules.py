@@ -201,6 +201,11 @@ class Schedule:
         frac = ((a_lo - ab.reshape(-1)) / (a_lo - a_hi)).clamp(0, 1)
         return (lo + frac).reshape(ab.shape)
 
+    def sigma_tilde_at(self, t: Tensor | float) -> Tensor:
+        """sigma~_t = sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t), the variance-exploding noise level."""
+        ab = self.alpha_bar_at(t)
+        return ((1 - ab) / ab).sqrt()
+
     def t_at_sigma_tilde(self, sigma_tilde: Tensor | float) -> Tensor:
         """t at which sigma_t / alpha_t (the variance-exploding noise level) takes the given values."""
         st = torch.as_tensor(sigma_tilde, dtype=torch.float64)
@@ -288,8 +293,7 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
     elif spacing in ("karras", "logsnr", "exponential"):
         if rho <= 0:
             raise ConfigError(f"rho must be positive, got {rho}")
-        ab = schedule.alpha_bar
-        st_top = ((1 - ab[-2]) / ab[-2]).sqrt().item()  # below T-1, which may be zero SNR
+        st_top = schedule.sigma_tilde_at(T - 2).item()  # below T-1, which may be zero SNR
         capped = sigma_max is not None and sigma_max < st_top
         if sigma_max is not None and sigma_max <= 0:
             raise ConfigError(f"sigma_max must be positive, got {sigma_max}")
@@ -299,9 +303,7 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
             t_max = schedule.t_at_sigma_tilde(sigma_max).item()
         else:
             t_max = T - 2 if schedule.zero_terminal_snr else T - 1
-        st_min = ((1 - ab[0]) / ab[0]).sqrt()
-        st_max = schedule.alpha_bar_at(t_max)
-        st_max = ((1 - st_max) / st_max).sqrt()
+        st_min, st_max = schedule.sigma_tilde_at(0), schedule.sigma_tilde_at(t_max)
         u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
         if spacing == "karras":
             st = (st_max ** (1 / rho) + u * (st_min ** (1 / rho) - st_max ** (1 / rho))) ** rho

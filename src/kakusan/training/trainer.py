@@ -318,15 +318,14 @@ class Trainer:
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     losses, t_last, step_last = [], now, self.step
-                if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                last = self.step == cfg.steps or (
+                    cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes)
+                if self.step % cfg.sample_every == 0 or last:
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
+                if self.step % cfg.checkpoint_every == 0 or last:
                     ckpt = self.save()
-                if out_of_time:
+                if last and self.step < cfg.steps:
                     print(f"stopping at step {self.step}: the {cfg.max_minutes} minute budget is spent", flush=True)
-                    if self.step % cfg.sample_every:
-                        self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
                     break
         finally:
             bar.close()
