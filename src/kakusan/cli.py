@@ -4,6 +4,10 @@
     kakusan sample  --checkpoint runs/mnist --sampler ddim --steps 50 -n 64 --out grid.png
     kakusan demo
     kakusan samplers | presets
+    kakusan train-classifier --data mnist --out runs/cls/mnist.safetensors
+    kakusan eval   --checkpoint runs/mnist --extractor classifier:runs/cls/mnist.safetensors --ref mnist -n 10000
+    kakusan sweep  --checkpoint runs/mnist --samplers ddim,unipc-2 --steps 5,10,20 ... --out runs/sweep
+    kakusan plot   schedules | forward | embedding | loss | trajectory
 """
 
 from __future__ import annotations
@@ -180,10 +184,178 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+    return parse
+
+
+def _guidance_list(text: str):
+    return [None if v.strip().lower() in ("none", "off") else float(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_train_classifier(args) -> int:
+    from .metrics.classifier import train_classifier
+
+    r = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         widths=tuple(args.widths), seed=args.seed, augment=args.augment, limit=args.limit)
+    worst = min(range(len(r["per_class_accuracy"])), key=lambda k: r["per_class_accuracy"][k])
+    print(f"{args.data}: test accuracy {100 * r['test_accuracy']:.2f}% on {r['test_size']:,} images "
+          f"(worst class {worst}: {100 * r['per_class_accuracy'][worst]:.1f}%), trained in {r['train_seconds']:.0f} s"
+          f"\nclassifier: {r['path']}\nsha256: {r['sha256']}")
+    return 0
+
+
+def _reference(args, extractor):
+    from .metrics.evaluate import reference_features, stats_features
+
+    if args.ref_stats:
+        return stats_features(args.ref_stats, extractor)
+    if not args.ref:
+        from .errors import ConfigError
+
+        raise ConfigError("give the real side: --ref DATA (e.g. mnist) or --ref-stats FILE")
+    return reference_features(extractor, args.ref, args.ref_split, args.ref_limit, device=args.device_resolved)
+
+
+def _eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", required=True, help="classifier:FILE | inception | inception:FILE")
+    p.add_argument("--ref", help="real data set spec (mnist, fashion-mnist, cifar10[:PATH], folder:DIR, ...)")
+    p.add_argument("--ref-split", default="test", help="split of --ref (default test)")
+    p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
+    p.add_argument("--ref-stats", help="a stats file written by 'kakusan stats' instead of --ref")
+    p.add_argument("--download", action="store_true", help="allow downloading the Inception weights (online)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true")
+
+
+def cmd_eval(args) -> int:
+    from .errors import ConfigError
+    from .metrics.evaluate import folder_features, format_scores, nan_to_none, sample_features, score
+    from .metrics.features import load_extractor
+    from .training.trainer import resolve_device
+
+    if bool(args.checkpoint) == bool(args.images):
+        raise ConfigError("give exactly one of --checkpoint (sample from it) or --images DIR")
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+        return 0
+    args.device_resolved = resolve_device(args.device)
+    extractor = load_extractor(args.extractor, download=args.download)
+    ref = _reference(args, extractor)
+    if args.checkpoint:
+        fake = sample_features(extractor, args.checkpoint, args.n, device=args.device_resolved,
+                               sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
+                               seed=args.seed, batch_size=args.batch_size, progress=True)
+    else:
+        fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
+    result = score(extractor, fake, ref, tuple(args.metrics))
+    print(format_scores(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(nan_to_none(result), indent=2))
+        print(f"scores and record: {args.out}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .metrics.evaluate import folder_features, reference_features, write_stats
+    from .metrics.features import load_extractor
+    from .training.trainer import resolve_device
+
+    extractor = load_extractor(args.extractor, download=args.download)
+    device = resolve_device(args.device)
+    if args.data.startswith("folder:") and args.as_is:
+        fs = folder_features(extractor, args.data.partition(":")[2], args.limit, device=device)
+    else:
+        fs = reference_features(extractor, args.data, args.split, args.limit, cache=False, device=device)
+    path = write_stats(extractor, fs, args.out)
+    print(f"{fs.n:,} feature vectors ({extractor.feature_dim}-D, {extractor.name}) of {args.data} -> {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .metrics.provenance import check_comparable
+
+    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    diff = check_comparable(a["record"], b["record"], strict=not args.warn_only)
+    for name, r in (("A", a), ("B", b)):
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v['mean']:.4g}"
+                                      for k, v in r["scores"].items() if isinstance(v, (float, dict))))
+    print("comparable" if not diff else f"NOT comparable ({len(diff)} differences above)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .metrics.evaluate import nan_to_none, plot_sweep, sweep
+    from .metrics.features import load_extractor
+    from .training.trainer import resolve_device
+
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+        return 0
+    args.device_resolved = resolve_device(args.device)
+    extractor = load_extractor(args.extractor, download=args.download)
+    ref = _reference(args, extractor)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} {'KID x1e3':>9} {'prec':>6} {'recall':>6} " \
+             f"{'agree':>6} {'time s':>7}"
+    print(header)
+
+    def show(r):
+        g = "-" if r["guidance"] is None else f"{r['guidance']:g}"
+        agree = f"{100 * r['class_agreement']:5.1f}%" if "class_agreement" in r else "     -"
+        print(f"{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
+              f"{1e3 * r.get('kid', float('nan')):>9.3f} {r.get('precision', float('nan')):>6.3f} "
+              f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}", flush=True)
+
+    rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
+                 device=args.device_resolved, batch_size=args.batch_size, on_row=show)
+    (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
+    png = plot_sweep(rows, out / "sweep.png")
+    label = rows[0]["result"]["preliminary"]
+    print(f"table: {out / 'sweep.json'}\nplot: {png}" + (f"\n[{label}]" if label else ""))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import plots
+
+    what = args.what
+    out = args.out or f"{what}.png"
+    if what == "schedules":
+        path = plots.plot_schedules(out)
+    elif what == "forward":
+        path = plots.plot_forward(out, schedule=args.schedule)
+    elif what == "embedding":
+        path = plots.plot_embedding(out, dim=args.dim)
+    elif what == "loss":
+        from .errors import ConfigError
+
+        if not args.run:
+            raise ConfigError("plot loss needs --run RUN_DIR (or a log.jsonl path)")
+        path = plots.plot_loss(args.run, out)
+    else:
+        from .errors import ConfigError
+
+        if not args.checkpoint:
+            raise ConfigError("plot trajectory needs --checkpoint")
+        path = plots.trajectory(args.checkpoint, out, sampler=args.sampler, steps=args.steps,
+                                class_label=args.class_label, guidance=args.guidance, seed=args.seed)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import DEFAULT_SAMPLER
 
-    parser = argparse.ArgumentParser(prog="kakusan", description="Image diffusion models: train, sample, demo.")
+    parser = argparse.ArgumentParser(prog="kakusan", description="Image diffusion models: train, sample, evaluate, plot, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a diffusion model")
@@ -217,6 +389,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-classifier", help="train the domain classifier used for offline evaluation")
+    p.add_argument("--data", required=True, help="mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:PATH] | folder:DIR")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--widths", type=_csv(int), default=[32, 64, 128], help="three stage widths, e.g. 32,64,128")
+    p.add_argument("--augment", default="auto", help="auto | none | crop | crop-flip")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("eval", help="FID / KID / IS / precision-recall of a checkpoint's samples or an image folder")
+    p.add_argument("--checkpoint", help="sample from this checkpoint")
+    p.add_argument("--images", help="or score the images in this folder")
+    p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spacing")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")
+    p.add_argument("--out", help="write scores + provenance record as JSON here")
+    _eval_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("stats", help="write a reference feature-statistics file (with its record)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--as-is", action="store_true", help="folder:DIR at its own size (no resize)")
+    p.add_argument("--extractor", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("compare", help="check that two score JSON files were made the same way")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--warn-only", action="store_true", help="warn instead of refusing")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="score samplers x steps x guidance: table, JSON and plot")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--samplers", type=_csv(str), default=["ddim", DEFAULT_SAMPLER])
+    p.add_argument("--steps", type=_csv(int), default=[5, 10, 20, 50])
+    p.add_argument("--guidance", type=_guidance_list, default=[None], help="e.g. 1,2,3 (none: no guidance)")
+    p.add_argument("-n", type=int, default=10_000)
+    p.add_argument("--out", default="runs/sweep", help="folder for sweep.json and sweep.png")
+    _eval_common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory")
+    p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory"])
+    p.add_argument("--out", help="PNG path (default WHAT.png)")
+    p.add_argument("--schedule", default="linear", help="for 'forward'")
+    p.add_argument("--dim", type=int, default=128, help="for 'embedding'")
+    p.add_argument("--run", help="for 'loss': a run folder or log.jsonl")
+    p.add_argument("--checkpoint", help="for 'trajectory'")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--class", dest="class_label", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_plot)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the U-Net presets").set_defaults(func=cmd_presets)

@@ -51,6 +51,19 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> No
         os.fsync(f.fileno())
 
 
+def save_file_atomic(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """One safetensors file, written beside its final name, fsynced and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _save_tensors(tmp, tensors, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
     """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
     tensors, scalars = {}, {}

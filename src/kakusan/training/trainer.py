@@ -24,6 +24,7 @@ from ..errors import CheckpointError, ConfigError, KakusanError
 from ..guidance import ClassifierFreeGuidance
 from ..images import save_grid
 from ..models import UNet, UNetConfig, get_preset
+from ..plots import plot_loss
 from ..samplers import sample
 from ..schedules import ScheduleConfig, make_schedule
 from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
@@ -322,6 +323,8 @@ class Trainer:
                     cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes)
                 if self.step % cfg.sample_every == 0 or last:
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
+                    if self.step >= cfg.log_every:
+                        plot_loss(self.out / "log.jsonl", self.out / "loss.png")
                 if self.step % cfg.checkpoint_every == 0 or last:
                     ckpt = self.save()
                 if last and self.step < cfg.steps:

@@ -1,0 +1,327 @@
+"""Scoring generated images against real ones, with provenance; and sweeps over samplers x steps x guidance.
+
+    extractor = load_extractor("classifier:runs/cls/mnist.safetensors")
+    ref = reference_features(extractor, "mnist", split="test")
+    fake = sample_features(extractor, "runs/mnist", n=10_000, sampler="unipc-2", steps=20, guidance=2)
+    result = score(extractor, fake, ref)      # {"scores": {...}, "record": {...}, "preliminary": ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .features import FeatureExtractor
+from .provenance import environment, load_stats, sample_count_label, save_stats, tensor_sha256
+from .stats import GaussianStats, fid_from_stats, inception_score, kernel_inception_distance, precision_recall
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class FeatureSet:
+    """Features (and logits) of one side of a comparison, with the record of where they came from.
+    ``labels``: true labels of real data, or the requested class of class-conditional samples."""
+
+    features: Tensor
+    logits: Tensor | None
+    source: dict
+    labels: Tensor | None = None
+    stats: GaussianStats | None = field(default=None, repr=False)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    def gaussian(self, name: str) -> GaussianStats:
+        if self.stats is None:
+            self.stats = GaussianStats.of(self.features, name)
+        return self.stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real side
+
+
+def reference_features(extractor: FeatureExtractor, data: str, split: str = "test", limit: int | None = None,
+                       cache: bool = True, device="cpu") -> FeatureSet:
+    """Features of a real data set split, cached under kakusan's cache keyed by extractor + data + split + n."""
+    from ..data import load_dataset
+    from ..data.datasets import cache_dir
+
+    key = json.dumps([extractor.record, data, split, limit], sort_keys=True)
+    path = cache_dir() / "stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+    if cache and path.is_file():
+        return stats_features(path, extractor)
+    ds = load_dataset(data, split, limit=limit)
+    feats, logits = extractor(ds.images, device=device, what=f"{data} ({split})")
+    source = {"kind": "dataset", "data": data, "split": split, "n": len(ds), "images_sha256":
+              tensor_sha256(ds.images)}
+    if cache:
+        save_stats(path, feats, logits, {"extractor": extractor.record, "source": source, **environment()},
+                   ds.labels)
+    return FeatureSet(feats, logits, source, ds.labels)
+
+
+def stats_features(path: str | Path, extractor: FeatureExtractor) -> FeatureSet:
+    """A feature set from a stats file (refused if another extractor made it)."""
+    tensors, record = load_stats(path, extractor.record)
+    source = {**record["source"], "stats_file": str(path)}
+    fs = FeatureSet(tensors["features"], tensors.get("logits"), source, tensors.get("labels"))
+    fs.stats = GaussianStats(tensors["mu"].numpy(), tensors["sigma"].numpy(), len(tensors["features"]))
+    return fs
+
+
+def write_stats(extractor: FeatureExtractor, fs: FeatureSet, path: str | Path) -> Path:
+    return save_stats(path, fs.features, fs.logits, {"extractor": extractor.record, "source": fs.source,
+                                                      **environment()}, fs.labels)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The generated side
+
+
+def read_image_folder(path: str | Path, limit: int | None = None) -> Tensor:
+    """Every image in a folder, at its own size; all must share one size and channel count (else an error
+    naming the counts of each). Greyscale (L) -> 1 channel; RGB / RGBA (composited on white) / P -> 3."""
+    from PIL import Image
+
+    from ..data.datasets import IMAGE_EXTENSIONS, load_image_folder
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"{root}: no image files found")
+    shapes: Counter = Counter()
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                shapes[(1 if im.mode in ("L", "1", "I", "I;16") else 3, im.size)] += 1
+        except Exception:  # noqa: BLE001 - unreadable files are skipped (and reported) by the loader
+            continue
+    if len(shapes) > 1:
+        desc = ", ".join(f"{n} x {w}x{h} with {c} channel(s)" for (c, (w, h)), n in shapes.most_common())
+        raise DataError(f"{root}: the images differ in size or channels ({desc}); a score needs one format")
+    if not shapes:
+        raise DataError(f"{root}: none of the {len(files)} image files could be read")
+    (channels, (w, h)), = shapes
+    if w != h:
+        raise DataError(f"{root}: images are {w}x{h}; kakusan scores square images")
+    return load_image_folder(root, w, channels, limit).images
+
+
+def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | None = None,
+                    device="cpu") -> FeatureSet:
+    images = read_image_folder(path, limit)
+    feats, logits = extractor(images, device=device, what=str(path))
+    return FeatureSet(feats, logits, {"kind": "folder", "path": str(path), "n": len(images),
+                                      "images_sha256": tensor_sha256(images)})
+
+
+def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps: int = 20,
+             spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
+             device="cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+    """``n`` samples (uint8) from a checkpoint, balanced over classes for a class-conditional model; returns
+    (images, requested labels or None, source record with the wall time)."""
+    from ..data.datasets import to_uint8
+    from ..diffusion import ClippedDenoiser
+    from ..guidance import ClassifierFreeGuidance
+    from ..samplers import get_sampler, sample
+    from ..training.checkpoint import resolve_checkpoint
+    from ..training.trainer import load_denoiser
+    from .classifier import file_sha256
+
+    info = get_sampler(sampler)
+    if n < 1:
+        raise ConfigError(f"the number of samples must be >= 1, got {n}")
+    ckpt = resolve_checkpoint(checkpoint)
+    weights = ckpt if ckpt.is_file() else ckpt / "ema.safetensors"
+    denoiser, config = load_denoiser(ckpt, device=device)
+    k = config["model"].get("num_classes", 0)
+    d = ClippedDenoiser(denoiser)
+    labels = None
+    if k:
+        labels = torch.arange(n) % k
+        if guidance is not None and guidance != 1.0:
+            d = ClassifierFreeGuidance(d, guidance, null_cond=k)
+    elif guidance is not None:
+        raise ConfigError("guidance needs a class-conditional checkpoint; this one is unconditional")
+    mc = config["model"]
+    out = []
+    t0 = time.perf_counter()
+    for i, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        cond = labels[start:start + b].to(device) if labels is not None else None
+        x = sample(d, denoiser.schedule, (b, mc["in_channels"], mc["image_size"], mc["image_size"]),
+                   sampler=sampler, steps=steps, spacing=spacing, cond=cond, seed=seed + i, device=device,
+                   progress=progress)
+        out.append(to_uint8(x).cpu())
+    wall = time.perf_counter() - t0
+    source = {"kind": "samples", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(weights),
+              "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": info.nfe(steps),
+              "spacing": spacing or info.default_spacing, "guidance": guidance, "seed": seed, "n": n,
+              "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
+              "classes": "balanced" if labels is not None else None}
+    return torch.cat(out), labels, source
+
+
+def sample_features(extractor: FeatureExtractor, checkpoint, n: int, device="cpu", **kw) -> FeatureSet:
+    images, labels, source = generate(checkpoint, n, device=device, **kw)
+    feats, logits = extractor(images, device=device, what="samples")
+    fs = FeatureSet(feats, logits, source, labels)
+    fs.extra["images"] = images
+    return fs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def score(extractor: FeatureExtractor, fake: FeatureSet, ref: FeatureSet,
+          metrics: tuple[str, ...] = ("fid", "kid", "is", "pr"), kid_subset: int = 1000, kid_subsets: int = 100,
+          pr_k: int = 3, pr_max: int = 10_000) -> dict:
+    """Every metric asked for, between generated ``fake`` and real ``ref`` features, with the full record."""
+    unknown = set(metrics) - {"fid", "kid", "is", "pr"}
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {sorted(unknown)}; choose from fid, kid, is, pr")
+    scores: dict = {}
+    if "fid" in metrics:
+        scores["fid"] = fid_from_stats(fake.gaussian("generated features"), ref.gaussian("reference features"))
+    if "kid" in metrics:
+        r = kernel_inception_distance(fake.features, ref.features, kid_subset, kid_subsets)
+        scores["kid"] = {"mean": r.mean, "std": r.std, "stderr": r.stderr, "subsets": r.subsets,
+                         "subset_size": r.subset_size}
+    if "is" in metrics and fake.logits is not None:
+        mean, std = inception_score(fake.logits, splits=min(10, fake.n))
+        scores["is"] = {"mean": mean, "std": std, "splits": min(10, fake.n)}
+    if "pr" in metrics:
+        scores["precision"], scores["recall"] = precision_recall(ref.features[:pr_max], fake.features[:pr_max],
+                                                                 pr_k)
+        scores["pr_k"], scores["pr_n"] = pr_k, min(pr_max, fake.n, ref.n)
+    if fake.labels is not None and fake.logits is not None and extractor.name == "kakusan-domain-classifier":
+        k = extractor.extra.get("num_classes")
+        if fake.logits.shape[1] == k and int(fake.labels.max()) < k:
+            from .classifier import per_class_accuracy
+
+            pred = fake.logits.argmax(1)
+            scores["class_agreement"] = float((pred == fake.labels).float().mean())
+            scores["per_class_agreement"] = per_class_accuracy(pred, fake.labels, k)
+    record = {"extractor": extractor.record, "reference": ref.source, "samples": fake.source,
+              "metrics": {"kid": {"kernel": "polynomial (x.y/d + 1)^3", "subset_size": kid_subset},
+                          "pr": {"k": pr_k, "method": "k-NN manifolds (Kynkaanniemi et al. 2019)"},
+                          "fid": {"method": "float64, eigenvalues of S1^1/2 S2 S1^1/2"}},
+              **environment()}
+    label = sample_count_label(fake.n, ref.n)
+    return {"format": 1, "scores": scores, "preliminary": label, "record": record}
+
+
+def format_scores(result: dict) -> str:
+    s = result["scores"]
+    parts = []
+    if "fid" in s:
+        parts.append(f"FID {s['fid']:.3f}")
+    if "kid" in s:
+        parts.append(f"KID {1e3 * s['kid']['mean']:.3f} +- {1e3 * s['kid']['stderr']:.3f} (x1e-3)")
+    if "is" in s:
+        parts.append(f"IS {s['is']['mean']:.3f} +- {s['is']['std']:.3f}")
+    if "precision" in s:
+        parts.append(f"precision {s['precision']:.3f} recall {s['recall']:.3f}")
+    if "class_agreement" in s:
+        parts.append(f"class agreement {100 * s['class_agreement']:.1f}%")
+    out = ", ".join(parts)
+    if result.get("preliminary"):
+        out += f"\n  [{result['preliminary']}]"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: list[str], steps: list[int],
+          guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
+          metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None) -> list[dict]:
+    """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time."""
+    from ..samplers import get_sampler
+
+    for s in samplers:
+        get_sampler(s)  # fail before any sampling
+    rows = []
+    for g in guidance:
+        for s in samplers:
+            for st in steps:
+                fake = sample_features(extractor, checkpoint, n, device=device, sampler=s, steps=st, guidance=g,
+                                       seed=seed, batch_size=batch_size)
+                res = score(extractor, fake, ref, metrics)
+                row = {"sampler": s, "steps": st, "nfe": fake.source["nfe"], "guidance": g,
+                       "sample_seconds": fake.source["sample_seconds"], **_flat(res["scores"]), "result": res}
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
+
+
+def _flat(scores: dict) -> dict:
+    out = {}
+    for k, v in scores.items():
+        if isinstance(v, dict):
+            out[k] = v["mean"]
+        elif not isinstance(v, list):
+            out[k] = v
+    return out
+
+
+def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
+    """Two panels: ``metric`` against model evaluations and against sampling wall time, a line per
+    (sampler, guidance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["sampler"], r["guidance"]), []).append(r)
+    for (s, g), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        label = s if g is None else f"{s}, w={g:g}"
+        axes[0].plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+        axes[1].plot([r["sample_seconds"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+    for ax, xl in zip(axes, ("model evaluations (NFE)", "sampling wall time (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(metric.upper())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    n = rows[0]["result"]["record"]["samples"]["n"] if rows and "result" in rows[0] else None
+    fig.suptitle(f"{metric.upper()} vs cost" + (f" ({n:,} samples per point)" if n else ""))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def nan_to_none(obj):
+    """JSON-safe copy: NaN/inf -> None, tensors dropped."""
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items() if not torch.is_tensor(v)}
+    if isinstance(obj, list):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

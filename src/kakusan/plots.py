@@ -1,0 +1,201 @@
+"""The pictures people look at (matplotlib, PNG): noise schedules, the forward process on a 1-D mixture, the
+timestep embedding, loss curves from a training log, and a denoising strip of one sample.
+
+    kakusan plot schedules | forward | embedding | loss --run DIR | trajectory --checkpoint CKPT
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+Tensor = torch.Tensor
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def plot_schedules(path: str | Path, names=("linear", "cosine", "quadratic", "sigmoid", "scaled-linear"),
+                   num_timesteps: int = 1000, zero_terminal_snr_of: str | None = "linear") -> Path:
+    """beta_t, alpha_bar_t and log-SNR lambda_t for several schedules (and one rescaled to zero terminal SNR)."""
+    from .schedules import ScheduleConfig, make_schedule
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    configs = [(n, ScheduleConfig(n, num_timesteps)) for n in names]
+    if zero_terminal_snr_of:
+        configs.append((f"{zero_terminal_snr_of} + zero terminal SNR",
+                        ScheduleConfig(zero_terminal_snr_of, num_timesteps, zero_terminal_snr=True)))
+    t = torch.arange(num_timesteps, dtype=torch.float64)
+    for label, cfg in configs:
+        s = make_schedule(cfg)
+        abar = s.alpha_bar_at(t)
+        axes[0].plot(t, s.betas, label=label)
+        axes[1].plot(t, abar, label=label)
+        lam = 0.5 * (torch.log(abar) - torch.log1p(-abar))
+        axes[2].plot(t, lam.clamp(min=-20), label=label)
+    axes[0].set(yscale="log", title=r"$\beta_t$", xlabel="t")
+    axes[1].set(title=r"$\bar\alpha_t$ (signal variance kept)", xlabel="t")
+    axes[2].set(title=r"log-SNR $\lambda_t = \log(\alpha_t/\sigma_t)$ (clipped at -20)", xlabel="t")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_forward(path: str | Path, schedule: str = "linear", ts=(0, 50, 100, 250, 500, 999), n: int = 50_000,
+                 seed: int = 0) -> Path:
+    """Histograms of x_t for a two-mode 1-D data distribution (modes at -1 and +1, std 0.1) at several t,
+    with the exact marginal density N-mixture(alpha_t * mu, alpha_t^2 s^2 + sigma_t^2) over them."""
+    from .diffusion import q_sample
+    from .schedules import make_schedule
+
+    plt = _plt()
+    s = make_schedule(schedule)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) + 0.1 * torch.randn(n, generator=g)
+    fig, axes = plt.subplots(1, len(ts), figsize=(3 * len(ts), 3), sharey=True)
+    grid = torch.linspace(-4, 4, 400)
+    for ax, t in zip(axes, ts):
+        a, sg = (float(v) for v in s.alpha_sigma(float(t)))
+        xt = q_sample(x0, torch.tensor(a), torch.tensor(sg), torch.randn(n, generator=g))
+        ax.hist(xt.numpy(), bins=120, range=(-4, 4), density=True, color="tab:blue", alpha=0.6)
+        var = a**2 * 0.01 + sg**2
+        dens = sum(0.5 * torch.exp(-(grid - a * m) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
+                   for m in (-1.0, 1.0))
+        ax.plot(grid, dens, "k-", lw=1)
+        ax.set_title(f"t = {t}\n" + rf"$\alpha_t$={a:.3f} $\sigma_t$={sg:.3f}", fontsize=9)
+    fig.suptitle(f"forward process q(x_t) on a two-mode mixture ({schedule} schedule); line = exact density")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_embedding(path: str | Path, dim: int = 128, num_timesteps: int = 1000) -> Path:
+    """The sinusoidal timestep embedding (what the U-Net receives) as a heatmap: t down, channel across."""
+    from .models.unet import timestep_embedding
+
+    plt = _plt()
+    emb = timestep_embedding(torch.arange(num_timesteps), dim)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    im = ax.imshow(emb.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set(xlabel=f"channel (first {dim // 2}: sin, last {dim // 2}: cos)", ylabel="timestep t",
+           title=f"sinusoidal timestep embedding, dim {dim}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise DataError(f"training log not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: line {i + 1} is not JSON (a truncated write?)") from None
+    if not any("loss" in r for r in rows):
+        raise DataError(f"{path}: no loss records")
+    return rows
+
+
+def plot_loss(log: str | Path, path: str | Path) -> Path:
+    """Loss (log scale, with a smoothed line) and throughput against step, from a run's log.jsonl."""
+    plt = _plt()
+    rows = [r for r in read_log(log) if "loss" in r and r["loss"] is not None and math.isfinite(r["loss"])]
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, loss, alpha=0.4, label="logged mean")
+    k = max(1, len(loss) // 30)
+    if k > 1 and len(loss) > k:
+        smooth = torch.tensor(loss).unfold(0, k, 1).mean(1).tolist()
+        axes[0].plot(steps[k - 1:], smooth, label=f"moving average ({k})")
+    axes[0].set(yscale="log", xlabel="step", ylabel="loss", title="training loss")
+    axes[0].legend()
+    ips = [(r["step"], r["images_per_s"]) for r in rows if "images_per_s" in r]
+    if ips:
+        axes[1].plot(*zip(*ips))
+    axes[1].set(xlabel="step", ylabel="images / s", title="throughput")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_trajectory(x_t: list[Tensor], x0_hat: list[Tensor], labels: list[str], path: str | Path) -> Path:
+    """Two rows: the state x_t and the predicted x0 after each shown step of one sample."""
+    from .data.datasets import to_uint8
+
+    plt = _plt()
+    n = len(x_t)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6))
+    axes = axes.reshape(2, n)
+    for j in range(n):
+        for row, img in ((0, x_t[j]), (1, x0_hat[j])):
+            u8 = to_uint8(img).permute(1, 2, 0).numpy()
+            axes[row, j].imshow(u8.squeeze(-1) if u8.shape[-1] == 1 else u8, cmap="gray", vmin=0, vmax=255)
+            axes[row, j].set_xticks([])
+            axes[row, j].set_yticks([])
+        axes[0, j].set_title(labels[j], fontsize=7)
+    axes[0, 0].set_ylabel(r"$x_t$")
+    axes[1, 0].set_ylabel(r"$\hat x_0$")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def trajectory(checkpoint: str | Path, path: str | Path, sampler: str = "ddim", steps: int = 20,
+               shown: int = 10, class_label: int | None = None, guidance: float | None = None,
+               seed: int = 0) -> Path:
+    """Sample one image from a checkpoint and plot x_t and x0_hat at ``shown`` evenly spaced steps."""
+    from .diffusion import ClippedDenoiser
+    from .errors import ConfigError
+    from .guidance import ClassifierFreeGuidance
+    from .samplers import sample
+    from .training.trainer import load_denoiser
+
+    denoiser, config = load_denoiser(checkpoint)
+    mc = config["model"]
+    k = mc.get("num_classes", 0)
+    d = ClippedDenoiser(denoiser)
+    cond = None
+    if k:
+        label = 0 if class_label is None else class_label
+        if not 0 <= label < k:
+            raise ConfigError(f"--class {label} is out of range: this model has classes 0..{k - 1}")
+        cond = torch.tensor([label])
+        if guidance is not None:
+            d = ClassifierFreeGuidance(d, guidance, null_cond=k)
+    elif class_label is not None or guidance is not None:
+        raise ConfigError("--class / --guidance need a class-conditional checkpoint; this one is unconditional")
+    rec: list[dict] = []
+    sample(d, denoiser.schedule, (1, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=sampler,
+           steps=steps, cond=cond, seed=seed, callback=lambda info: rec.append(
+               {"t": float(info["t"]), "x": info["x"][0].clone(), "x0_hat": info["x0_hat"][0].clone()}))
+    idx = sorted(set(torch.linspace(0, len(rec) - 1, min(shown, len(rec))).round().long().tolist()))
+    return plot_trajectory([rec[i]["x"] for i in idx], [rec[i]["x0_hat"] for i in idx],
+                           [f"step {i + 1}\nt={rec[i]['t']:.0f}" for i in idx], path)
