@@ -167,6 +167,23 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
     _one_line_error(kakusan("compare", a, b), "not comparable", "samples.n")
     assert kakusan("compare", a, a).returncode == 0
 
+    # a folder of images against cached reference statistics; stats from another extractor are refused
+    imgs, ref = tmp_path / "imgs", tmp_path / "ref.safetensors"
+    assert kakusan("sample", "--checkpoint", run, "--steps", "2", "-n", "40", "--out", "",
+                   "--out-dir", imgs).returncode == 0
+    r = kakusan("stats", "--data", "digits", "--extractor", f"classifier:{cls}", "--out", ref)
+    assert r.returncode == 0 and "1,797 feature vectors" in r.stdout, r.stderr
+    r = kakusan("eval", "--images", imgs, "--ref-stats", ref, "--extractor", f"classifier:{cls}", "--out", b)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(b.read_text())["record"]
+    assert rec["samples"]["kind"] == "folder" and rec["samples"]["n"] == 40 and len(rec["samples"]["images_sha256"]) == 64
+    assert rec["reference"]["stats_file"] == str(ref) and rec["reference"]["n"] == 1797
+    other = tmp_path / "other.safetensors"
+    assert kakusan("train-classifier", "--data", "digits", "--out", other, "--epochs", "1",
+                   "--widths", "8,16,24").returncode == 0
+    _one_line_error(kakusan("eval", "--images", imgs, "--ref-stats", ref, "--extractor", f"classifier:{other}"),
+                    "another feature extractor", "weights_sha256")
+
     out = tmp_path / "sweep"
     r = kakusan("sweep", "--checkpoint", run, "--samplers", "ddim,unipc-2", "--steps", "1,2", "-n", "40",
                 "--guidance", "none,2", "--out", out, "--extractor", f"classifier:{cls}", "--ref", "digits")

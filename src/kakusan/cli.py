@@ -264,16 +264,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .metrics.evaluate import folder_features, reference_features, write_stats
+    from .metrics.evaluate import reference_features, write_stats
     from .metrics.features import load_extractor
     from .training.trainer import resolve_device
 
     extractor = load_extractor(args.extractor, download=args.download)
     device = resolve_device(args.device)
-    if args.data.startswith("folder:") and args.as_is:
-        fs = folder_features(extractor, args.data.partition(":")[2], args.limit, device=device)
-    else:
-        fs = reference_features(extractor, args.data, args.split, args.limit, cache=False, device=device)
+    fs = reference_features(extractor, args.data, args.split, args.limit, cache=False, device=device)
     path = write_stats(extractor, fs, args.out)
     print(f"{fs.n:,} feature vectors ({extractor.feature_dim}-D, {extractor.name}) of {args.data} -> {path}")
     return 0
@@ -419,7 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int)
-    p.add_argument("--as-is", action="store_true", help="folder:DIR at its own size (no resize)")
     p.add_argument("--extractor", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--download", action="store_true")

@@ -62,14 +62,17 @@ def reference_features(extractor: FeatureExtractor, data: str, split: str = "tes
     path = cache_dir() / "stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
     if cache and path.is_file():
         return stats_features(path, extractor)
-    ds = load_dataset(data, split, limit=limit)
-    feats, logits = extractor(ds.images, device=device, what=f"{data} ({split})")
-    source = {"kind": "dataset", "data": data, "split": split, "n": len(ds), "images_sha256":
-              tensor_sha256(ds.images)}
+    if data.startswith("folder:"):  # a folder of real images is read at its own size, like generated ones
+        images, labels = read_image_folder(data.partition(":")[2], limit), None
+    else:
+        ds = load_dataset(data, split, limit=limit)
+        images, labels = ds.images, ds.labels
+    feats, logits = extractor(images, device=device, what=f"{data} ({split})")
+    source = {"kind": "dataset", "data": data, "split": split, "n": len(images),
+              "images_sha256": tensor_sha256(images)}
     if cache:
-        save_stats(path, feats, logits, {"extractor": extractor.record, "source": source, **environment()},
-                   ds.labels)
-    return FeatureSet(feats, logits, source, ds.labels)
+        save_stats(path, feats, logits, {"extractor": extractor.record, "source": source, **environment()}, labels)
+    return FeatureSet(feats, logits, source, labels)
 
 
 def stats_features(path: str | Path, extractor: FeatureExtractor) -> FeatureSet:
