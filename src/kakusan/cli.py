@@ -82,11 +82,16 @@ def cmd_train(args) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     trainer = Trainer(cfg)
-    if args.resume:
-        trainer.resume()
-        print(f"resumed at step {trainer.step}", file=sys.stderr)
-    ckpt = trainer.fit()
-    print(f"checkpoint: {ckpt}\nlog: {Path(cfg.out) / 'log.jsonl'}\nsamples: {Path(cfg.out) / 'samples'}")
+    try:
+        if args.resume:
+            trainer.resume()
+            if trainer.dist.is_main:
+                print(f"resumed at step {trainer.step}", file=sys.stderr)
+        ckpt = trainer.fit()
+    finally:
+        trainer.dist.shutdown()
+    if trainer.dist.is_main:
+        print(f"checkpoint: {ckpt}\nlog: {Path(cfg.out) / 'log.jsonl'}\nsamples: {Path(cfg.out) / 'samples'}")
     return 0
 
 

@@ -167,13 +167,18 @@ class Denoiser(nn.Module):
         out = self.raw(x_t, t, cond).to(x_t.dtype)
         return x0_from_prediction(self.prediction, out, x_t, alpha.to(x_t.device), sigma.to(x_t.device))
 
-    def loss(self, x0: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample weighted MSE for uniformly drawn t in {0..T-1} (DDPM Alg. 1); shape (B,)."""
-        B = x0.shape[0]
-        T = self.schedule.num_timesteps
+    def draw_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The training noise for a batch: t uniform in {0..T-1} (float64, CPU) and eps ~ N(0, I)."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).cpu().to(torch.float64)
-        eps = randn(x0.shape, generator, x0.device, x0.dtype)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
+                          device=gen_device).cpu().to(torch.float64)
+        return t, randn(x0.shape, generator, x0.device, x0.dtype)
+
+    def loss(self, x0: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None,
+             noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Per-sample weighted MSE for uniformly drawn t in {0..T-1} (DDPM Alg. 1); shape (B,). ``noise``:
+        a (t, eps) pair drawn beforehand (e.g. by :meth:`draw_noise` for a global batch, then sliced)."""
+        t, eps = noise if noise is not None else self.draw_noise(x0, generator)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = q_sample(x0, alpha.to(x0.device), sigma.to(x0.device), eps)
         target = prediction_target(self.prediction, x0, eps, alpha.to(x0.device), sigma.to(x0.device))

@@ -29,6 +29,7 @@ from ..samplers import sample
 from ..schedules import ScheduleConfig, make_schedule
 from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
                          unflatten_optimizer_state)
+from .distributed import DistInfo
 from .ema import EMA
 
 
@@ -183,7 +184,12 @@ class NonFiniteLoss(KakusanError):
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: ImageDataset | None = None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = DistInfo.from_env()
+        if self.dist.world > 1 and cfg.batch_size % self.dist.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly over "
+                              f"{self.dist.world} processes")
+        self.device = self.dist.device(cfg.device)
+        self.dist.init_process_group(self.device)
         self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                                          download_if_missing=cfg.download, limit=cfg.limit)
         self.model_cfg = build_model_config(cfg, self.data)
@@ -192,6 +198,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = UNet(self.model_cfg).to(self.device)
         self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
+        # under torchrun the training forward goes through DDP (gradients averaged over the processes)
+        self.train_denoiser = self.denoiser if self.dist.world == 1 else Denoiser(
+            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                      if self.device.type == "cuda" else None),
+            self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
@@ -214,8 +225,12 @@ class Trainer:
         return s
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
-                               self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every)
+        path = self.out / "checkpoints" / f"step-{self.step:08d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
+                                   self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every)
+        self.dist.barrier()
+        return path
 
     def resume(self, path: str | Path | None = None) -> None:
         ckpt = resolve_checkpoint(path or self.out)
@@ -239,6 +254,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def get_batch(self, step: int):
+        """The global batch of ``step`` (a pure function of seed and step) with its random flips, label
+        dropout and training noise, all drawn for the whole batch; each process keeps its own slice, so N
+        processes see exactly the examples and noise of one process with the same global batch."""
         idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
         x0 = self.images[idx].to(self.device, non_blocking=True)
         if self.cfg.hflip:
@@ -249,21 +267,23 @@ class Trainer:
             cond = self.labels[idx].to(self.device)
             drop = torch.rand(len(idx), generator=self.generator, device=self.device) < self.cfg.label_dropout
             cond = torch.where(drop, torch.full_like(cond, self.model_cfg.num_classes), cond)
-        return x0, cond
+        t, eps = self.denoiser.draw_noise(x0, self.generator)
+        mine = self.dist.slice(len(idx))
+        return x0[mine], None if cond is None else cond[mine], (t[mine], eps[mine])
 
     def train_step(self) -> float:
         cfg = self.cfg
         self.model.train()
-        x0, cond = self.get_batch(self.step)
+        x0, cond, noise = self.get_batch(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, self.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.denoiser.loss(x0, cond, generator=self.generator).mean()
+            loss = self.train_denoiser.loss(x0, cond, noise=noise).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        loss_value = loss.item()
+        loss_value = self.dist.mean(loss.detach())  # the global batch's loss, the same on every process
         if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
             self.skipped_steps += 1
             if cfg.nan_policy == "stop" or self.skipped_steps >= 20:
@@ -295,12 +315,14 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> Path:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
-        log = open(self.out / "log.jsonl", "a")
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+        log = open(self.out / "log.jsonl", "a") if main else None
         # disable=None: tqdm turns itself off when the output is not a terminal (logs stay clean)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=None if cfg.progress else True,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
+                   disable=None if cfg.progress and main else True, dynamic_ncols=True)
         losses, t_last, step_last = [], time.perf_counter(), self.step
         t_start = time.perf_counter()
         ckpt = None
@@ -308,31 +330,36 @@ class Trainer:
             while self.step < cfg.steps:
                 losses.append(self.train_step())
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     now = time.perf_counter()
                     finite = [v for v in losses if math.isfinite(v)]
                     rec = {"step": self.step, "loss": sum(finite) / max(1, len(finite)),
                            "lr": lr_at(cfg, self.step - 1),
                            "images_per_s": (self.step - step_last) * cfg.batch_size / (now - t_last),
                            "elapsed_s": now - t_start, "skipped_steps": self.skipped_steps}
+                    if self.dist.world > 1:
+                        rec["processes"] = self.dist.world
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     losses, t_last, step_last = [], now, self.step
-                last = self.step == cfg.steps or (
+                last = self.step == cfg.steps or self.dist.any(
                     cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes)
-                if self.step % cfg.sample_every == 0 or last:
+                if main and (self.step % cfg.sample_every == 0 or last):
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
                     if self.step >= cfg.log_every:
                         plot_loss(self.out / "log.jsonl", self.out / "loss.png")
                 if self.step % cfg.checkpoint_every == 0 or last:
                     ckpt = self.save()
                 if last and self.step < cfg.steps:
-                    print(f"stopping at step {self.step}: the {cfg.max_minutes} minute budget is spent", flush=True)
+                    if main:
+                        print(f"stopping at step {self.step}: the {cfg.max_minutes} minute budget is spent",
+                              flush=True)
                     break
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
         return ckpt or resolve_checkpoint(self.out)
 
 
