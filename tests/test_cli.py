@@ -54,6 +54,11 @@ def test_train_then_sample_from_the_checkpoint_alone(tmp_path):
     r = kakusan("sample", "--checkpoint", run, "--sampler", "ddpm", "--steps", "2", "-n", "2", "--out", grid)
     assert r.returncode == 0, r.stderr
     _one_line_error(kakusan("sample", "--checkpoint", run, "--class", "12", "--steps", "2"), "out of range")
+    r = kakusan("sample", "--checkpoint", run, "--steps", "3", "-n", "4", "--guidance", "3", "--negative-class", "1",
+                "--guidance-rescale", "0.7", "--guidance-interval", "0.3,8", "--out", grid)
+    assert r.returncode == 0, r.stderr
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--guidance", "2", "--negative-class", "12"), "out of range")
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--negative-class", "1"), "need --guidance")
     _one_line_error(kakusan("sample", "--checkpoint", run, "--steps", "-3"), "positive")
     uncond = tmp_path / "uncond"
     assert kakusan("train", "--preset", "unet-tiny", "--steps", "2", "--batch-size", "4", "--limit", "16",

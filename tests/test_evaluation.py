@@ -186,12 +186,13 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
 
     out = tmp_path / "sweep"
     r = kakusan("sweep", "--checkpoint", run, "--samplers", "ddim,unipc-2", "--steps", "1,2", "-n", "40",
-                "--guidance", "none,2", "--out", out, "--extractor", f"classifier:{cls}", "--ref", "digits")
+                "--guidance", "none,2", "--out", out, "--extractor", f"classifier:{cls}", "--ref", "digits", "--grids")
     assert r.returncode == 0, r.stderr
     rows = json.loads((out / "sweep.json").read_text())
     assert len(rows) == 8 and {(x["sampler"], x["steps"], x["guidance"]) for x in rows} >= {("ddim", 1, None)}
     assert all(x["fid"] > 0 and x["sample_seconds"] > 0 for x in rows)
     assert Image.open(out / "sweep.png").size[0] > 500
+    assert len(list((out / "grids").glob("*.png"))) == 8 and (out / "grids" / "unipc-2-2-w2.png").is_file()
 
     for what, extra in (("schedules", []), ("forward", []), ("embedding", []), ("loss", ["--run", run]),
                         ("trajectory", ["--checkpoint", run, "--steps", "3", "--class", "4"])):
@@ -209,3 +210,25 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
                             "--ref-stats", tmp_path / "nope.safetensors"), "not found")
     _one_line_error(kakusan("plot", "loss", "--run", tmp_path / "empty"), "not found")
     _one_line_error(kakusan("plot", "trajectory", "--checkpoint", run, "--class", "11"), "out of range")
+
+
+# ---- the shipped domain classifiers, re-measured on the real test splits --------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, data, floor", [("mnist", "mnist:{}/mnist", 0.99),
+                                               ("fashion-mnist", "fashion-mnist", 0.90),
+                                               ("cifar10", "cifar10:{}/cifar10-jpeg/cifar10-jpeg.tar.gz", 0.85)])
+def test_shipped_classifiers_reach_their_accuracy(name, data, floor, shared_data):
+    from pathlib import Path
+
+    from kakusan.data import load_dataset
+    from kakusan.metrics.classifier import predict
+
+    path = Path(__file__).resolve().parents[1] / "weights" / f"classifier-{name}.safetensors"
+    model, report = load_classifier(path)
+    try:
+        test = load_dataset(data.format(shared_data), "test")
+    except DataError as e:
+        pytest.skip(str(e))
+    acc = float((predict(model, test.images).argmax(1) == test.labels).float().mean())
+    assert acc >= floor and acc == pytest.approx(report["test_accuracy"], abs=1e-4)

@@ -131,7 +131,13 @@ def cmd_sample(args) -> int:
     if args.guidance is not None:
         if not k:
             raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")
-        d = ClassifierFreeGuidance(d, args.guidance, null_cond=k)
+        if args.negative_class is not None and not 0 <= args.negative_class < k:
+            raise ConfigError(f"--negative-class {args.negative_class} is out of range: classes are 0..{k - 1}")
+        d = ClassifierFreeGuidance(d, args.guidance, null_cond=k, negative=args.negative_class,
+                                   rescale=args.guidance_rescale, interval=args.guidance_interval,
+                                   schedule=denoiser.schedule)
+    elif args.negative_class is not None or args.guidance_rescale or args.guidance_interval:
+        raise ConfigError("--negative-class / --guidance-rescale / --guidance-interval need --guidance W")
     mc = config["model"]
     shape = (args.n, mc["in_channels"], mc["image_size"], mc["image_size"])
     options = {"eta": args.eta} if args.eta is not None else {}
@@ -318,7 +324,8 @@ def cmd_sweep(args) -> int:
               f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}", flush=True)
 
     rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
-                 device=args.device_resolved, batch_size=args.batch_size, on_row=show)
+                 device=args.device_resolved, batch_size=args.batch_size, on_row=show,
+                 grid_dir=out / "grids" if args.grids else None)
     (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
     png = plot_sweep(rows, out / "sweep.png")
     label = rows[0]["result"]["preliminary"]
@@ -376,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", type=int, help="class index (class-conditional models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class-conditional models)")
+    p.add_argument("--negative-class", type=int, help="guide away from this class (replaces the null label)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024)")
+    p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
     p.add_argument("--out", default="samples.png", help="grid PNG path ('' for none)")
     p.add_argument("--nrow", type=int, help="images per grid row")
     p.add_argument("--out-dir", help="also write one PNG per sample here")
@@ -440,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=_guidance_list, default=[None], help="e.g. 1,2,3 (none: no guidance)")
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json and sweep.png")
+    p.add_argument("--grids", action="store_true", help="also save a grid of the first 40 samples of each point")
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -10,21 +10,52 @@ from .errors import ConfigError
 
 class ClassifierFreeGuidance(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), in x0 space, one batched forward pass:
-        D~(x, t, c) = D(x, t, null) + w (D(x, t, c) - D(x, t, null)).
-    For a fixed (alpha_t, sigma_t) this equals guiding eps (or v), since each is affine in x0_hat.
-    w = 1 is the conditional model, w = 0 the unconditional one. ``negative`` replaces the null condition."""
+        D~(x, t, c) = D(x, t, n) + w (D(x, t, c) - D(x, t, n)),
+    with n the null condition, or a ``negative`` one (a negative class / prompt) in its place. For a fixed
+    (alpha_t, sigma_t) this equals guiding eps (or v), since each is affine in x0_hat. w = 1 is the conditional
+    model, w = 0 the unconditional one.
 
-    def __init__(self, denoiser: nn.Module, scale: float, null_cond: torch.Tensor | int):
+    Options (both need ``schedule``, the denoiser's noise schedule):
+    - ``rescale`` = phi in [0, 1] (Lin et al. 2024, eq. 15-16, diffusers' ``guidance_rescale``): the guided
+      eps is scaled to the per-sample standard deviation of the conditional eps, mixed with weight phi;
+    - ``interval`` = (lo, hi): guide only where lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al. 2024); outside
+      it the conditional model alone is used."""
+
+    def __init__(self, denoiser: nn.Module, scale: float, null_cond: torch.Tensor | int,
+                 negative: torch.Tensor | int | None = None, rescale: float = 0.0,
+                 interval: tuple[float, float] | None = None, schedule=None):
         super().__init__()
+        if not 0.0 <= rescale <= 1.0:
+            raise ConfigError(f"guidance rescale must lie in [0, 1], got {rescale}")
+        if interval is not None and not (0 <= interval[0] < interval[1]):
+            raise ConfigError(f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
+        if (rescale > 0 or interval is not None) and schedule is None:
+            raise ConfigError("guidance rescale / interval need the noise schedule")
         self.denoiser, self.scale, self.null_cond = denoiser, float(scale), null_cond
+        self.negative, self.rescale, self.interval, self.schedule = negative, float(rescale), interval, schedule
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:
             raise ConfigError("classifier-free guidance needs a condition (e.g. class labels)")
-        if self.scale == 1.0:
+        if self.scale == 1.0 and self.rescale == 0.0:
             return self.denoiser(x_t, t, cond)
-        null = torch.as_tensor(self.null_cond, device=cond.device, dtype=cond.dtype).expand_as(cond)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
-        x0_cond, x0_null = both.chunk(2)
-        return x0_null + self.scale * (x0_cond - x0_null)
+        if self.interval is not None:
+            sigma_tilde = float(self.schedule.sigma_tilde_at(t[:1].double().cpu())[0])
+            if not self.interval[0] < sigma_tilde <= self.interval[1]:
+                return self.denoiser(x_t, t, cond)
+        other = self.null_cond if self.negative is None else self.negative
+        other = torch.as_tensor(other, device=cond.device, dtype=cond.dtype).expand_as(cond)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, other]))
+        x0_cond, x0_other = both.chunk(2)
+        guided = x0_other + self.scale * (x0_cond - x0_other)
+        if self.rescale > 0:
+            alpha, sigma = (v.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+                            for v in self.schedule.alpha_sigma(t.double().cpu()))
+            if (alpha > 0).all():
+                dims = tuple(range(1, x_t.ndim))
+                eps_cond, eps_cfg = (x_t - alpha * x0_cond) / sigma, (x_t - alpha * guided) / sigma
+                factor = eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True).clamp_min(1e-12)
+                eps = eps_cfg * (self.rescale * factor + (1 - self.rescale))
+                guided = (x_t - sigma * eps) / alpha
+        return guided

@@ -254,8 +254,10 @@ def format_scores(result: dict) -> str:
 
 def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: list[str], steps: list[int],
           guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
-          metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None) -> list[dict]:
-    """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time."""
+          metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None, grid_dir: str | Path | None = None,
+          grid_n: int = 40) -> list[dict]:
+    """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
+    ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there."""
     from ..samplers import get_sampler
 
     for s in samplers:
@@ -267,6 +269,13 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
                 fake = sample_features(extractor, checkpoint, n, device=device, sampler=s, steps=st, guidance=g,
                                        seed=seed, batch_size=batch_size)
                 res = score(extractor, fake, ref, metrics)
+                if grid_dir is not None:
+                    from ..data.datasets import to_model_range
+                    from ..images import save_grid
+
+                    k = extractor.extra.get("num_classes") if fake.labels is not None else None
+                    name = f"{s}-{st}" + ("" if g is None else f"-w{g:g}") + ".png"
+                    save_grid(to_model_range(fake.extra["images"][:grid_n]), Path(grid_dir) / name, nrow=k)
                 row = {"sampler": s, "steps": st, "nfe": fake.source["nfe"], "guidance": g,
                        "sample_seconds": fake.source["sample_seconds"], **_flat(res["scores"]), "result": res}
                 rows.append(row)
