@@ -153,6 +153,17 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
                 "--batch-size", "64")
     assert r.returncode == 0 and "test accuracy" in r.stdout, r.stderr
     common = ["--extractor", f"classifier:{cls}", "--ref", "digits", "--steps", "2"]
+
+    # classifier guidance with a noise-aware classifier of the model's schedule (cosine)
+    noisy = tmp_path / "noisy.safetensors"
+    r = kakusan("train-classifier", "--data", "digits", "--out", noisy, "--epochs", "1", "--widths", "8,16,24",
+                "--noisy", "cosine")
+    assert r.returncode == 0 and "at t = 500" in r.stdout, r.stderr
+    r = kakusan("sample", "--checkpoint", run, "--classifier", noisy, "--classifier-scale", "2", "--class", "3",
+                "-n", "4", "--steps", "3", "--out", tmp_path / "cg.png")
+    assert r.returncode == 0, r.stderr
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--classifier", cls, "--steps", "2"), "--noisy")
+    _one_line_error(kakusan("sample", "--checkpoint", run, "--classifier", noisy, "--guidance", "2"), "choose one")
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     r = kakusan("eval", "--checkpoint", run, "-n", "40", "--guidance", "2", "--out", a, *common)
     assert r.returncode == 0, r.stderr

@@ -70,3 +70,33 @@ def test_guidance_interval():
     assert float(s.sigma_tilde_at(50.0)) < 0.5 < float(s.sigma_tilde_at(300.0)) <= 5 < float(s.sigma_tilde_at(900.0))
     with pytest.raises(ConfigError, match="lo < hi"):
         ClassifierFreeGuidance(toy, 3.0, 0, interval=(2.0, 1.0), schedule=s)
+
+
+def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional_denoiser():
+    from kakusan.guidance import ClassifierGuidance
+    from kakusan.testing import GaussianMixture, MixtureClassifier, MixtureDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    mix = GaussianMixture(torch.randn(3, 8, generator=g, dtype=torch.float64) * 2, torch.tensor([0.3, 0.5, 0.2]))
+    s = make_schedule("cosine")
+    guided = ClassifierGuidance(MixtureDenoiser(mix, s), MixtureClassifier(mix, s), 1.0, s)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for t in (100.0, 500.0, 900.0):
+        a, sg = (float(v) for v in s.alpha_sigma(t))
+        mu, sd = mix.means[y], mix.stds[y, None]
+        v = a**2 * sd**2 + sg**2
+        exact = mu + a * sd**2 / v * (x - a * mu)  # E[x0 | x_t, y]: one Gaussian component
+        torch.testing.assert_close(guided(x, torch.tensor(t), y), exact, rtol=1e-8, atol=1e-8)
+    # s = 0 is the unconditional denoiser; larger s moves further towards the class
+    t = torch.tensor(500.0)
+    torch.testing.assert_close(ClassifierGuidance(MixtureDenoiser(mix, s), MixtureClassifier(mix, s), 0.0, s)(x, t, y),
+                               MixtureDenoiser(mix, s)(x, t))
+    strong = ClassifierGuidance(MixtureDenoiser(mix, s), MixtureClassifier(mix, s), 3.0, s)
+    cls = MixtureClassifier(mix, s)
+    a, sg = (float(v) for v in s.alpha_sigma(500.0))
+    p1 = cls(a * guided(x, t, y), t).gather(1, y[:, None]).mean()
+    p3 = cls(a * strong(x, t, y), t).gather(1, y[:, None]).mean()
+    assert p3 > p1
+    with pytest.raises(ConfigError, match="target class"):
+        guided(x, t, None)

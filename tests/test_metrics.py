@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from kakusan.errors import CheckpointError, ConfigError, DataError
+from kakusan.errors import DataError
 from kakusan.metrics import (GaussianStats, fid_from_stats, frechet_distance, inception_score,
                              kernel_inception_distance, precision_recall)
 from kakusan.metrics.stats import _mmd2_unbiased

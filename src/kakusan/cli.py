@@ -115,9 +115,27 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device)
     classes = config["data"].get("class_names") or []
-    k = config["model"].get("num_classes", 0)
+    model_k = k = config["model"].get("num_classes", 0)
     cond = None
-    d = denoiser if args.no_clip else ClippedDenoiser(denoiser)
+    base = denoiser
+    if args.classifier:
+        if args.guidance is not None:
+            raise ConfigError("choose one of --guidance (classifier-free) and --classifier (classifier guidance)")
+        from .guidance import ClassifierGuidance
+        from .metrics.classifier import load_classifier
+
+        clf, _ = load_classifier(args.classifier)
+        if clf.cfg.schedule is None or clf.cfg.schedule != config["schedule"]:
+            raise ConfigError(f"{args.classifier}: classifier guidance needs a classifier trained on noisy images of "
+                              f"this model's schedule ({config['schedule']['name']}; train-classifier --noisy), "
+                              f"this one has {clf.cfg.schedule}")
+        if k and clf.cfg.num_classes != k:
+            raise ConfigError(f"the classifier has {clf.cfg.num_classes} classes, the model {k}")
+        k = clf.cfg.num_classes
+        classes = classes or clf.cfg.class_names
+        base = ClassifierGuidance(denoiser, clf.to(device).eval(), args.classifier_scale, denoiser.schedule,
+                                  pass_cond=bool(model_k))
+    d = base if args.no_clip else ClippedDenoiser(base)
     if args.class_label is not None:
         if not k:
             raise ConfigError("--class given, but this checkpoint is unconditional (trained without --cond class)")
@@ -212,11 +230,13 @@ def cmd_train_classifier(args) -> int:
     from .metrics.classifier import train_classifier
 
     r = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         widths=tuple(args.widths), seed=args.seed, augment=args.augment, limit=args.limit)
+                         widths=tuple(args.widths), seed=args.seed, augment=args.augment, limit=args.limit,
+                         noisy_schedule=args.noisy)
     worst = min(range(len(r["per_class_accuracy"])), key=lambda k: r["per_class_accuracy"][k])
     print(f"{args.data}: test accuracy {100 * r['test_accuracy']:.2f}% on {r['test_size']:,} images "
           f"(worst class {worst}: {100 * r['per_class_accuracy'][worst]:.1f}%), trained in {r['train_seconds']:.0f} s"
-          f"\nclassifier: {r['path']}\nsha256: {r['sha256']}")
+          + "".join(f"\nat t = {t}: {100 * a:.1f}%" for t, a in r["noisy_test_accuracy"].items())
+          + f"\nclassifier: {r['path']}\nsha256: {r['sha256']}")
     return 0
 
 
@@ -386,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-class", type=int, help="guide away from this class (replaces the null label)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024)")
     p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
+    p.add_argument("--classifier", help="classifier guidance with this noise-aware classifier (train-classifier --noisy)")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s (default 1)")
     p.add_argument("--out", default="samples.png", help="grid PNG path ('' for none)")
     p.add_argument("--nrow", type=int, help="images per grid row")
     p.add_argument("--out-dir", help="also write one PNG per sample here")
@@ -412,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="auto", help="auto | none | crop | crop-flip")
     p.add_argument("--limit", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noisy", metavar="SCHEDULE", help="train on noisy x_t of this schedule, with t as input "
+                                                       "(for classifier guidance; e.g. cosine)")
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("eval", help="FID / KID / IS / precision-recall of a checkpoint's samples or an image folder")

@@ -59,3 +59,34 @@ class ClassifierFreeGuidance(nn.Module):
                 eps = eps_cfg * (self.rescale * factor + (1 - self.rescale))
                 guided = (x_t - sigma * eps) / alpha
         return guided
+
+
+class ClassifierGuidance(nn.Module):
+    """Classifier guidance (Dhariwal & Nichol 2021) in x0 space, for any differentiable ``classifier(x_t, t) ->
+    logits`` that knows the noise level (a noisy classifier, or a CLIP-style score of x_t):
+        D~(x, t, y) = D(x, t) + s * sigma_t^2 / alpha_t * grad_x log p(y | x, t).
+    With s = 1 and the exact classifier this is exactly E[x0 | x_t, y] (Tweedie's formula applied to
+    log p(x_t | y) = log p(x_t) + log p(y | x_t)). ``pass_cond`` also hands y to the denoiser (a class-conditional
+    model); otherwise the denoiser is called unconditionally. Where alpha_t = 0 (zero terminal SNR) there is
+    no signal to guide and D is returned unchanged."""
+
+    def __init__(self, denoiser: nn.Module, classifier: nn.Module, scale: float, schedule, pass_cond: bool = False):
+        super().__init__()
+        self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
+        self.schedule, self.pass_cond = schedule, pass_cond
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None:
+            raise ConfigError("classifier guidance needs the target class of every sample")
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        x0 = self.denoiser(x_t, t, cond if self.pass_cond else None)
+        alpha, sigma = (v.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+                        for v in self.schedule.alpha_sigma(t.double().cpu()))
+        if self.scale == 0 or not (alpha > 0).all():
+            return x0
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            logp = torch.log_softmax(self.classifier(x, t), dim=-1)
+            picked = logp.gather(1, cond.view(-1, 1).long()).sum()
+            (grad,) = torch.autograd.grad(picked, x)
+        return x0 + self.scale * sigma**2 / alpha * grad.to(x0.dtype)

@@ -41,11 +41,19 @@ class GaussianMixture:
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
         v = a**2 * self.stds[None, :, None] ** 2 + s**2  # (B|1, K, 1)
         diff = x[:, None, :] - a * self.means[None]  # (B, K, D)
-        logp = (torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / v[..., 0]
-                - 0.5 * self.dim * torch.log(2 * math.pi * v[..., 0]))  # (B, K)
-        r = torch.softmax(logp, dim=1)
+        r = self.log_posterior(x_t, alpha, sigma).exp()
         x0_k = self.means[None] + a * self.stds[None, :, None] ** 2 / v * diff  # (B, K, D)
         return (r[..., None] * x0_k).sum(1).reshape(shape).to(dtype)
+
+    def log_posterior(self, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """log p(k | x_t), (B, K), float64, differentiable in x_t: the exact noise-level-aware classifier."""
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
+        v = (a**2 * self.stds[None, :, None] ** 2 + s**2)[..., 0]  # (B|1, K)
+        diff = x[:, None, :] - a * self.means[None]
+        logp = torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / v - 0.5 * self.dim * torch.log(2 * math.pi * v)
+        return torch.log_softmax(logp, dim=1)
 
 
 class MixtureDenoiser(torch.nn.Module):
@@ -99,3 +107,15 @@ def exact_endpoint(mixture: GaussianMixture, x_start: torch.Tensor, alpha_start:
     xt_end = torch.from_numpy(sol.y[:, -1]).reshape(x.shape)
     a_end = 1.0 / math.sqrt(1.0 + st1 * st1)
     return mixture.denoise(xt_end * a_end, a_end, st1 * a_end).reshape(shape)
+
+
+class MixtureClassifier(torch.nn.Module):
+    """The mixture's exact noisy classifier: (x_t, t) -> log p(k | x_t) as logits, for classifier guidance tests."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: Schedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64).reshape(-1))
+        return self.mixture.log_posterior(x_t, alpha, sigma)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 Tensor = torch.Tensor
 KIND = "kakusan-domain-classifier"
@@ -39,6 +39,7 @@ class ClassifierConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     data: str = ""  # the data set spec it was trained on
     class_names: list[str] = field(default_factory=list)
+    schedule: dict | None = None  # a ScheduleConfig: trained on x_t of this schedule (for classifier guidance)
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
@@ -88,12 +89,26 @@ class DomainClassifier(nn.Module):
         self.stem = _conv_bn(cfg.in_channels, w1)
         self.stages = nn.Sequential(_Stage(w1, w1), _Stage(w1, w2), _Stage(w2, w3))
         self.head = nn.Linear(w3, cfg.num_classes)
+        if cfg.schedule is not None:  # noise-level aware: a time embedding added after the stem and each stage
+            self.t_embed = nn.Sequential(nn.Linear(64, 128), nn.SiLU())
+            self.t_proj = nn.ModuleList(nn.Linear(128, w) for w in (w1, w1, w2, w3))
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x)).amax(dim=(2, 3))
+    def features(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        h = self.stem(x)
+        if self.cfg.schedule is None:
+            return self.stages(h).amax(dim=(2, 3))
+        from ..models.unet import timestep_embedding
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        t = torch.zeros(len(x), device=x.device) if t is None else torch.as_tensor(t, device=x.device).expand(len(x))
+        e = self.t_embed(timestep_embedding(t, 64))
+        h = h + self.t_proj[0](e)[:, :, None, None]
+        for stage, proj in zip(self.stages, self.t_proj[1:]):
+            h = stage(h) + proj(e)[:, :, None, None]
+        return h.amax(dim=(2, 3))
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """Logits; ``t`` (the schedule's timestep, default 0 = clean) for a noise-level-aware classifier."""
+        return self.head(self.features(x, t))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,10 +151,13 @@ def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int) -> list[f
 
 def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size: int = 256, lr: float = 0.2,
                      widths: tuple[int, ...] = (32, 64, 128), seed: int = 0, augment: str = "auto",
-                     label_smoothing: float = 0.1, limit: int | None = None, progress: bool = True) -> dict:
+                     label_smoothing: float = 0.1, limit: int | None = None, progress: bool = True,
+                     noisy_schedule: str | None = None) -> dict:
     """Train a :class:`DomainClassifier` on ``data``'s train split, evaluate it on the test split, and write
     ``out`` (a .safetensors file). SGD with Nesterov momentum, a one-cycle learning rate, label smoothing;
-    ``augment``: ``auto`` (translation by 2 px; plus flips for colour data), ``none``, ``crop``, ``crop-flip``."""
+    ``augment``: ``auto`` (translation by 2 px; plus flips for colour data), ``none``, ``crop``, ``crop-flip``.
+    ``noisy_schedule`` (a schedule name): train on x_t = alpha_t x + sigma_t eps at uniform t, with t as an input,
+    for classifier guidance; the report then has the accuracy at several t too."""
     from ..data import load_dataset
 
     train = load_dataset(data, "train", limit=limit)
@@ -151,8 +169,14 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
         augment = "crop-flip" if c == 3 else "crop"
     if augment not in ("none", "crop", "crop-flip"):
         raise ConfigError(f"unknown augment {augment!r}; choose auto, none, crop or crop-flip")
+    schedule = None
+    if noisy_schedule:
+        from ..schedules import make_schedule
+
+        schedule = make_schedule(noisy_schedule)
     cfg = ClassifierConfig(in_channels=c, image_size=h, num_classes=train.num_classes, widths=widths, data=data,
-                           class_names=list(train.class_names))
+                           class_names=list(train.class_names),
+                           schedule=schedule.config.to_dict() if schedule is not None else None)
     torch.manual_seed(seed)
     model = DomainClassifier(cfg).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -175,7 +199,12 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
             x = images[idx]
             if augment != "none":
                 x = random_crop_flip(x, 2 if augment == "crop" else 4, augment == "crop-flip", gen)
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), train.labels[idx],
+            t = None
+            if schedule is not None:
+                t = torch.randint(0, schedule.num_timesteps, (len(x),), generator=gen).double()
+                alpha, sigma = (v.float().view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
+                x = alpha * x + sigma * torch.randn(x.shape, generator=gen)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last), t), train.labels[idx],
                                    label_smoothing=label_smoothing)
             if not math.isfinite(loss.item()):
                 raise ConfigError(f"classifier training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
@@ -189,9 +218,21 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
     train_s = time.perf_counter() - t0
     pred = predict(model, test.images).argmax(1)
     acc = float((pred == test.labels).float().mean())
-    report = {"data": data, "test_accuracy": acc, "per_class_accuracy": per_class_accuracy(pred, test.labels,
-              cfg.num_classes), "test_size": len(test), "train_size": len(train), "epochs": epochs,
-              "batch_size": batch_size, "lr": lr, "augment": augment, "seed": seed, "train_seconds": train_s}
+    noisy_acc = {}
+    if schedule is not None:
+        g = torch.Generator().manual_seed(seed + 1)
+        model.eval()
+        for t_eval in (250, 500, 750):
+            alpha, sigma = (float(v) for v in schedule.alpha_sigma(float(t_eval)))
+            with torch.no_grad():
+                logits = torch.cat([model(alpha * to_unit(test.images[i:i + 500]) + sigma * torch.randn(
+                    test.images[i:i + 500].shape, generator=g), torch.tensor(float(t_eval)))
+                    for i in range(0, len(test), 500)])
+            noisy_acc[str(t_eval)] = float((logits.argmax(1) == test.labels).float().mean())
+    report = {"data": data, "test_accuracy": acc, "noisy_test_accuracy": noisy_acc,
+              "per_class_accuracy": per_class_accuracy(pred, test.labels, cfg.num_classes), "test_size": len(test),
+              "train_size": len(train), "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
+              "seed": seed, "train_seconds": train_s}
     path = save_classifier(model, out, report)
     report["path"] = str(path)
     report["sha256"] = file_sha256(path)
@@ -220,20 +261,9 @@ def save_classifier(model: DomainClassifier, path: str | Path, report: dict | No
 
 def load_classifier(path: str | Path) -> tuple[DomainClassifier, dict]:
     """The classifier and its training report (test accuracy etc.) from a file written by :func:`save_classifier`."""
-    from safetensors import SafetensorError, safe_open
+    from ..training.checkpoint import load_state_dict_into, load_tagged
 
-    from ..training.checkpoint import load_state_dict_into, load_tensors
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"classifier file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{path}: not a kakusan domain classifier (kind {meta.get('kind')!r})")
+    tensors, meta = load_tagged(path, KIND, "domain classifier")
     model = DomainClassifier(ClassifierConfig.from_dict(json.loads(meta["config"])))
-    load_state_dict_into(model, load_tensors(path), path)
+    load_state_dict_into(model, tensors, Path(path))
     return model.eval(), json.loads(meta.get("report", "{}"))

@@ -7,8 +7,6 @@ Spec strings: ``inception`` (published weights from the cache), ``inception:FILE
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..errors import ConfigError, DataError

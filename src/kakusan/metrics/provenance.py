@@ -95,20 +95,9 @@ def save_stats(path: str | Path, features: torch.Tensor, logits: torch.Tensor | 
 def load_stats(path: str | Path, extractor_record: dict | None = None) -> tuple[dict, dict]:
     """(tensors, record) of a stats file; with ``extractor_record`` the file must come from the same extractor
     (name, weights, resize, dtype), or loading is refused with what differs."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from ..training.checkpoint import load_tagged
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"stats file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable stats file ({type(e).__name__}: {e})") from None
-    if meta.get("kind") != STATS_KIND:
-        raise CheckpointError(f"{path}: not a kakusan feature-stats file (kind {meta.get('kind')!r})")
+    tensors, meta = load_tagged(path, STATS_KIND, "feature-stats file")
     record = json.loads(meta["record"])
     if extractor_record is not None:
         keys = ("name", "weights_sha256", "resize", "feature_dtype", "feature_dim")

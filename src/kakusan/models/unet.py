@@ -10,7 +10,7 @@ The network maps (x_t, t, class_labels) -> output and knows nothing of the noise
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -176,6 +176,25 @@ def load_tensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
 
 
+def load_tagged(path: str | Path, kind: str, what: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a single safetensors file whose metadata says ``kind`` (a classifier, a stats
+    file, ...); a missing, unreadable or other-kind file is refused naming ``what`` was expected."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: not a kakusan {what} (kind {meta.get('kind')!r})")
+    return tensors, meta
+
+
 def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> None:
     try:
         module.load_state_dict(tensors)
