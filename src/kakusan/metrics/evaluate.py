@@ -296,30 +296,54 @@ def _flat(scores: dict) -> dict:
 
 def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
     """Two panels: ``metric`` against model evaluations and against sampling wall time, a line per
-    (sampler, guidance)."""
+    (sampler, guidance). When every point has the same NFE but the guidance varies, the panels show
+    ``metric`` and the class agreement (or recall) against the guidance scale instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["sampler"], r["guidance"]), []).append(r)
-    for (s, g), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["nfe"])
-        label = s if g is None else f"{s}, w={g:g}"
-        axes[0].plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=label)
-        axes[1].plot([r["sample_seconds"] for r in rs], [r[metric] for r in rs], "o-", label=label)
-    for ax, xl in zip(axes, ("model evaluations (NFE)", "sampling wall time (s)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xl)
-        ax.set_ylabel(metric.upper())
-        ax.grid(True, which="both", alpha=0.3)
+    by_guidance = len({r["nfe"] for r in rows}) == 1 and len({r["guidance"] for r in rows}) > 1
+    if by_guidance:
+        second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"
+        for s in dict.fromkeys(r["sampler"] for r in rows):
+            rs = sorted((r for r in rows if r["sampler"] == s and r["guidance"] is not None),
+                        key=lambda r: r["guidance"])
+            label = f"{s}, {rs[0]['steps']} steps" if rs else s
+            for ax, key in zip(axes, (metric, second)):
+                ax.plot([r["guidance"] for r in rs], [r[key] for r in rs], "o-", label=label)
+        for ax, key in zip(axes, (metric.upper(), second.replace("_", " "))):
+            ax.set_xlabel("guidance scale w")
+            ax.set_ylabel(key)
+            ax.grid(True, alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(ScalarFormatter())
+        axes[0].yaxis.set_minor_formatter(ScalarFormatter())
+    else:
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["sampler"], r["guidance"]), []).append(r)
+        for (s, g), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            label = s if g is None else f"{s}, w={g:g}"
+            axes[0].plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+            axes[1].plot([r["sample_seconds"] for r in rs], [r[metric] for r in rs], "o-", label=label)
+        for ax, xl in zip(axes, ("model evaluations (NFE)", "sampling wall time (s)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(which="minor", labelsize=7)
+            ax.set_xlabel(xl)
+            ax.set_ylabel(metric.upper())
+            ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     n = rows[0]["result"]["record"]["samples"]["n"] if rows and "result" in rows[0] else None
-    fig.suptitle(f"{metric.upper()} vs cost" + (f" ({n:,} samples per point)" if n else ""))
+    fig.suptitle(f"{metric.upper()} vs " + ("guidance" if by_guidance else "cost")
+                 + (f" ({n:,} samples per point)" if n else ""))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
