@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .diffusion import _bc, eps_from_x0, x0_from_prediction
 from .errors import ConfigError
+
+
+def _alpha_sigma(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) per sample, float64 on the CPU (the conversions broadcast them against x)."""
+    return schedule.alpha_sigma(t.double().cpu())
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -50,14 +56,13 @@ class ClassifierFreeGuidance(nn.Module):
         x0_cond, x0_other = both.chunk(2)
         guided = x0_other + self.scale * (x0_cond - x0_other)
         if self.rescale > 0:
-            alpha, sigma = (v.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
-                            for v in self.schedule.alpha_sigma(t.double().cpu()))
+            alpha, sigma = _alpha_sigma(self.schedule, t)
             if (alpha > 0).all():
                 dims = tuple(range(1, x_t.ndim))
-                eps_cond, eps_cfg = (x_t - alpha * x0_cond) / sigma, (x_t - alpha * guided) / sigma
+                eps_cond, eps_cfg = eps_from_x0(x0_cond, x_t, alpha, sigma), eps_from_x0(guided, x_t, alpha, sigma)
                 factor = eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True).clamp_min(1e-12)
                 eps = eps_cfg * (self.rescale * factor + (1 - self.rescale))
-                guided = (x_t - sigma * eps) / alpha
+                guided = x0_from_prediction("eps", eps, x_t, alpha, sigma)
         return guided
 
 
@@ -80,8 +85,7 @@ class ClassifierGuidance(nn.Module):
             raise ConfigError("classifier guidance needs the target class of every sample")
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         x0 = self.denoiser(x_t, t, cond if self.pass_cond else None)
-        alpha, sigma = (v.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
-                        for v in self.schedule.alpha_sigma(t.double().cpu()))
+        alpha, sigma = _alpha_sigma(self.schedule, t)
         if self.scale == 0 or not (alpha > 0).all():
             return x0
         with torch.enable_grad():
@@ -89,4 +93,4 @@ class ClassifierGuidance(nn.Module):
             logp = torch.log_softmax(self.classifier(x, t), dim=-1)
             picked = logp.gather(1, cond.view(-1, 1).long()).sum()
             (grad,) = torch.autograd.grad(picked, x)
-        return x0 + self.scale * sigma**2 / alpha * grad.to(x0.dtype)
+        return x0 + self.scale * _bc(sigma**2 / alpha, x0) * grad.to(x0.dtype)

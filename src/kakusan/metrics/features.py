@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..data.datasets import resize_uint8
 from ..errors import ConfigError, DataError
+from .classifier import to_unit
 
 Tensor = torch.Tensor
 
@@ -57,9 +59,6 @@ class _ClassifierNet(torch.nn.Module):
         self.model, self.image_size = model, image_size
 
     def forward(self, images_u8: Tensor) -> tuple[Tensor, Tensor]:
-        from ..data.datasets import resize_uint8
-        from .classifier import to_unit
-
         if images_u8.shape[-1] != self.image_size or images_u8.shape[-2] != self.image_size:
             images_u8 = resize_uint8(images_u8, self.image_size)
         f = self.model.features(to_unit(images_u8))
