@@ -132,7 +132,7 @@ def test_schedule_of_data_and_lr():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"), (dict(lr=0), "lr"),
-    (dict(cond="text"), "cond"), (dict(prediction="score"), "prediction"),
+    (dict(cond="image"), "cond"), (dict(text_max_length=1), "text_max_length"), (dict(prediction="score"), "prediction"),
     (dict(zero_terminal_snr=True, prediction="eps"), "zero-terminal-SNR"), (dict(precision="fp8"), "precision"),
 ])
 def test_bad_train_configs(kw, match):

@@ -25,14 +25,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--config", help="a JSON file of training config values (flags override it)")
     p.add_argument("--data", help=f"digits | mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:DIR|.tar.gz] | "
-                                  f"folder:DIR (default {d.data})")
+                                  f"folder:DIR | captions:DIR | emoji:DIR|.tar.gz (default {d.data})")
     p.add_argument("--preset", help=f"U-Net preset (default {d.preset}; see 'kakusan presets')")
     p.add_argument("--model", type=json.loads, help='JSON overrides of the preset, e.g. \'{"dropout": 0.0}\'')
     p.add_argument("--schedule", help=f"linear | cosine | quadratic | sigmoid | scaled-linear (default {d.schedule})")
     p.add_argument("--zero-terminal-snr", action="store_true", default=None, help="rescale to zero terminal SNR")
     p.add_argument("--prediction", help=f"eps | x0 | v (default {d.prediction})")
     p.add_argument("--weighting", help=f"simple | min-snr (default {d.weighting})")
-    p.add_argument("--cond", help="none | class (default none)")
+    p.add_argument("--cond", help="none | class | text (default none)")
+    p.add_argument("--label-dropout", type=float,
+                   help=f"share of labels / captions replaced by the null one (default {d.label_dropout})")
+    p.add_argument("--text-encoder", help=f"--cond text: minilm (bundled all-MiniLM-L6-v2) or a local Hugging Face "
+                                          f"CLIP / T5 / BERT folder (default {d.text_encoder})")
+    p.add_argument("--text-max-length", type=int, help=f"tokens per prompt (default {d.text_max_length})")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -124,6 +129,9 @@ def cmd_sample(args) -> int:
         from .guidance import ClassifierGuidance
         from .metrics.classifier import load_classifier
 
+        if config.get("text_encoder"):
+            raise ConfigError("classifier guidance works with unconditional and class-conditional models, not text ones")
+
         clf, _ = load_classifier(args.classifier)
         if clf.cfg.schedule is None or clf.cfg.schedule != config["schedule"]:
             raise ConfigError(f"{args.classifier}: classifier guidance needs a classifier trained on noisy images of "
@@ -136,7 +144,32 @@ def cmd_sample(args) -> int:
         base = ClassifierGuidance(denoiser, clf.to(device).eval(), args.classifier_scale, denoiser.schedule,
                                   pass_cond=bool(model_k))
     d = base if args.no_clip else ClippedDenoiser(base)
-    if args.class_label is not None:
+    text_record = config.get("text_encoder")
+    if (args.prompt or args.negative_prompt) and not text_record:
+        raise ConfigError("--prompt / --negative-prompt given, but this checkpoint is not text-conditional "
+                          "(trained without --cond text)")
+    null = k
+    if text_record:
+        from .conditioning import TextCond, check_prompts, encoder_for_checkpoint
+
+        if args.class_label is not None or args.negative_class is not None:
+            raise ConfigError("this checkpoint is text-conditional: give --prompt TEXT, not --class")
+        prompts = args.prompt or [""]  # no prompt: unconditional samples (the empty prompt)
+        if args.prompt:
+            check_prompts(args.prompt)
+        if args.negative_prompt is not None:
+            check_prompts([args.negative_prompt])
+        if args.guidance is not None and not args.prompt:
+            raise ConfigError("--guidance on a text model needs --prompt TEXT")
+        encoder = encoder_for_checkpoint(text_record, args.text_encoder, device)
+        per = -(-args.n // len(prompts))
+        args.n, args.nrow = per * len(prompts), args.nrow or (per if len(prompts) > 1 else None)
+        encoded = encoder.encode(prompts)
+        cond = encoded[torch.arange(len(prompts), device=encoded.device).repeat_interleave(per)]
+        null = encoder.encode("")
+        negative = encoder.encode(args.negative_prompt) if args.negative_prompt is not None else None
+        del encoder
+    elif args.class_label is not None:
         if not k:
             raise ConfigError("--class given, but this checkpoint is unconditional (trained without --cond class)")
         if not 0 <= args.class_label < k:
@@ -146,16 +179,19 @@ def cmd_sample(args) -> int:
         per_class = -(-args.n // k)
         cond = torch.arange(args.n, device=device) // per_class
         args.nrow = args.nrow or per_class
-    if args.guidance is not None:
-        if not k:
-            raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")
-        if args.negative_class is not None and not 0 <= args.negative_class < k:
+    if not text_record:
+        negative = args.negative_class
+        if args.negative_class is not None and k and not 0 <= args.negative_class < k:
             raise ConfigError(f"--negative-class {args.negative_class} is out of range: classes are 0..{k - 1}")
-        d = ClassifierFreeGuidance(d, args.guidance, null_cond=k, negative=args.negative_class,
+    if args.guidance is not None:
+        if not (k or text_record):
+            raise ConfigError("--guidance needs a class- or text-conditional checkpoint; this one is unconditional")
+        d = ClassifierFreeGuidance(d, args.guidance, null_cond=null, negative=negative,
                                    rescale=args.guidance_rescale, interval=args.guidance_interval,
                                    schedule=denoiser.schedule)
-    elif args.negative_class is not None or args.guidance_rescale or args.guidance_interval:
-        raise ConfigError("--negative-class / --guidance-rescale / --guidance-interval need --guidance W")
+    elif negative is not None or args.guidance_rescale or args.guidance_interval:
+        raise ConfigError("--negative-class / --negative-prompt / --guidance-rescale / --guidance-interval "
+                          "need --guidance W")
     mc = config["model"]
     shape = (args.n, mc["in_channels"], mc["image_size"], mc["image_size"])
     options = {"eta": args.eta} if args.eta is not None else {}
@@ -170,7 +206,8 @@ def cmd_sample(args) -> int:
         save_images(x, args.out_dir)
         print(f"images: {args.out_dir}")
     print(f"{args.n} samples, {args.sampler}, {args.steps} steps ({info.nfe(args.steps)} model evaluations), "
-          f"{dt:.1f} s" + (f" (classes {', '.join(classes)})" if classes and cond is not None else ""))
+          f"{dt:.1f} s" + (f" (classes {', '.join(classes)})" if classes and cond is not None and not text_record
+                         else ""))
     return 0
 
 
@@ -402,8 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", type=int, help="class index (class-conditional models)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class-conditional models)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class- or text-conditional models)")
     p.add_argument("--negative-class", type=int, help="guide away from this class (replaces the null label)")
+    p.add_argument("--prompt", action="append", help="text models: the prompt (repeat for one row per prompt)")
+    p.add_argument("--negative-prompt", help="text models: guide away from this prompt (replaces the empty one)")
+    p.add_argument("--text-encoder", help="text models: the encoder's folder, if not where it was in training")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024)")
     p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
     p.add_argument("--classifier", help="classifier guidance with this noise-aware classifier (train-classifier --noisy)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .conditioning.text import broadcast_cond, cat_conds
 from .diffusion import _bc, eps_from_x0, x0_from_prediction
 from .errors import ConfigError
 
@@ -17,7 +18,8 @@ def _alpha_sigma(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class ClassifierFreeGuidance(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), in x0 space, one batched forward pass:
         D~(x, t, c) = D(x, t, n) + w (D(x, t, c) - D(x, t, n)),
-    with n the null condition, or a ``negative`` one (a negative class / prompt) in its place. For a fixed
+    with n the null condition, or a ``negative`` one (a negative class / prompt) in its place. Conditions are
+    class labels (the null label an int) or encoded prompts (``TextCond``; the null one the empty prompt). For a fixed
     (alpha_t, sigma_t) this equals guiding eps (or v), since each is affine in x0_hat. w = 1 is the conditional
     model, w = 0 the unconditional one.
 
@@ -51,8 +53,8 @@ class ClassifierFreeGuidance(nn.Module):
             if not self.interval[0] < sigma_tilde <= self.interval[1]:
                 return self.denoiser(x_t, t, cond)
         other = self.null_cond if self.negative is None else self.negative
-        other = torch.as_tensor(other, device=cond.device, dtype=cond.dtype).expand_as(cond)
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, other]))
+        other = broadcast_cond(other, cond)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, other))
         x0_cond, x0_other = both.chunk(2)
         guided = x0_other + self.scale * (x0_cond - x0_other)
         if self.rescale > 0:

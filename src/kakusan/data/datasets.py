@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -42,6 +43,7 @@ class ImageDataset:
     class_names: list[str]
     name: str
     skipped: int = 0  # files that could not be read and were left out
+    captions: list[str] | None = None  # one per image (captioned data sets)
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
@@ -51,6 +53,8 @@ class ImageDataset:
             raise DataError(f"{self.name}: the data set is empty")
         if self.labels is not None and len(self.labels) != len(self.images):
             raise DataError(f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.captions)} captions for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -305,6 +309,65 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3, limi
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Captioned image folders (text-to-image)
+
+CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")  # kakusan / emoji layout; Hugging Face imagefolder layout
+CAPTION_KEYS = ("text", "caption", "name")
+FILE_KEYS = ("file_name", "file")
+
+
+def load_captioned_folder(root: str | Path, image_size: int, channels: int = 3, limit: int | None = None,
+                          caption_key: str | None = None) -> ImageDataset:
+    """Images with captions: a folder (or .tar.gz of one) holding ``captions.jsonl`` or ``metadata.jsonl``, one
+    JSON object per image naming its file (``file_name`` or ``file``, relative to that folder) and its caption
+    (``text``, ``caption`` or ``name``; or ``caption_key``). RGBA images are composited on white. Unreadable
+    images are skipped with a warning; a missing file or caption is an error naming the line."""
+    root = Path(root).expanduser()
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        root = _extract_once(root)
+    if not root.is_dir():
+        raise DataError(f"captioned image folder not found: {root}")
+    found = [p for name in CAPTION_FILES for p in [root / name, *root.glob(f"*/{name}")] if p.is_file()]
+    if not found:
+        raise DataError(f"{root}: no {' or '.join(CAPTION_FILES)} (one JSON object per image: file_name + text)")
+    meta, base = found[0], found[0].parent
+    records = []
+    for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta}:{i}: not valid JSON ({e.msg})") from None
+        file = next((rec[k] for k in FILE_KEYS if k in rec), None)
+        keys = (caption_key,) if caption_key else CAPTION_KEYS
+        text = next((rec[k] for k in keys if isinstance(rec.get(k), str) and rec[k].strip()), None)
+        if file is None or text is None:
+            raise DataError(f"{meta}:{i}: needs a file ({'/'.join(FILE_KEYS)}) and a caption "
+                            f"({'/'.join(keys)})")
+        records.append((base / file, text.strip()))
+    if limit and limit < len(records):
+        records = [records[i] for i in np.linspace(0, len(records) - 1, limit).round().astype(int)]
+    images, captions, bad = [], [], []
+    for path, text in records:
+        if not path.is_file():
+            raise DataError(f"{meta}: lists {path.name}, which is not in {path.parent}")
+        try:
+            images.append(_load_image(path, image_size, channels))
+        except Exception as e:  # PIL raises many types for broken files
+            bad.append(f"{path.name} ({type(e).__name__})")
+            continue
+        captions.append(text)
+    if bad:
+        warnings.warn(f"{root}: skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}"
+                      + (" ..." if len(bad) > 5 else ""), stacklevel=2)
+    if not images:
+        raise DataError(f"{root}: none of the {len(records)} images could be read")
+    return ImageDataset(torch.from_numpy(np.stack(images)), None, [], f"captions:{base.name}", skipped=len(bad),
+                        captions=captions)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The demo's default
 
 
@@ -319,13 +382,15 @@ def load_digits() -> ImageDataset:
                         [str(i) for i in range(10)], "digits")
 
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "captions", "emoji")
 
 
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None, channels: int | None = None,
                  download_if_missing: bool = False, limit: int | None = None) -> ImageDataset:
     """Load a data set by spec: ``digits``, ``mnist[:DIR]``, ``fashion-mnist[:DIR]``, ``cifar10[:PATH]``,
-    ``folder:DIR``. ``image_size``/``channels`` are needed for folders; others are resized if they differ."""
+    ``folder:DIR``, ``captions:PATH`` (a captioned folder or archive), ``emoji:PATH`` (the emoji set's folder or
+    .tar.gz, captioned by their names). ``image_size``/``channels`` are needed for folders (default 64 / 3);
+    others are resized if they differ."""
     name, _, path = spec.partition(":")
     path = path or None
     if name == "digits":
@@ -338,11 +403,18 @@ def load_dataset(spec: str, split: str = "train", image_size: int | None = None,
         if not path:
             raise DataError("folder data needs a path: folder:DIR")
         ds = load_image_folder(path, image_size or 64, channels or 3, limit)
+    elif name in ("captions", "emoji"):
+        if not path:
+            raise DataError(f"{name} data needs a path: {name}:DIR or {name}:ARCHIVE.tar.gz")
+        ds = load_captioned_folder(path, image_size or 64, channels or 3, limit,
+                                   caption_key="name" if name == "emoji" else None)
+        ds.name = f"{name}:{Path(path).name.split('.')[0]}"
     else:
         raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)} (e.g. mnist:/path/to/dir)")
     if limit and len(ds) > limit:
         ds.images = ds.images[:limit]
         ds.labels = ds.labels[:limit] if ds.labels is not None else None
+        ds.captions = ds.captions[:limit] if ds.captions is not None else None
     if channels and ds.images.shape[1] != channels:
         raise DataError(f"{ds.name} has {ds.images.shape[1]} channel(s); the model expects {channels}")
     if image_size and ds.images.shape[-1] != image_size:

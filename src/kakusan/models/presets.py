@@ -20,6 +20,11 @@ PRESETS: dict[str, UNetConfig] = {
     "unet-mnist": UNetConfig(image_size=28, in_channels=1, out_channels=1, channels=32, channel_mults=(1, 2, 2),
                              num_res_blocks=1, attention_resolutions=(7,), dropout=0.0, norm_groups=16,
                              time_conditioning="scale-shift"),
+    # text-to-image at 32x32 RGB on a CPU (the emoji set; ~2.1M parameters with a 384-wide text encoder):
+    # 32 -> 16 -> 8, transformer blocks (self-attention, cross-attention to the prompt) at 16 and 8
+    "unet-text32": UNetConfig(image_size=32, in_channels=3, out_channels=3, channels=32, channel_mults=(1, 2, 2),
+                              num_res_blocks=1, attention_resolutions=(16, 8), attention_head_dim=32,
+                              dropout=0.0, norm_groups=16, time_conditioning="scale-shift"),
     # DDPM's CIFAR-10 network (Ho et al. 2020, appendix B); same architecture as diffusers' UNet2DModel in the
     # google/ddpm-cifar10-32 configuration
     "ddpm-cifar10": UNetConfig(image_size=32, in_channels=3, out_channels=3, channels=128,

@@ -4,7 +4,11 @@ Shape walk for the ``ddpm-cifar10`` preset (B, 3, 32, 32):
     conv_in 3->128 @32 | level 0: 2 res blocks 128 @32, down | level 1: 2 x (res 256 + attn) @16, down
     | level 2: 2 res 256 @8, down | level 3: 2 res 256 @4 | middle: res, attn, res @4
     | up levels mirror the way down with 3 res blocks each, taking one skip per block | norm, SiLU, conv_out.
-The network maps (x_t, t, class_labels) -> output and knows nothing of the noise schedule.
+The network maps (x_t, t, cond) -> output and knows nothing of the noise schedule; cond is class labels (B,)
+for a class model (``num_classes``), or a ``TextCond`` (token embeddings + padding mask) for a text model
+(``context_dim``), whose attention positions then hold transformer blocks: self-attention, cross-attention to
+the text tokens, feed-forward (as Stable Diffusion's U-Net), and whose masked-mean text embedding is also added
+to the time embedding.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class UNetConfig:
     norm_groups: int = 32
     time_conditioning: str = "add"  # "add" (DDPM) or "scale-shift" (improved DDPM / ADM)
     num_classes: int = 0  # > 0: class-conditional, with a learned null label at index num_classes
+    context_dim: int = 0  # > 0: text-conditional; attention blocks become transformer blocks with cross-attention
+    transformer_depth: int = 1  # transformer layers per attention position (text models)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -55,6 +61,11 @@ class UNetConfig:
         need(self.time_conditioning in ("add", "scale-shift"),
              f"time_conditioning must be 'add' or 'scale-shift', got {self.time_conditioning!r}")
         need(self.num_classes >= 0, "num_classes must be >= 0")
+        need(self.context_dim >= 0 and self.transformer_depth >= 1, "context_dim must be >= 0, transformer_depth >= 1")
+        need(not (self.num_classes and self.context_dim),
+             "a model is conditioned on class labels (num_classes) or on text (context_dim), not both")
+        need(not self.context_dim or self.attention_resolutions,
+             "a text-conditional U-Net needs attention_resolutions (its cross-attention lives there)")
         factor = 2 ** (len(self.channel_mults) - 1)
         need(self.image_size % factor == 0,
              f"image size {self.image_size} is not divisible by {factor}, the U-Net's total downsampling "
@@ -141,6 +152,67 @@ class AttentionBlock(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of the image tokens (B, N, C) to context tokens (B, L, D) with a padding mask."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, C // self.heads).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L), True = attend
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer layer over the image tokens: self-attention, cross-attention to the text, GEGLU
+    feed-forward (4x), each residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = CrossAttention(dim, dim, heads)
+        self.cross_attn = CrossAttention(dim, context_dim, heads)
+        self.ff_in = nn.Linear(dim, 8 * dim)  # GEGLU: value and gate, 4 * dim each
+        self.ff_out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, None)
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        value, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)
+        return x + self.ff_out(value * F.gelu(gate))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> per-pixel linear -> transformer layer(s) over the H*W tokens -> zero-initialised linear,
+    residual: the text-conditional counterpart of ``AttentionBlock``."""
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int | None, groups: int, depth: int):
+        super().__init__()
+        heads = channels // head_dim if head_dim else max(1, channels // 64)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, heads) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        for block in self.blocks:
+            h = block(h, context, mask)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -176,11 +248,17 @@ class UNet(nn.Module):
         temb_dim = 4 * ch
         ss = cfg.time_conditioning == "scale-shift"
         res_block = lambda a, b: ResBlock(a, b, temb_dim, cfg.dropout, cfg.norm_groups, ss)  # noqa: E731
-        attn = lambda c: AttentionBlock(c, cfg.attention_head_dim, cfg.norm_groups)  # noqa: E731
+        if cfg.context_dim:
+            attn = lambda c: SpatialTransformer(c, cfg.context_dim, cfg.attention_head_dim,  # noqa: E731
+                                                cfg.norm_groups, cfg.transformer_depth)
+        else:
+            attn = lambda c: AttentionBlock(c, cfg.attention_head_dim, cfg.norm_groups)  # noqa: E731
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         # class labels: index num_classes is the null label (unconditional / classifier-free guidance)
         self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
+        # text: the masked mean of the prompt's tokens also joins the time embedding (global conditioning)
+        self.text_pool = nn.Linear(cfg.context_dim, temb_dim) if cfg.context_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         widths = [ch * m for m in cfg.channel_mults]
@@ -218,30 +296,47 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """x: (B, C_in, H, W); t: (B,) the schedule's time; class_labels: (B,) ints, num_classes = null."""
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        """x: (B, C_in, H, W); t: (B,) the schedule's time; cond: class labels (B,) ints (num_classes = null)
+        for a class model, a ``TextCond`` for a text model, None for an unconditional model."""
         cfg = self.config
         temb = self.time_mlp(timestep_embedding(t, cfg.channels))  # (B, 4ch)
+        context = mask = None
         if self.label_emb is not None:
-            if class_labels is None:  # unconditional: the null label
-                class_labels = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
-            temb = temb + self.label_emb(class_labels)
-        elif class_labels is not None:
-            raise ConfigError("this model is unconditional; it takes no class labels")
+            if cond is None:  # unconditional: the null label
+                cond = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
+            if not isinstance(cond, Tensor) or cond.is_floating_point():
+                raise ConfigError("this model is class-conditional; its condition is a tensor of class indices")
+            temb = temb + self.label_emb(cond)
+        elif self.text_pool is not None:
+            if cond is None or isinstance(cond, Tensor):
+                raise ConfigError("this model is text-conditional; its condition is an encoded prompt (TextCond), "
+                                  "the empty prompt's encoding for unconditional samples")
+            if cond.dim != cfg.context_dim:
+                raise ConfigError(f"the text embeddings are {cond.dim}-wide, the model was trained on "
+                                  f"{cfg.context_dim}-wide ones (a different text encoder?)")
+            context, mask = cond.tokens.to(temb.dtype), cond.mask
+            m = mask[..., None].to(context.dtype)
+            temb = temb + self.text_pool((context * m).sum(1) / m.sum(1))
+        elif cond is not None:
+            raise ConfigError("this model is unconditional; it takes no class labels or prompts")
+        attend = (lambda a, h: a(h, context, mask)) if context is not None else (lambda a, h: a(h))  # noqa: E731
 
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, temb))
+                h = block(h, temb)
+                h = attend(attn, h) if not isinstance(attn, nn.Identity) else h
                 skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
                 skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        h = self.mid_block2(attend(self.mid_attn, self.mid_block1(h, temb)), temb)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+                h = attend(attn, h) if not isinstance(attn, nn.Identity) else h
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(F.silu(self.norm_out(h)))

