@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kakusan.errors import ConfigError
-from kakusan.schedules import (SPACINGS, Schedule, make_schedule, noise_levels, rescale_zero_terminal_snr,
+from kakusan.schedules import (Schedule, make_schedule, noise_levels, rescale_zero_terminal_snr,
                                timesteps)
 
 # alpha_bar of the DDPM linear schedule (beta 1e-4..0.02, T = 1000, 0-indexed), computed once in float64 as

@@ -347,3 +347,36 @@ def test_prompts_on_a_class_model_and_text_without_captions(tmp_path, clip_dir, 
     with pytest.raises(ConfigError, match="needs captions"):
         Trainer(TrainConfig(data="digits", preset="unet-tiny", cond="text", text_encoder=str(clip_dir),
                             out=str(tmp_path / "t")))
+
+
+# ---- CLIP-style guidance through the classifier-guidance hook ------------------------------------------------
+
+def test_clip_score_guidance_climbs_the_prompt_similarity(tmp_path):
+    from kakusan.guidance import ClassifierGuidance, CLIPScore
+    from kakusan.schedules import ScheduleConfig, make_schedule
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    _save_tokenizer(tmp_path / "clip")
+    scorer = CLIPScore(str(tmp_path / "clip"), ["red apple", "green cat face"])
+    schedule = make_schedule(ScheduleConfig("cosine", 1000))
+    x_t, t = torch.rand(3, 3, 8, 8) * 2 - 1, torch.full((3,), 200.0)
+    target = torch.tensor([0, 1, 0])
+    base = lambda x, t, c: 0.5 * x  # noqa: E731  (any denoiser)
+    guided = ClassifierGuidance(base, scorer, 2.0, schedule, normalize=False)(x_t, t, target)
+    step = guided - base(x_t, t, None)
+    assert step.abs().sum() > 0
+    # the guidance points up the prompt's similarity: a small move along it raises each sample's score
+    before = scorer(x_t).gather(1, target[:, None])
+    after = scorer(x_t + 1e-2 * step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).gather(1, target[:, None])
+    assert (after > before).all()
+    with pytest.raises(ConfigError, match="CLIP model folder not found"):
+        CLIPScore(str(tmp_path / "none"), ["x"])

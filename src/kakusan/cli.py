@@ -150,7 +150,7 @@ def cmd_sample(args) -> int:
                           "(trained without --cond text)")
     null = k
     if text_record:
-        from .conditioning import TextCond, check_prompts, encoder_for_checkpoint
+        from .conditioning import check_prompts, encoder_for_checkpoint
 
         if args.class_label is not None or args.negative_class is not None:
             raise ConfigError("this checkpoint is text-conditional: give --prompt TEXT, not --class")

@@ -75,12 +75,16 @@ class ClassifierGuidance(nn.Module):
     With s = 1 and the exact classifier this is exactly E[x0 | x_t, y] (Tweedie's formula applied to
     log p(x_t | y) = log p(x_t) + log p(y | x_t)). ``pass_cond`` also hands y to the denoiser (a class-conditional
     model); otherwise the denoiser is called unconditionally. Where alpha_t = 0 (zero terminal SNR) there is
-    no signal to guide and D is returned unchanged."""
+    no signal to guide and D is returned unchanged.
 
-    def __init__(self, denoiser: nn.Module, classifier: nn.Module, scale: float, schedule, pass_cond: bool = False):
+    ``normalize=False`` takes the picked output itself as the log-score instead of its log-softmax: the hook for
+    CLIP-style guidance, where the "classifier" is a similarity to one prompt (``CLIPScore``)."""
+
+    def __init__(self, denoiser: nn.Module, classifier: nn.Module, scale: float, schedule, pass_cond: bool = False,
+                 normalize: bool = True):
         super().__init__()
         self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
-        self.schedule, self.pass_cond = schedule, pass_cond
+        self.schedule, self.pass_cond, self.normalize = schedule, pass_cond, normalize
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:
@@ -92,7 +96,52 @@ class ClassifierGuidance(nn.Module):
             return x0
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            logp = torch.log_softmax(self.classifier(x, t), dim=-1)
+            logits = self.classifier(x, t)
+            logp = torch.log_softmax(logits, dim=-1) if self.normalize else logits
             picked = logp.gather(1, cond.view(-1, 1).long()).sum()
             (grad,) = torch.autograd.grad(picked, x)
         return x0 + self.scale * _bc(sigma**2 / alpha, x0) * grad.to(x0.dtype)
+
+
+class CLIPScore(nn.Module):
+    """CLIP similarity as a guidance score: ``score(x, t) -> (B, P)`` = logit_scale * cos(image embedding of x,
+    text embedding of prompt p), for a Hugging Face ``CLIPModel`` saved in a local folder. Images in [-1, 1] are
+    resized (bilinear, differentiable) to CLIP's input size and normalised with its mean / std. Use it with
+    ``ClassifierGuidance(..., normalize=False)`` and ``cond`` = the index of each sample's prompt. Plain CLIP has
+    never seen noise, so this guides well only where x_t is nearly clean (late steps, or with a guidance interval
+    in the sampler's hands); t is accepted and ignored."""
+
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
+
+    def __init__(self, folder: str, prompts: list[str], device: str | torch.device = "cpu"):
+        super().__init__()
+        from pathlib import Path
+
+        try:
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError:
+            raise ConfigError("CLIP guidance needs the transformers package: pip install 'kakusan[text]'") from None
+        if not Path(folder).is_dir():
+            raise ConfigError(f"CLIP model folder not found: {folder}")
+        try:
+            self.model = CLIPModel.from_pretrained(folder).eval().requires_grad_(False).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{folder}: cannot load a CLIP model ({e})") from None
+        self.size = self.model.config.vision_config.image_size
+        batch = tokenizer(list(prompts), padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            text = self.model.get_text_features(**batch)
+        text = getattr(text, "pooler_output", text)
+        self.register_buffer("text", torch.nn.functional.normalize(text.float(), dim=-1))
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = torch.nn.functional.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bilinear",
+                                            align_corners=False)
+        image = self.model.get_image_features(pixel_values=(x - self.mean) / self.std)
+        image = torch.nn.functional.normalize(getattr(image, "pooler_output", image).float(), dim=-1)
+        return self.model.logit_scale.exp() * image @ self.text.T

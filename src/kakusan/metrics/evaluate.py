@@ -151,6 +151,9 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     ckpt = resolve_checkpoint(checkpoint)
     weights = ckpt if ckpt.is_file() else ckpt / "ema.safetensors"
     denoiser, config = load_denoiser(ckpt, device=device)
+    if config.get("text_encoder"):
+        raise ConfigError(f"{ckpt} is text-conditional; eval and sweep sample unconditional and class-conditional "
+                          f"models (for text models see benchmarks/text_to_image.py)")
     k = config["model"].get("num_classes", 0)
     d = ClippedDenoiser(denoiser)
     labels = None
