@@ -38,6 +38,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", help=f"--cond text: minilm (bundled all-MiniLM-L6-v2) or a local Hugging Face "
                                           f"CLIP / T5 / BERT folder (default {d.text_encoder})")
     p.add_argument("--text-max-length", type=int, help=f"tokens per prompt (default {d.text_max_length})")
+    p.add_argument("--autoencoder", help="latent diffusion: a kakusan autoencoder checkpoint (train-autoencoder) "
+                                         "or a diffusers AutoencoderKL folder")
+    p.add_argument("--latent-mode", help="encode the data as posterior 'mean' (default) or one posterior 'sample'")
+    p.add_argument("--latent-cache", help="the latent cache file (default: keyed by its inputs in the cache folder)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -143,7 +147,10 @@ def cmd_sample(args) -> int:
         classes = classes or clf.cfg.class_names
         base = ClassifierGuidance(denoiser, clf.to(device).eval(), args.classifier_scale, denoiser.schedule,
                                   pass_cond=bool(model_k))
-    d = base if args.no_clip else ClippedDenoiser(base)
+    from .training.autoencoder import autoencoder_for_checkpoint
+
+    decoder = autoencoder_for_checkpoint(config, args.autoencoder, device)  # latent models: decode at the end
+    d = base if args.no_clip or decoder is not None else ClippedDenoiser(base)
     text_record = config.get("text_encoder")
     if (args.prompt or args.negative_prompt) and not text_record:
         raise ConfigError("--prompt / --negative-prompt given, but this checkpoint is not text-conditional "
@@ -198,6 +205,8 @@ def cmd_sample(args) -> int:
     t0 = time.perf_counter()
     x = sample(d, denoiser.schedule, shape, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                sigma_max=args.sigma_max, cond=cond, seed=args.seed, device=device, progress=True, **options)
+    if decoder is not None:
+        x = decoder.from_latent(x).clamp(-1, 1)
     dt = time.perf_counter() - t0
     if args.out:
         save_grid(x, args.out, nrow=args.nrow)
@@ -261,6 +270,37 @@ def _csv(kind):
 
 def _guidance_list(text: str):
     return [None if v.strip().lower() in ("none", "off") else float(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_train_autoencoder(args) -> int:
+    from .training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
+
+    base = {}
+    if args.config:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot read config {args.config}: {e}") from None
+    names = AutoencoderTrainConfig.__dataclass_fields__
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in names}
+    cfg = AutoencoderTrainConfig.from_dict({**base, **flags})
+    if args.dry_run:
+        print(json.dumps(cfg.__dict__, indent=2))
+        return 0
+    trainer = AutoencoderTrainer(cfg)
+    if args.resume:
+        trainer.resume()
+        print(f"resumed at step {trainer.step}", file=sys.stderr)
+    ckpt = trainer.fit()
+    print(f"checkpoint: {ckpt} (latent scale {trainer.ae_cfg.scale_factor:.4f}, factor {trainer.ae_cfg.factor}, "
+          f"{trainer.ae_cfg.latent_channels} latent channels)")
+    if args.eval_split:
+        r = reconstruction_report(ckpt, cfg.data, args.eval_split, Path(cfg.out) / f"reconstructions-{args.eval_split}.png",
+                                  limit=args.eval_limit)
+        print(f"{args.eval_split} split: PSNR {r['psnr_mean']:.2f} dB over {r['n']} images; grid: {r['grid']}")
+    return 0
 
 
 def cmd_train_classifier(args) -> int:
@@ -451,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="grid PNG path ('' for none)")
     p.add_argument("--nrow", type=int, help="images per grid row")
     p.add_argument("--out-dir", help="also write one PNG per sample here")
+    p.add_argument("--autoencoder", help="latent models: the autoencoder, if not where it was in training")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
     p.add_argument("--device", default="auto")
@@ -463,6 +504,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-autoencoder", help="train the KL autoencoder of latent diffusion")
+    p.add_argument("--config", help="a JSON file of autoencoder training values (flags override it)")
+    p.add_argument("--data", help="a data spec, as for train (e.g. cifar10:PATH)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--channels", type=int)
+    p.add_argument("--factor", type=int, help="downsampling factor 4 or 8 (default 4)")
+    p.add_argument("--latent-channels", type=int, help="default 4")
+    p.add_argument("--model", type=json.loads, help='JSON overrides, e.g. \'{"channels": 64, "num_res_blocks": 2}\'')
+    p.add_argument("--rec-loss", help="l1 (default) | l2")
+    p.add_argument("--kl-weight", type=float)
+    p.add_argument("--disc-weight", type=float, help="> 0: patch-discriminator hinge loss with this weight")
+    p.add_argument("--disc-start", type=int, help="the step the discriminator starts at")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hflip", action="store_true", default=None)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder (default runs/autoencoder)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--device")
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--eval-split", default="test", help="after training: PSNR + grid on this split ('' for none)")
+    p.add_argument("--eval-limit", type=int, default=10000)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_train_autoencoder)
 
     p = sub.add_parser("train-classifier", help="train the domain classifier used for offline evaluation")
     p.add_argument("--data", required=True, help="mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:PATH] | folder:DIR")

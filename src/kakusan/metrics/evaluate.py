@@ -154,8 +154,11 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     if config.get("text_encoder"):
         raise ConfigError(f"{ckpt} is text-conditional; eval and sweep sample unconditional and class-conditional "
                           f"models (for text models see benchmarks/text_to_image.py)")
+    from ..training.autoencoder import autoencoder_for_checkpoint
+
+    decoder = autoencoder_for_checkpoint(config, device=device)
     k = config["model"].get("num_classes", 0)
-    d = ClippedDenoiser(denoiser)
+    d = ClippedDenoiser(denoiser) if decoder is None else denoiser
     labels = None
     if k:
         labels = torch.arange(n) % k
@@ -172,6 +175,8 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
         x = sample(d, denoiser.schedule, (b, mc["in_channels"], mc["image_size"], mc["image_size"]),
                    sampler=sampler, steps=steps, spacing=spacing, cond=cond, seed=seed + i, device=device,
                    progress=progress)
+        if decoder is not None:
+            x = decoder.from_latent(x)
         out.append(to_uint8(x).cpu())
     wall = time.perf_counter() - t0
     source = {"kind": "samples", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(weights),
@@ -179,6 +184,8 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
               "spacing": spacing or info.default_spacing, "guidance": guidance, "seed": seed, "n": n,
               "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
               "classes": "balanced" if labels is not None else None}
+    if decoder is not None:
+        source["autoencoder_sha256"] = decoder.sha256
     return torch.cat(out), labels, source
 
 

@@ -51,6 +51,9 @@ class TrainConfig:
     label_dropout: float = 0.1  # the share of labels / captions replaced by the null label / empty prompt
     text_encoder: str = "minilm"  # cond "text": "minilm" (bundled all-MiniLM-L6-v2) or a local HF model folder
     text_max_length: int = 32  # tokens per prompt (longer captions are truncated with a warning)
+    autoencoder: str | None = None  # latent diffusion: a kakusan autoencoder checkpoint or diffusers AutoencoderKL
+    latent_mode: str = "mean"  # encode the data as posterior means or one posterior sample each
+    latent_cache: str | None = None  # the latent cache file (default: keyed by its inputs in the cache folder)
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -102,6 +105,10 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
+        if self.latent_mode not in ("mean", "sample"):
+            raise ConfigError(f"latent_mode must be 'mean' or 'sample', got {self.latent_mode!r}")
+        if self.autoencoder and self.hflip:
+            raise ConfigError("--hflip flips images, not latents: it cannot be combined with --autoencoder")
         if self.lr_decay not in ("constant", "cosine"):
             raise ConfigError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         DiffusionConfig(self.prediction, self.weighting, self.min_snr_gamma)  # validates names
@@ -133,8 +140,10 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0) -> UNetConfig:
-    c, h, _ = data.shape
+def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0,
+                       shape: tuple[int, int, int] | None = None) -> UNetConfig:
+    """The U-Net's config: the preset, sized to the data (or to ``shape``, the latents of a latent model)."""
+    c, h, _ = shape or data.shape
     overrides = {"in_channels": c, "out_channels": c, "image_size": h, **cfg.model}
     if cfg.cond == "class":
         if data.labels is None:
@@ -145,8 +154,8 @@ def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0) 
     return get_preset(cfg.preset, **overrides)
 
 
-def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset, text_encoder: dict | None = None
-               ) -> dict:
+def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset, text_encoder: dict | None = None,
+               autoencoder: dict | None = None) -> dict:
     """Everything needed to rebuild and sample the model, saved in every checkpoint."""
     return {
         "model": {"type": "unet", **model_cfg.to_dict()},
@@ -157,6 +166,7 @@ def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset, text
                  "class_names": data.class_names if cfg.cond == "class" else []},
         "train": cfg.to_dict(),
         **({"text_encoder": text_encoder} if text_encoder else {}),
+        **({"autoencoder": autoencoder} if autoencoder else {}),
     }
 
 
@@ -205,8 +215,15 @@ class Trainer:
         self.text = self.text_record = None
         if cfg.cond == "text":
             self._encode_captions()
-        self.model_cfg = build_model_config(cfg, self.data, self.text.dim if self.text is not None else 0)
-        self.config = run_config(cfg, self.model_cfg, self.data, self.text_record)
+        self.autoencoder = None
+        if cfg.autoencoder:  # latent diffusion: x0 are the cached, scaled latents of the data
+            self._encode_latents()
+        else:
+            self.images = to_model_range(self.data.images)  # (N, C, H, W) float on CPU
+        self.model_cfg = build_model_config(cfg, self.data, self.text.dim if self.text is not None else 0,
+                                            tuple(self.images.shape[1:]))
+        self.config = run_config(cfg, self.model_cfg, self.data, self.text_record,
+                                 self.autoencoder.record() if self.autoencoder else None)
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = UNet(self.model_cfg).to(self.device)
@@ -221,7 +238,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay, fused=fused)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
-        self.images = to_model_range(self.data.images)  # (N, C, H, W) float on CPU
         self.labels = self.data.labels
         self.step = 0
         self.out = Path(cfg.out)
@@ -248,6 +264,21 @@ class Trainer:
         self.grid_caption_ids = self.caption_ids[picks]
         del encoder
 
+    def _encode_latents(self) -> None:
+        from ..latents import latent_cache
+        from .autoencoder import load_autoencoder, measure_latent_scale
+
+        ae = load_autoencoder(self.cfg.autoencoder, self.device)
+        if ae.in_channels != self.data.shape[0]:
+            raise ConfigError(f"the autoencoder takes {ae.in_channels}-channel images, {self.data.name} has "
+                              f"{self.data.shape[0]}")
+        if ae.scale is None:
+            measure_latent_scale(ae, self.data.images)
+        self.images, self.latent_cache_path = latent_cache(
+            ae, self.data, self.cfg.data, self.cfg.latent_mode, self.cfg.seed, self.cfg.latent_cache,
+            cache_dir() / "latents", progress=self.cfg.progress and self.dist.is_main)
+        self.autoencoder = ae
+
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
         s = {"generator": self.generator.get_state().numpy().tobytes().hex(),
@@ -272,6 +303,8 @@ class Trainer:
         saved = read_config(ckpt)
         if saved["model"] != self.config["model"] or saved["schedule"] != self.config["schedule"]:
             raise CheckpointError(f"{ckpt}: its model or schedule differs from this run's config")
+        if saved.get("autoencoder", {}).get("sha256") != self.config.get("autoencoder", {}).get("sha256"):
+            raise CheckpointError(f"{ckpt}: it was trained in another autoencoder's latent space")
         load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt)
         load_state_dict_into(self.ema.model, load_tensors(ckpt / "ema.safetensors"), ckpt)
         state = json.loads((ckpt / "state.json").read_text())
@@ -336,7 +369,9 @@ class Trainer:
     # ---- sampling grid -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
-        denoiser = ClippedDenoiser(Denoiser(self.ema.model, self.schedule, self.denoiser.config))
+        denoiser = Denoiser(self.ema.model, self.schedule, self.denoiser.config)
+        if self.autoencoder is None:  # pixels live in [-1, 1]; latents do not
+            denoiser = ClippedDenoiser(denoiser)
         cond, nrow = None, None
         if self.cfg.cond == "class":
             k = self.model_cfg.num_classes
@@ -350,9 +385,11 @@ class Trainer:
             null = self.text[self.null_caption]
             denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, null), per
             n = len(cond)
-        c, h, w = self.data.shape
+        c, h, w = self.images.shape[1:]
         x = sample(denoiser, self.schedule, (n, c, h, w), sampler=self.cfg.sample_sampler,
                    steps=self.cfg.sample_steps, cond=cond, seed=seed, device=self.device)
+        if self.autoencoder is not None:
+            x = self.autoencoder.from_latent(x)
         return save_grid(x, path, nrow=nrow)
 
     # ---- the loop ----------------------------------------------------------------------------------------
