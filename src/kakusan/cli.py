@@ -67,9 +67,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _train_config(args):
-    from .training.trainer import TrainConfig
-
+def _config_from(args, cls):
+    """A config dataclass from ``--config FILE`` (JSON) overridden by the flags given on the command line."""
     base = {}
     if args.config:
         try:
@@ -78,9 +77,14 @@ def _train_config(args):
             from .errors import ConfigError
 
             raise ConfigError(f"cannot read config {args.config}: {e}") from None
-    flags = {k: v for k, v in vars(args).items()
-             if v is not None and k in TrainConfig.__dataclass_fields__}
-    return TrainConfig.from_dict({**base, **flags})
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in cls.__dataclass_fields__}
+    return cls.from_dict({**base, **flags})
+
+
+def _train_config(args):
+    from .training.trainer import TrainConfig
+
+    return _config_from(args, TrainConfig)
 
 
 def cmd_train(args) -> int:
@@ -275,17 +279,7 @@ def _guidance_list(text: str):
 def cmd_train_autoencoder(args) -> int:
     from .training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
 
-    base = {}
-    if args.config:
-        try:
-            base = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            from .errors import ConfigError
-
-            raise ConfigError(f"cannot read config {args.config}: {e}") from None
-    names = AutoencoderTrainConfig.__dataclass_fields__
-    flags = {k: v for k, v in vars(args).items() if v is not None and k in names}
-    cfg = AutoencoderTrainConfig.from_dict({**base, **flags})
+    cfg = _config_from(args, AutoencoderTrainConfig)
     if args.dry_run:
         print(json.dumps(cfg.__dict__, indent=2))
         return 0
