@@ -201,3 +201,24 @@ def test_diffusers_autoencoder_kl_from_a_local_folder(tmp_path):
     tr.fit()
     assert main(["sample", "--checkpoint", str(tmp_path / "ld"), "-n", "2", "--steps", "2",
                  "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_train_autoencoder_cli_reports_reconstruction_psnr(tmp_path, capsys):
+    from kakusan.training.autoencoder import psnr, reconstruction_report
+
+    out = tmp_path / "ae"
+    assert main(["train-autoencoder", "--data", "digits", "--factor", "4", "--latent-channels", "2", "--model",
+                 json.dumps(SMALL), "--steps", "3", "--batch-size", "16", "--out", str(out), "--eval-limit", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "latent scale" in printed and "PSNR" in printed and (out / "reconstructions-test.png").is_file()
+    r = reconstruction_report(out, "digits", limit=64)
+    ae = load_autoencoder(out)
+    x = load_digits().images[:64]
+    from kakusan.data import to_model_range, to_uint8
+
+    with torch.no_grad():
+        rec = to_uint8(ae.module.decode(ae.module.encode(to_model_range(x)).mean))
+    assert r["n"] == 64 and r["psnr_mean"] == pytest.approx(psnr(rec, x).mean().item(), rel=1e-5)
+    mse = (rec.float() - x.float()).square().mean()
+    assert r["psnr_of_mean_mse"] == pytest.approx(10 * torch.log10(255**2 / mse).item(), rel=1e-5)
+    assert psnr(x, x).min() > 90  # identical images: the MSE floor, not a NaN
