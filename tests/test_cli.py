@@ -87,3 +87,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert r.stderr.splitlines() == [
         "kakusan: warning: " + f"{folder}: skipped 1 unreadable file(s): broken.png (UnidentifiedImageError)",
         f"kakusan: error: {folder}: none of the 1 image files could be read"]
+
+
+def test_shipped_run_configs_are_valid(capsys):
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+    assert paths
+    for path in paths:
+        assert main(["train", "--config", str(path), "--dry-run"]) == 0
+        cfg = json.loads(capsys.readouterr().out)
+        assert cfg == {**cfg, **json.loads(path.read_text())}  # every value of the file survives validation
