@@ -15,3 +15,11 @@ class DataError(KakusanError):
 
 class CheckpointError(KakusanError):
     """A checkpoint is missing, unreadable, not kakusan's, or does not match."""
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """Build the config dataclass ``cls`` from ``d``, refusing keys it does not have (naming them)."""
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys: {sorted(unknown)}")
+    return cls(**d)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_from_dict
 
 Tensor = torch.Tensor
 KIND = "kakusan-domain-classifier"
@@ -57,10 +57,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifierConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown classifier config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "classifier")
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_from_dict
 from .unet import AttentionBlock, Downsample, Upsample
 
 Tensor = torch.Tensor
@@ -58,10 +58,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown autoencoder config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "autoencoder")
 
 
 class Block(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_from_dict
 
 Tensor = torch.Tensor
 
@@ -84,11 +84,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown U-Net config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "U-Net")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import load_dataset, to_model_range, to_uint8
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, config_from_dict
 from ..models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator
 from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
                          unflatten_optimizer_state)
@@ -78,10 +78,7 @@ class AutoencoderTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderTrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown autoencoder training config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "autoencoder training")
 
 
 class _Pair(nn.Module):

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
 from ..data.datasets import cache_dir
 from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser
-from ..errors import CheckpointError, ConfigError, KakusanError
+from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
 from ..images import save_grid
 from ..models import UNet, UNetConfig, get_preset
@@ -121,11 +121,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown training config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training")
 
 
 def resolve_device(name: str) -> torch.device:
