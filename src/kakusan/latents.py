@@ -16,20 +16,17 @@ from safetensors import safe_open
 
 from .data import ImageDataset, to_model_range
 from .errors import ConfigError, DataError
+from .metrics.provenance import tensor_sha256
 from .training.autoencoder import LoadedAutoencoder
 from .training.checkpoint import save_file_atomic
 
 MODES = ("mean", "sample")
 
 
-def pixels_sha256(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
 def cache_record(ae: LoadedAutoencoder, data: ImageDataset, data_spec: str, mode: str, seed: int) -> dict:
     return {"kind": "kakusan-latents", "autoencoder_sha256": ae.sha256, "scale_factor": ae.scale,
             "data_spec": data_spec, "data_name": data.name, "n": len(data), "shape": list(data.shape),
-            "pixels_sha256": pixels_sha256(data.images), "mode": mode, "seed": seed if mode == "sample" else None}
+            "pixels_sha256": tensor_sha256(data.images), "mode": mode, "seed": seed if mode == "sample" else None}
 
 
 @torch.no_grad()

@@ -33,27 +33,27 @@ class GaussianMixture:
         noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[k] + self.stds[k, None] * noise
 
+    def _terms(self, x_t: torch.Tensor, alpha, sigma):
+        """a (B|1, 1, 1), the per-component variance of x_t v (B|1, K, 1), x_t - a mu_k (B, K, D), and
+        log p(k | x_t) (B, K), in float64."""
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)  # (B, D)
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
+        v = a**2 * self.stds[None, :, None] ** 2 + s**2
+        diff = x[:, None, :] - a * self.means[None]
+        logp = (torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / v[..., 0]
+                - 0.5 * self.dim * torch.log(2 * math.pi * v[..., 0]))
+        return a, v, diff, torch.log_softmax(logp, dim=1)
+
     def denoise(self, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
         """E[x0 | x_t] for per-sample or scalar (alpha, sigma); returns x_t's shape and dtype."""
-        shape, dtype = x_t.shape, x_t.dtype
-        x = x_t.reshape(shape[0], -1).to(torch.float64)  # (B, D)
-        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)  # (B|1, 1, 1)
-        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
-        v = a**2 * self.stds[None, :, None] ** 2 + s**2  # (B|1, K, 1)
-        diff = x[:, None, :] - a * self.means[None]  # (B, K, D)
-        r = self.log_posterior(x_t, alpha, sigma).exp()
+        a, v, diff, log_r = self._terms(x_t, alpha, sigma)
         x0_k = self.means[None] + a * self.stds[None, :, None] ** 2 / v * diff  # (B, K, D)
-        return (r[..., None] * x0_k).sum(1).reshape(shape).to(dtype)
+        return (log_r.exp()[..., None] * x0_k).sum(1).reshape(x_t.shape).to(x_t.dtype)
 
     def log_posterior(self, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
         """log p(k | x_t), (B, K), float64, differentiable in x_t: the exact noise-level-aware classifier."""
-        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
-        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
-        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
-        v = (a**2 * self.stds[None, :, None] ** 2 + s**2)[..., 0]  # (B|1, K)
-        diff = x[:, None, :] - a * self.means[None]
-        logp = torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / v - 0.5 * self.dim * torch.log(2 * math.pi * v)
-        return torch.log_softmax(logp, dim=1)
+        return self._terms(x_t, alpha, sigma)[3]
 
 
 class MixtureDenoiser(torch.nn.Module):

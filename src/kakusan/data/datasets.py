@@ -290,22 +290,28 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3, limi
     if limit and limit < len(files):  # an evenly spaced subset, so every class is represented
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     index = {c: i for i, c in enumerate(class_dirs)}
-    images, labels, bad = [], [], []
-    for p in files:
+    images, kept = _read_images(root, files, image_size, channels)
+    labels = torch.tensor([index[files[i].relative_to(root).parts[0]] for i in kept]) if labelled else None
+    return ImageDataset(images, labels, class_dirs if labelled else [], f"folder:{root.name}",
+                        skipped=len(files) - len(kept))
+
+
+def _read_images(root: Path, files: list[Path], image_size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
+    """The readable ones of ``files`` as uint8 (N, C, H, W) and their indices; unreadable files are skipped with
+    one warning naming them; none readable is an error."""
+    images, kept, bad = [], [], []
+    for i, p in enumerate(files):
         try:
             images.append(_load_image(p, image_size, channels))
+            kept.append(i)
         except Exception as e:  # PIL raises many types for broken files
             bad.append(f"{p.name} ({type(e).__name__})")
-            continue
-        if labelled:
-            labels.append(index[p.relative_to(root).parts[0]])
     if bad:
         warnings.warn(f"{root}: skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}"
-                      + (" ..." if len(bad) > 5 else ""), stacklevel=2)
+                      + (" ..." if len(bad) > 5 else ""), stacklevel=3)
     if not images:
         raise DataError(f"{root}: none of the {len(files)} image files could be read")
-    return ImageDataset(torch.from_numpy(np.stack(images)), torch.tensor(labels) if labelled else None,
-                        class_dirs if labelled else [], f"folder:{root.name}", skipped=len(bad))
+    return torch.from_numpy(np.stack(images)), kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,23 +354,12 @@ def load_captioned_folder(root: str | Path, image_size: int, channels: int = 3, 
         records.append((base / file, text.strip()))
     if limit and limit < len(records):
         records = [records[i] for i in np.linspace(0, len(records) - 1, limit).round().astype(int)]
-    images, captions, bad = [], [], []
-    for path, text in records:
+    for path, _ in records:
         if not path.is_file():
             raise DataError(f"{meta}: lists {path.name}, which is not in {path.parent}")
-        try:
-            images.append(_load_image(path, image_size, channels))
-        except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{path.name} ({type(e).__name__})")
-            continue
-        captions.append(text)
-    if bad:
-        warnings.warn(f"{root}: skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}"
-                      + (" ..." if len(bad) > 5 else ""), stacklevel=2)
-    if not images:
-        raise DataError(f"{root}: none of the {len(records)} images could be read")
-    return ImageDataset(torch.from_numpy(np.stack(images)), None, [], f"captions:{base.name}", skipped=len(bad),
-                        captions=captions)
+    images, kept = _read_images(root, [path for path, _ in records], image_size, channels)
+    return ImageDataset(images, None, [], f"captions:{base.name}", skipped=len(records) - len(kept),
+                        captions=[records[i][1] for i in kept])
 
 
 # --------------------------------------------------------------------------------------------------------------

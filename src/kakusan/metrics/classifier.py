@@ -13,7 +13,6 @@ config and the test accuracies; its SHA-256 names it in every score's provenance
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, config_from_dict
+from .provenance import file_sha256
 
 Tensor = torch.Tensor
 KIND = "kakusan-domain-classifier"
@@ -238,14 +238,6 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
 
 # --------------------------------------------------------------------------------------------------------------
 # Files
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_classifier(model: DomainClassifier, path: str | Path, report: dict | None = None) -> Path:

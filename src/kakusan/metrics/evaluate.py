@@ -143,7 +143,7 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     from ..samplers import get_sampler, sample
     from ..training.checkpoint import resolve_checkpoint
     from ..training.trainer import load_denoiser
-    from .classifier import file_sha256
+    from .provenance import file_sha256
 
     info = get_sampler(sampler)
     if n < 1:

@@ -77,7 +77,8 @@ def load_extractor(spec: str, download: bool = False) -> FeatureExtractor:
     if kind == "classifier":
         if not path:
             raise ConfigError("the classifier extractor needs a file: classifier:FILE (see kakusan train-classifier)")
-        from .classifier import file_sha256, load_classifier
+        from .classifier import load_classifier
+        from .provenance import file_sha256
 
         model, report = load_classifier(path)
         cfg = model.cfg

@@ -211,7 +211,7 @@ def load_fid_inception(path: str | Path | None = None, expected_sha256: str | No
     """The FID Inception network and its weights' SHA-256. ``path``: a weights file; ``None``: the published
     file from the cache (or downloaded). The hash must start with ``expected_sha256`` (default: the published
     prefix, for the published file name), or loading is refused."""
-    from .classifier import file_sha256
+    from .provenance import file_sha256
 
     if path is None:
         path = fetch_fid_weights(download)

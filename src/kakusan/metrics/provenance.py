@@ -31,6 +31,16 @@ MATTERS = ("extractor.name", "extractor.weights_sha256", "extractor.resize", "ex
            "reference.data", "reference.split", "reference.n", "samples.n")
 
 
+def file_sha256(*paths: str | Path) -> str:
+    """SHA-256 of the bytes of the given files, read in order (one file: its ordinary digest)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def tensor_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 

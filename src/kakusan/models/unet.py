@@ -139,13 +139,22 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """``context`` / ``mask`` (a text model's tokens) are accepted and unused: every attention position of
+        the U-Net is called the same way."""
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(h).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class NoAttention(nn.Module):
+    """The identity at a resolution without attention, with the attention blocks' call signature."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return x
 
 
 class CrossAttention(nn.Module):
@@ -266,7 +275,7 @@ class UNet(nn.Module):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks):
                 blocks.append(res_block(c, w))
-                attns.append(attn(w) if res in cfg.attention_resolutions else nn.Identity())
+                attns.append(attn(w) if res in cfg.attention_resolutions else NoAttention())
                 c = w
                 skip_channels.append(c)
             self.down.append(Level(blocks, attns))
@@ -281,7 +290,7 @@ class UNet(nn.Module):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(res_block(c + skip_channels.pop(), w))
-                attns.append(attn(w) if res in cfg.attention_resolutions else nn.Identity())
+                attns.append(attn(w) if res in cfg.attention_resolutions else NoAttention())
                 c = w
             self.up.append(Level(blocks, attns))
             if i > 0:
@@ -316,23 +325,20 @@ class UNet(nn.Module):
             temb = temb + self.text_pool((context * m).sum(1) / m.sum(1))
         elif cond is not None:
             raise ConfigError("this model is unconditional; it takes no class labels or prompts")
-        attend = (lambda a, h: a(h, context, mask)) if context is not None else (lambda a, h: a(h))  # noqa: E731
 
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
-                h = block(h, temb)
-                h = attend(attn, h) if not isinstance(attn, nn.Identity) else h
+                h = attn(block(h, temb), context, mask)
                 skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
                 skips.append(h)
-        h = self.mid_block2(attend(self.mid_attn, self.mid_block1(h, temb)), temb)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb), context, mask), temb)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attns):
-                h = block(torch.cat([h, skips.pop()], dim=1), temb)
-                h = attend(attn, h) if not isinstance(attn, nn.Identity) else h
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb), context, mask)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(F.silu(self.norm_out(h)))

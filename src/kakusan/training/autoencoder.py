@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from ..data import load_dataset, to_model_range, to_uint8
 from ..errors import CheckpointError, ConfigError, config_from_dict
+from ..metrics.provenance import file_sha256
 from ..models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator
-from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
-                         unflatten_optimizer_state)
+from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, restore_rng_state,
+                         rng_state, save_checkpoint, unflatten_optimizer_state)
 from .trainer import batch_indices, resolve_device
 
 FACTORS = {4: (1, 2, 2), 8: (1, 2, 2, 4)}
@@ -122,10 +123,8 @@ class AutoencoderTrainer:
                 "train": asdict(self.cfg)}
 
     def save(self) -> Path:
-        state = {"generator": self.generator.get_state().numpy().tobytes().hex(),
-                 "torch_rng": torch.get_rng_state().numpy().tobytes().hex()}
         return save_checkpoint(self.out / "checkpoints", self.step, self.config(), self.pair, self.pair,
-                               self.optimizer, state, self.cfg.keep_checkpoints)
+                               self.optimizer, rng_state(self.generator, self.device), self.cfg.keep_checkpoints)
 
     def resume(self, path: str | Path | None = None) -> None:
         ckpt = resolve_checkpoint(path or self.out)
@@ -138,9 +137,7 @@ class AutoencoderTrainer:
         state = json.loads((ckpt / "state.json").read_text())
         self.optimizer.load_state_dict(unflatten_optimizer_state(load_tensors(ckpt / "optimizer.safetensors"),
                                                                  state["optimizer"]))
-        u8 = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
-        self.generator.set_state(u8(state["generator"]))
-        torch.set_rng_state(u8(state["torch_rng"]))
+        restore_rng_state(state, self.generator, self.device)
         self.step = state["step"]
 
     def train_step(self) -> dict:
@@ -186,11 +183,8 @@ class AutoencoderTrainer:
     def measure_scale(self) -> tuple[float, float]:
         """1 / std and mean of the posterior means of (up to) ``scale_images`` training images."""
         self.ae.eval()
-        n = min(self.cfg.scale_images, len(self.images))
-        pick = torch.linspace(0, len(self.images) - 1, n).round().long()
-        z = torch.cat([self.ae.encode(self.images[pick[i:i + 256]].to(self.device)).mean.cpu()
-                       for i in range(0, n, 256)])
-        return 1.0 / z.std().item(), z.mean().item()
+        std, mean = posterior_mean_stats(self.ae.encode, self.data.images, self.cfg.scale_images, self.device)
+        return 1.0 / std, mean
 
     def fit(self) -> Path:
         cfg = self.cfg
@@ -263,14 +257,12 @@ class LoadedAutoencoder(nn.Module):
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] != self.latent_channels:
             raise ConfigError(f"the decoder takes {self.latent_channels}-channel latents, got {z.shape[1]}")
-        z = z / self.scale
+        return self.decode(z / self.scale)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images."""
         return self.module.decode(z) if self.kind == "kakusan" else self.module.decode(z).sample
-
-
-def _sha256_files(paths) -> str:
-    from ..conditioning.text import _file_sha256
-
-    return _file_sha256(list(paths))
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedAutoencoder:
@@ -299,7 +291,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Lo
     load_state_dict_into(ae, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, weights)
     return LoadedAutoencoder(ae.to(device).eval().requires_grad_(False), "kakusan", ae_cfg.factor,
                              ae_cfg.latent_channels, ae_cfg.in_channels, ae_cfg.scale_factor,
-                             _sha256_files([weights]), str(ckpt))
+                             file_sha256(weights), str(ckpt))
 
 
 def _load_diffusers(path: Path, raw: dict, device) -> LoadedAutoencoder:
@@ -318,19 +310,24 @@ def _load_diffusers(path: Path, raw: dict, device) -> LoadedAutoencoder:
     # is measured on the training data, like a kakusan autoencoder's
     return LoadedAutoencoder(vae.to(device).eval().requires_grad_(False), "diffusers", factor,
                              int(raw.get("latent_channels", 4)), int(raw.get("in_channels", 3)), None,
-                             _sha256_files(weights), str(path))
+                             file_sha256(*weights), str(path))
 
 
 @torch.no_grad()
-def measure_latent_scale(ae: LoadedAutoencoder, images: torch.Tensor, n: int = 2000, batch_size: int = 128
-                         ) -> float:
+def posterior_mean_stats(encode, images: torch.Tensor, n: int, device, batch_size: int = 256
+                         ) -> tuple[float, float]:
+    """std and mean of the posterior means ``encode(x).mean`` of up to ``n`` uint8 images spread over the set."""
+    pick = torch.linspace(0, len(images) - 1, min(n, len(images))).round().long()
+    z = torch.cat([encode(to_model_range(images[pick[i:i + batch_size]]).to(device)).mean.float().cpu()
+                   for i in range(0, len(pick), batch_size)])
+    return z.std().item(), z.mean().item()
+
+
+def measure_latent_scale(ae: LoadedAutoencoder, images: torch.Tensor, n: int = 2000) -> float:
     """1 / std of the (unscaled) posterior means of up to ``n`` images (uint8, spread over the set); sets and
     returns ``ae.scale``."""
-    pick = torch.linspace(0, len(images) - 1, min(n, len(images))).round().long()
-    device = next(ae.module.parameters()).device
-    z = torch.cat([ae._posterior(to_model_range(images[pick[i:i + batch_size]]).to(device)).mean.float().cpu()
-                   for i in range(0, len(pick), batch_size)])
-    ae.scale = 1.0 / z.std().item()
+    std, _ = posterior_mean_stats(ae._posterior, images, n, next(ae.module.parameters()).device)
+    ae.scale = 1.0 / std
     return ae.scale
 
 
@@ -372,7 +369,7 @@ def reconstruction_report(checkpoint: str | Path, data_spec: str, split: str = "
     for i in range(0, len(data), batch_size):
         x = data.images[i:i + batch_size]
         q = ae._posterior(to_model_range(x).to(device))
-        rec = to_uint8(ae.module.decode(q.mean) if ae.kind == "kakusan" else ae.module.decode(q.mean).sample).cpu()
+        rec = to_uint8(ae.decode(q.mean)).cpu()
         values.append(psnr(rec, x))
         sq.append((rec.float() - x.float()).square().flatten(1).mean(1))
         if first is None:

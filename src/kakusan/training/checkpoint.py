@@ -125,6 +125,24 @@ def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Mo
     return final
 
 
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """The training generator's, the global CPU and (on CUDA) the device's RNG states, as hex for state.json."""
+    s = {"generator": generator.get_state().numpy().tobytes().hex(),
+         "torch_rng": torch.get_rng_state().numpy().tobytes().hex()}
+    if device.type == "cuda":
+        s["cuda_rng"] = torch.cuda.get_rng_state(device).numpy().tobytes().hex()
+    return s
+
+
+def restore_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Set the RNG states saved by :func:`rng_state` (the CUDA one only when it was saved and runs on CUDA)."""
+    u8 = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
+    generator.set_state(u8(state["generator"]))
+    torch.set_rng_state(u8(state["torch_rng"]))
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(u8(state["cuda_rng"]), device)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), or a model .safetensors file."""
     path = Path(path).expanduser()

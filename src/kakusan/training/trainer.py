@@ -29,8 +29,8 @@ from ..models import UNet, UNetConfig, get_preset
 from ..plots import plot_loss
 from ..samplers import sample
 from ..schedules import ScheduleConfig, make_schedule
-from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, save_checkpoint,
-                         unflatten_optimizer_state)
+from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, restore_rng_state,
+                         rng_state, save_checkpoint, unflatten_optimizer_state)
 from .distributed import DistInfo
 from .ema import EMA
 
@@ -277,12 +277,7 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        s = {"generator": self.generator.get_state().numpy().tobytes().hex(),
-             "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
-             "skipped_steps": self.skipped_steps}
-        if self.device.type == "cuda":
-            s["cuda_rng"] = torch.cuda.get_rng_state(self.device).numpy().tobytes().hex()
-        return s
+        return {**rng_state(self.generator, self.device), "skipped_steps": self.skipped_steps}
 
     def save(self) -> Path:
         path = self.out / "checkpoints" / f"step-{self.step:08d}"
@@ -306,11 +301,7 @@ class Trainer:
         state = json.loads((ckpt / "state.json").read_text())
         opt_tensors = load_tensors(ckpt / "optimizer.safetensors")
         self.optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
-        u8 = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
-        self.generator.set_state(u8(state["generator"]))
-        torch.set_rng_state(u8(state["torch_rng"]))
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(u8(state["cuda_rng"]), self.device)
+        restore_rng_state(state, self.generator, self.device)
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
 
