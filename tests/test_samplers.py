@@ -153,6 +153,19 @@ def test_samplers_reproduce_a_gaussian_mixture(name):
     assert x[x > 0].std().item() == pytest.approx(0.5, abs=0.03)
 
 
+def test_mixture_component_names_the_mode_a_point_is_in():
+    """The benchmark's mode-flip count rests on this: points near a mean belong to its component, and at the
+    midpoint of two equally wide components the heavier one wins: with weights 1:3 and std 0.3 the boundary sits at
+    x = -0.09 log(3) / 2 = -0.049 (posterior at the clean level)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(5, 8, generator=g, dtype=torch.float64) * 3
+    mix = GaussianMixture(means, torch.tensor([0.1, 0.2, 0.1, 0.3, 0.2]), torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0]))
+    pts = means.repeat(4, 1) + 0.05 * torch.randn(20, 8, generator=g, dtype=torch.float64)
+    assert mix.component(pts).tolist() == list(range(5)) * 4
+    two = GaussianMixture(torch.tensor([[-1.0], [1.0]]), torch.tensor([0.3, 0.3]), torch.tensor([1.0, 3.0]))
+    assert two.component(torch.tensor([[0.0], [-0.04], [-0.06]], dtype=torch.float64)).tolist() == [1, 1, 0]
+
+
 def test_sampler_errors():
     s = make_schedule("linear")
     den = _Fixed(torch.zeros(()))

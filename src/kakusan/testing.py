@@ -51,6 +51,10 @@ class GaussianMixture:
         x0_k = self.means[None] + a * self.stds[None, :, None] ** 2 / v * diff  # (B, K, D)
         return (log_r.exp()[..., None] * x0_k).sum(1).reshape(x_t.shape).to(x_t.dtype)
 
+    def component(self, x0: torch.Tensor) -> torch.Tensor:
+        """The most probable component of clean points x0, (B,) int64: which mode a sample landed in."""
+        return self.log_posterior(x0, 1.0, 0.0).argmax(1)
+
     def log_posterior(self, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor:
         """log p(k | x_t), (B, K), float64, differentiable in x_t: the exact noise-level-aware classifier."""
         return self._terms(x_t, alpha, sigma)[3]
