@@ -94,8 +94,10 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[floa
     return times
 
 
-def bench(name, model, call, cfg, batch, device, bf16, compiled, steps, warmup) -> dict:
+def bench(name, model, call, cfg, batch, device, bf16, compiled, steps, warmup, ckpt=False) -> dict:
     model = model.to(device).train()
+    if ckpt:  # both libraries name it the same
+        model.enable_gradient_checkpointing()
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     flops = count_flops(model, call, x0)
     fwd = torch.compile(model) if compiled else model
@@ -106,7 +108,7 @@ def bench(name, model, call, cfg, batch, device, bf16, compiled, steps, warmup) 
     times = time_steps(step, steps, warmup, device)
     med = statistics.median(times)
     row = {"library": name, "precision": "bf16" if bf16 else ("tf32" if device.type == "cuda" else "fp32"),
-           "compile": compiled, "batch": batch, "params": sum(p.numel() for p in model.parameters()),
+           "compile": compiled, "gradient_checkpointing": ckpt, "batch": batch, "params": sum(p.numel() for p in model.parameters()),
            "median_step_ms": med * 1e3, "images_per_s": batch / med, "tflops": flops / med / 1e12,
            "gflop_per_image": flops / batch / 1e9}
     if device.type == "cuda":
@@ -122,7 +124,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--modes", default=None,
-                   help="comma list of fp32,bf16,bf16+compile (default: all on CUDA, fp32 on CPU)")
+                   help="comma list of fp32,bf16,bf16+compile; '+ckpt' adds gradient checkpointing (e.g. bf16+ckpt) "
+                        "(default: fp32,bf16,bf16+compile,bf16+ckpt on CUDA, fp32 on CPU)")
     p.add_argument("--no-peer", action="store_true", help="skip diffusers")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/...)")
     args = p.parse_args()
@@ -131,16 +134,19 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    modes = (args.modes or ("fp32,bf16,bf16+compile" if device.type == "cuda" else "fp32")).split(",")
+    modes = (args.modes or ("fp32,bf16,bf16+compile,bf16+ckpt" if device.type == "cuda" else "fp32")).split(",")
     cfg = get_preset(args.preset)
     kakusan_call = lambda m, x, t: m(x, t.float())  # noqa: E731
     diffusers_call = lambda m, x, t: m(x, t).sample  # noqa: E731
     rows = []
     for mode in modes:
-        bf16, compiled = mode.startswith("bf16"), mode.endswith("+compile")
+        parts = mode.split("+")
+        if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"compile", "ckpt"}:
+            p.error(f"unknown mode {mode!r}: fp32 or bf16, optionally +compile and/or +ckpt")
+        bf16, compiled, ckpt = parts[0] == "bf16", "compile" in parts, "ckpt" in parts
         torch.manual_seed(0)
         rows.append(bench("kakusan", UNet(cfg), kakusan_call, cfg, args.batch_size, device, bf16, compiled,
-                          args.steps, args.warmup))
+                          args.steps, args.warmup, ckpt))
         if not args.no_peer:
             try:
                 peer = diffusers_equivalent(cfg)
@@ -149,7 +155,7 @@ def main() -> None:
                 args.no_peer = True
                 continue
             rows.append(bench("diffusers", peer, diffusers_call, cfg, args.batch_size, device, bf16, compiled,
-                              args.steps, args.warmup))
+                              args.steps, args.warmup, ckpt))
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     meta = {"benchmark": "train_throughput", "preset": args.preset, "device": dev_name,
@@ -162,16 +168,18 @@ def main() -> None:
         pass
     print(f"\n{args.preset} training step, batch {args.batch_size}, on {dev_name} (torch {torch.__version__}"
           + (f", diffusers {meta['diffusers']}" if "diffusers" in meta else "") + ")")
-    hdr = f"{'library':<10} {'precision':<9} {'compile':<7} {'params':>9} {'ms/step':>9} {'images/s':>9} {'TFLOP/s':>8}"
+    hdr = f"{'library':<10} {'precision':<9} {'compile':<7} {'ckpt':<5} {'params':>9} {'ms/step':>9} {'images/s':>9} {'TFLOP/s':>8}"
     print(hdr + ("  peak GiB" if device.type == "cuda" else ""))
     for r in rows:
-        line = (f"{r['library']:<10} {r['precision']:<9} {str(r['compile']):<7} {r['params'] / 1e6:>8.2f}M "
+        line = (f"{r['library']:<10} {r['precision']:<9} {str(r['compile']):<7} "
+                f"{str(r['gradient_checkpointing']):<5} {r['params'] / 1e6:>8.2f}M "
                 f"{r['median_step_ms']:>9.1f} {r['images_per_s']:>9.1f} {r['tflops']:>8.2f}")
         print(line + (f"  {r['peak_mem_gib']:8.2f}" if "peak_mem_gib" in r else ""))
     for mode_rows in zip(rows[0::2], rows[1::2]):
         k, d = mode_rows
         if k["library"] == "kakusan" and d["library"] == "diffusers":
-            print(f"kakusan / diffusers ({k['precision']}, compile={k['compile']}): "
+            print(f"kakusan / diffusers ({k['precision']}, compile={k['compile']}, "
+                  f"checkpointing={k['gradient_checkpointing']}): "
                   f"{k['images_per_s'] / d['images_per_s']:.2f}x")
     out = Path(args.json or Path(__file__).parent / "results" / f"train_throughput-{args.preset}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

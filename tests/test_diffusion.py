@@ -108,3 +108,27 @@ def test_denoiser_loss_shape_and_seeded_determinism():
     # predicting zero eps: the loss is the mean squared noise, ~1
     big = d.loss(torch.randn(4096, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert big.mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_denoiser_precision_bf16_autocast_keeps_the_samplers_dtype():
+    """bf16 runs the network under autocast (its answer moves by bf16 round-off, ~1e-2 relative) while the
+    x0 the sampler sees stays float32; 'auto' means fp32 on a CPU; an unknown precision is refused."""
+    from kakusan.models import UNet, get_preset
+
+    torch.manual_seed(0)
+    net = UNet(get_preset("unet-tiny")).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    d = Denoiser(net, make_schedule("linear"), DiffusionConfig("eps"))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10.0, 200.0, 500.0, 900.0])
+    with torch.no_grad():
+        ref = d(x, t)
+        assert d.set_precision("auto", "cpu").autocast_dtype is None and torch.equal(d(x, t), ref)
+        low = d.set_precision("bf16", "cpu")(x, t)
+        assert d.set_precision("auto", "cuda").autocast_dtype == torch.bfloat16
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, ref)
+    rel = ((low - ref).norm() / ref.norm()).item()
+    assert rel < 3e-2
+    with pytest.raises(ConfigError, match="precision"):
+        d.set_precision("fp16", "cpu")

@@ -60,6 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute the U-Net's blocks in the backward pass (less GPU memory, ~1 more forward)")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
     p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
@@ -126,7 +128,8 @@ def cmd_sample(args) -> int:
         print(json.dumps(resolved, indent=2))
         return 0
     device = resolve_device(args.device)
-    denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device)
+    denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device,
+                                     precision=args.precision)
     classes = config["data"].get("class_names") or []
     model_k = k = config["model"].get("num_classes", 0)
     cond = None
@@ -353,7 +356,7 @@ def cmd_eval(args) -> int:
     if args.checkpoint:
         fake = sample_features(extractor, args.checkpoint, args.n, device=args.device_resolved,
                                sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
-                               seed=args.seed, batch_size=args.batch_size, progress=True)
+                               seed=args.seed, batch_size=args.batch_size, progress=True, precision=args.precision)
     else:
         fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
     result = score(extractor, fake, ref, tuple(args.metrics))
@@ -487,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="also write one PNG per sample here")
     p.add_argument("--autoencoder", help="latent models: the autoencoder, if not where it was in training")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--precision", default="auto",
+                   help="the network's forward pass: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true")
@@ -552,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")
     p.add_argument("--out", help="write scores + provenance record as JSON here")
+    p.add_argument("--precision", default="auto", help="the network's forward pass when sampling: auto | fp32 | bf16")
     _eval_common(p)
     p.set_defaults(func=cmd_eval)
 

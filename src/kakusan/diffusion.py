@@ -152,6 +152,16 @@ class Denoiser(nn.Module):
         self.backbone = backbone
         self.schedule = schedule
         self.config = config or DiffusionConfig()
+        self.autocast_dtype: torch.dtype | None = None  # the backbone's compute precision at inference
+
+    def set_precision(self, precision: str, device: str | torch.device) -> "Denoiser":
+        """'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32' or 'bf16' for the backbone's forward pass;
+        the sampler's own arithmetic (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype."""
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        return self
 
     @property
     def prediction(self) -> str:
@@ -159,7 +169,10 @@ class Denoiser(nn.Module):
 
     def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
-        return self.backbone(x_t, t, cond)
+        if self.autocast_dtype is None:
+            return self.backbone(x_t, t, cond)
+        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
+            return self.backbone(x_t, t, cond).float()
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0])

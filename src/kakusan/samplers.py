@@ -221,7 +221,7 @@ def _unipc_predict(x, t_lvl, s_lvl, history):
     if len(history) != 2 or s_lvl[1] == 0 or t_lvl[0] == 0:
         return _exp_step(x, t_lvl, s_lvl, history, 0.0, None)
     # UniP-2: the slope term with the fixed coefficient 1/2 (x B(h)), as in the paper
-    (a_t, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
+    (_, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
     h = lam_s - lam_t
     (_, d0), (lam_1, d1) = history
     r1 = (lam_1 - lam_t) / h
@@ -229,7 +229,7 @@ def _unipc_predict(x, t_lvl, s_lvl, history):
 
 
 def _unipc_correct(x, t_lvl, s_lvl, history, x0_next):
-    (a_t, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
+    (_, s_t, lam_t), (a_s, s_s, lam_s) = t_lvl, s_lvl
     h = lam_s - lam_t
     if len(history) == 1:  # UniC-1: the fixed coefficient 1/2 (x B(h)) on the new slope
         d0 = history[0][1]

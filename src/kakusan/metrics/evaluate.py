@@ -134,7 +134,7 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
 
 def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps: int = 20,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
-             device="cpu", progress: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+             device="cpu", progress: bool = False, precision: str = "auto") -> tuple[Tensor, Tensor | None, dict]:
     """``n`` samples (uint8) from a checkpoint, balanced over classes for a class-conditional model; returns
     (images, requested labels or None, source record with the wall time)."""
     from ..data.datasets import to_uint8
@@ -150,7 +150,7 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     ckpt = resolve_checkpoint(checkpoint)
     weights = ckpt if ckpt.is_file() else ckpt / "ema.safetensors"
-    denoiser, config = load_denoiser(ckpt, device=device)
+    denoiser, config = load_denoiser(ckpt, device=device, precision=precision)
     if config.get("text_encoder"):
         raise ConfigError(f"{ckpt} is text-conditional; eval and sweep sample unconditional and class-conditional "
                           f"models (for text models see benchmarks/text_to_image.py)")
@@ -183,6 +183,7 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
               "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": info.nfe(steps),
               "spacing": spacing or info.default_spacing, "guidance": guidance, "seed": seed, "n": n,
               "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
+              "precision": "bf16" if denoiser.autocast_dtype is not None else "fp32",
               "classes": "balanced" if labels is not None else None}
     if decoder is not None:
         source["autoencoder_sha256"] = decoder.sha256

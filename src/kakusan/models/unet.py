@@ -300,6 +300,22 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # a training-time choice, not part of the architecture (not in the config, not in checkpoints)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, on: bool = True) -> "UNet":
+        """Recompute each residual block + attention pair in the backward pass instead of keeping its
+        activations: less memory for about one more forward pass. Only while training with gradients."""
+        self.gradient_checkpointing = on
+        return self
+
+    def _block(self, block, attn, h: Tensor, temb: Tensor, context, mask) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(lambda h_, e_, c_: attn(block(h_, e_), c_, mask), h, temb, context,
+                              use_reentrant=False)
+        return attn(block(h, temb), context, mask)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         """x: (B, C_in, H, W); t: (B,) the schedule's time; cond: class labels (B,) ints (num_classes = null)
@@ -330,15 +346,15 @@ class UNet(nn.Module):
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, temb), context, mask)
+                h = self._block(block, attn, h, temb, context, mask)
                 skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
                 skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb), context, mask), temb)
+        h = self.mid_block2(self._block(self.mid_block1, self.mid_attn, h, temb, context, mask), temb)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb), context, mask)
+                h = self._block(block, attn, torch.cat([h, skips.pop()], dim=1), temb, context, mask)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -76,6 +76,7 @@ class TrainConfig:
     guidance: float = 2.0  # for the grids of class-conditional runs
     device: str = "auto"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
+    gradient_checkpointing: bool = False  # recompute U-Net blocks in the backward pass: less memory, ~+1 forward
     nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at once
     limit: int | None = None  # use only the first N training images
     image_size: int | None = None  # resize the data to this size (needed for image folders)
@@ -222,7 +223,7 @@ class Trainer:
                                  self.autoencoder.record() if self.autoencoder else None)
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
-        self.model = UNet(self.model_cfg).to(self.device)
+        self.model = UNet(self.model_cfg).to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
         self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
         # under torchrun the training forward goes through DDP (gradients averaged over the processes)
         self.train_denoiser = self.denoiser if self.dist.world == 1 else Denoiser(
@@ -436,9 +437,10 @@ class Trainer:
 # Loading for sampling
 
 
-def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"
-                  ) -> tuple[Denoiser, dict]:
-    """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file."""
+def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                  precision: str = "auto") -> tuple[Denoiser, dict]:
+    """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file; its
+    forward pass runs in bf16 autocast on CUDA unless ``precision`` says otherwise (see Denoiser.set_precision)."""
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model_cfg = dict(config["model"])
@@ -452,4 +454,4 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     load_state_dict_into(model, load_tensors(weights_path), weights_path)
     schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
     denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
-    return denoiser, config
+    return denoiser.set_precision(precision, device), config
