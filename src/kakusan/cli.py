@@ -60,6 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training forward pass (worth it on GPUs for long runs)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute the U-Net's blocks in the backward pass (less GPU memory, ~1 more forward)")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")

@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
     gradient_checkpointing: bool = False  # recompute U-Net blocks in the backward pass: less memory, ~+1 forward
+    compile: bool = False  # torch.compile the training forward (pays on GPUs over long runs; compiling takes minutes)
     nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at once
     limit: int | None = None  # use only the first N training images
     image_size: int | None = None  # resize the data to this size (needed for image folders)
@@ -225,11 +226,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = UNet(self.model_cfg).to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
         self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
-        # under torchrun the training forward goes through DDP (gradients averaged over the processes)
-        self.train_denoiser = self.denoiser if self.dist.world == 1 else Denoiser(
-            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                                      if self.device.type == "cuda" else None),
-            self.schedule, self.denoiser.config)
+        # under torchrun the training forward goes through DDP (gradients averaged over the processes); with
+        # compile, through torch.compile of that (the weights stay self.model's: checkpoints and EMA see no wrapper)
+        backbone = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            backbone = torch.compile(backbone)
+        self.train_denoiser = self.denoiser if backbone is self.model else Denoiser(
+            backbone, self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
