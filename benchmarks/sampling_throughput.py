@@ -178,8 +178,8 @@ def main() -> None:
     print(f"{'library':<10} {'mode':<18} {'ms/eval':>9} {'rel.err':>9} {str(args.steps) + '-step sampler s':>18}")
     for r in rows:
         e = r["rel_error_vs_fp32_eager"]
-        print(f"{r['library']:<10} {r['mode']:<18} {r['ms_per_eval']:>9.2f} {e if e is not None else float('nan'):>9.1e} "
-              f"{r['sampler_seconds']:>18.3f}")
+        err = f"{e:>9.1e}" if e is not None else f"{'(ref)':>9}"
+        print(f"{r['library']:<10} {r['mode']:<18} {r['ms_per_eval']:>9.2f} {err} {r['sampler_seconds']:>18.3f}")
     best = {lib: min((r for r in rows if r["library"] == lib), key=lambda r: r["ms_per_eval"], default=None)
             for lib in ("kakusan", "diffusers")}
     if best["kakusan"] and best["diffusers"]:
