@@ -206,6 +206,11 @@ def test_embedding_cache_is_reused_and_keyed_by_captions(clip_dir, tmp_path, mon
     monkeypatch.setattr(type(enc), "encode", refuse)
     again = cached_embeddings(enc, ["red apple", "cat", ""], tmp_path / "c")
     assert torch.equal(again.tokens, first.tokens) and torch.equal(again.mask, first.mask)
+    # a fresh encoder reading a warm cache never loads its network: the weights' hash is all the key needs
+    fresh = load_text_encoder(str(clip_dir), max_length=8)
+    assert fresh.dim == enc.dim and fresh.sha256 == enc.sha256
+    assert torch.equal(cached_embeddings(fresh, ["red apple", "cat", ""], tmp_path / "c").tokens, first.tokens)
+    assert fresh._model is None and fresh._tokenizer is None
     with pytest.raises(AssertionError, match="encoded again"):  # other captions: another key
         cached_embeddings(enc, ["red apple", "green cat"], tmp_path / "c")
 

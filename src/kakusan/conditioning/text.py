@@ -126,7 +126,7 @@ class TextEncoder(torch.nn.Module):
     def __init__(self, spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 77, device: str | torch.device = "cpu"):
         super().__init__()
         try:
-            from transformers import AutoConfig, AutoTokenizer
+            from transformers import AutoConfig
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
@@ -143,26 +143,50 @@ class TextEncoder(torch.nn.Module):
         weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
         if not weights:
             raise ConfigError(f"{path}: no weight files (*.safetensors or *.bin)")
-        hf_config = AutoConfig.from_pretrained(path)
-        kind = hf_config.model_type
         try:
-            if kind in ("clip", "clip_text_model"):
-                from transformers import CLIPTextModel as cls
-            elif kind in ("t5", "mt5", "umt5"):
-                from transformers import T5EncoderModel as cls
-            else:
-                from transformers import AutoModel as cls
-            self.model = cls.from_pretrained(path).eval().requires_grad_(False).to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            hf_config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot load the text encoder ({e})") from None
-        model_max = getattr(self.model.config, "max_position_embeddings", None) or 10**9
-        self.spec, self.kind, self.path = spec, kind, path
+            raise ConfigError(f"{path}: cannot read the text encoder's config.json ({e})") from None
+        kind = hf_config.model_type
+        text_cfg = getattr(hf_config, "text_config", None) if kind == "clip" else None
+        text_cfg = text_cfg or hf_config
+        self.spec, self.kind, self.path, self.device = spec, kind, path, torch.device(device)
+        model_max = getattr(text_cfg, "max_position_embeddings", None) or 10**9
         self.max_length = int(min(max_length, model_max))
         from ..metrics.provenance import file_sha256
 
         self.sha256 = file_sha256(*weights)
-        self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model)
+        self.dim = int(getattr(text_cfg, "hidden_size", 0) or text_cfg.d_model)
+        # the network and tokenizer load on the first encode(): a run whose embeddings are cached needs only
+        # the hash and the width above
+        self._model = self._tokenizer = None
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            if self.kind in ("clip", "clip_text_model"):
+                from transformers import CLIPTextModel as cls
+            elif self.kind in ("t5", "mt5", "umt5"):
+                from transformers import T5EncoderModel as cls
+            else:
+                from transformers import AutoModel as cls
+            self._model = cls.from_pretrained(self.path).eval().requires_grad_(False).to(self.device)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.path}: cannot load the text encoder ({e})") from None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._load()
+        return self._tokenizer
 
     def record(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "max_length": self.max_length,
