@@ -181,7 +181,8 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     wall = time.perf_counter() - t0
     source = {"kind": "samples", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(weights),
               "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": info.nfe(steps),
-              "spacing": spacing or info.default_spacing, "guidance": guidance, "seed": seed, "n": n,
+              "spacing": spacing or info.default_spacing,
+              "sigma_max": None if spacing else info.default_sigma_max, "guidance": guidance, "seed": seed, "n": n,
               "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
               "precision": "bf16" if denoiser.autocast_dtype is not None else "fp32",
               "classes": "balanced" if labels is not None else None}
