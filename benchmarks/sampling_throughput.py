@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import diffusers_equivalent  # noqa: E402
+from train_throughput import diffusers_equivalent, run_meta  # noqa: E402
 
 from kakusan.diffusion import Denoiser, DiffusionConfig  # noqa: E402
 from kakusan.models import UNet, get_preset  # noqa: E402
@@ -164,17 +163,8 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {"benchmark": "sampling_throughput", "preset": args.preset, "device": dev_name,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "calls": args.calls}
-    try:
-        import diffusers
-
-        meta["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    print(f"\n{args.preset} sampling, batch {args.batch_size}, on {dev_name} (torch {torch.__version__}"
-          + (f", diffusers {meta['diffusers']}" if "diffusers" in meta else "") + ")")
+    meta = run_meta("sampling_throughput", args.preset, device, calls=args.calls)
+    print(f"\n{args.preset} sampling, batch {args.batch_size}, {meta['where']}")
     print(f"{'library':<10} {'mode':<18} {'ms/eval':>9} {'rel.err':>9} {str(args.steps) + '-step sampler s':>18}")
     for r in rows:
         e = r["rel_error_vs_fp32_eager"]

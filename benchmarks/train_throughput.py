@@ -52,6 +52,23 @@ def diffusers_equivalent(cfg: UNetConfig):
         resnet_time_scale_shift="scale_shift" if cfg.time_conditioning == "scale-shift" else "default")
 
 
+def run_meta(benchmark: str, preset: str, device: torch.device, **extra) -> dict:
+    """What a result was measured on: the device by name, torch and diffusers versions, CPU threads; 'where'
+    is the same as one line for the table's title."""
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    meta = {"benchmark": benchmark, "preset": preset, "device": dev_name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **extra}
+    try:
+        import diffusers
+
+        meta["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    meta["where"] = (f"on {dev_name} (torch {torch.__version__}"
+                     + (f", diffusers {meta['diffusers']}" if "diffusers" in meta else "") + ")")
+    return meta
+
+
 def make_step(model, call, opt, schedule, x0, bf16: bool):
     alpha_bar = schedule.alpha_bar.to(x0.device, torch.float32)
     T = len(alpha_bar)
@@ -157,17 +174,8 @@ def main() -> None:
             rows.append(bench("diffusers", peer, diffusers_call, cfg, args.batch_size, device, bf16, compiled,
                               args.steps, args.warmup, ckpt))
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {"benchmark": "train_throughput", "preset": args.preset, "device": dev_name,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
-    try:
-        import diffusers
-
-        meta["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    print(f"\n{args.preset} training step, batch {args.batch_size}, on {dev_name} (torch {torch.__version__}"
-          + (f", diffusers {meta['diffusers']}" if "diffusers" in meta else "") + ")")
+    meta = run_meta("train_throughput", args.preset, device, steps=args.steps)
+    print(f"\n{args.preset} training step, batch {args.batch_size}, {meta['where']}")
     hdr = f"{'library':<10} {'precision':<9} {'compile':<7} {'ckpt':<5} {'params':>9} {'ms/step':>9} {'images/s':>9} {'TFLOP/s':>8}"
     print(hdr + ("  peak GiB" if device.type == "cuda" else ""))
     for r in rows:
