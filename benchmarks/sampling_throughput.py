@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,30 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import diffusers_equivalent, run_meta  # noqa: E402
+from train_throughput import diffusers_equivalent, run_meta, time_steps  # noqa: E402
 
 from kakusan.diffusion import Denoiser, DiffusionConfig  # noqa: E402
 from kakusan.models import UNet, get_preset  # noqa: E402
 from kakusan.samplers import DEFAULT_SAMPLER, sample  # noqa: E402
 from kakusan.schedules import make_schedule  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, calls: int, warmup: int, device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 class _Forward(torch.nn.Module):
@@ -139,7 +120,7 @@ def main() -> None:
                     eager[lib] = out
                 ref = eager.get(lib) if mode != "fp32" else None
                 err = ((out - ref).norm() / ref.norm()).item() if ref is not None else None
-                times = _timed(lambda: fwd(xin, tin), args.calls, args.warmup, device)
+                times = time_steps(lambda: fwd(xin, tin), args.calls, args.warmup, device)
                 # the whole sampler, from the same noise
                 if lib == "kakusan":
                     den = Denoiser(fwd, schedule, DiffusionConfig("eps"))
@@ -147,12 +128,8 @@ def main() -> None:
                                          steps=args.steps, seed=0, device=device)
                 else:
                     run = lambda: diffusers_sampler_loop(fwd, x.clone(), args.steps)  # noqa: E731
-                run()  # warm-up (and compilation for the shapes the loop uses)
-                _sync(device)
-                t0 = time.perf_counter()
-                run()
-                _sync(device)
-                wall = time.perf_counter() - t0
+                # one warm-up run (and compilation for the shapes the loop uses), one timed
+                wall = time_steps(run, 1, 1, device)[0]
             med = statistics.median(times)
             rows.append({"library": lib, "mode": mode, "batch": args.batch_size,
                          "params": sum(q.numel() for q in net.parameters()), "ms_per_eval": med * 1e3,

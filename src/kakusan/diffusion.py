@@ -141,6 +141,15 @@ class DiffusionConfig:
         return asdict(self)
 
 
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype a precision setting means on ``device``: 'auto' is bf16 on CUDA and fp32 (None: no
+    autocast) elsewhere, 'fp32' None, 'bf16' bf16. Training and sampling both read their setting here."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else None
+
+
 class Denoiser(nn.Module):
     """A backbone plus the schedule it was trained on: D(x_t, t, cond) -> x0_hat.
 
@@ -155,12 +164,9 @@ class Denoiser(nn.Module):
         self.autocast_dtype: torch.dtype | None = None  # the backbone's compute precision at inference
 
     def set_precision(self, precision: str, device: str | torch.device) -> "Denoiser":
-        """'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32' or 'bf16' for the backbone's forward pass;
-        the sampler's own arithmetic (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype."""
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-        bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        """The backbone's forward pass in ``precision`` (see :func:`autocast_dtype`); the sampler's own arithmetic
+        (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype."""
+        self.autocast_dtype = autocast_dtype(precision, device)
         return self
 
     @property

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
 from ..data.datasets import cache_dir
-from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser
+from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser, autocast_dtype
 from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
 from ..images import save_grid
@@ -103,8 +103,7 @@ class TrainConfig:
             raise ConfigError(f"text_max_length must be an integer >= 2, got {self.text_max_length!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        autocast_dtype(self.precision, "cpu")  # refuses an unknown setting now, not at the first step
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
         if self.latent_mode not in ("mean", "sample"):
@@ -242,7 +241,7 @@ class Trainer:
         self.labels = self.data.labels
         self.step = 0
         self.out = Path(cfg.out)
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = autocast_dtype(cfg.precision, self.device) is not None
         self.skipped_steps = 0
 
     def _encode_captions(self) -> None:
