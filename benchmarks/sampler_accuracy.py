@@ -10,8 +10,14 @@ of the distance between the modes, and a few of them decide the RMSE).
 Each diffusers scheduler is swept over its spacing options and reported at its best per NFE; kakusan's samplers
 likewise, and its recommended default (what `kakusan sample` uses without --sampler/--spacing) separately.
 
+Flips are rare events (a few per thousand starts), so the ratio default / best diffusers comes with two checks
+on its noise: a 90% bootstrap interval (starts resampled, both configurations held fixed), and a held-out ratio,
+where the best diffusers configuration is chosen on the first half of the starts and both are scored on the
+second half (choosing the best of ~50 configurations on the same starts it is scored on flatters it).
+
     python benchmarks/sampler_accuracy.py                 # table + benchmarks/results/sampler_accuracy.json
     python benchmarks/sampler_accuracy.py --quick         # fewer mixtures and starts
+    python benchmarks/sampler_accuracy.py --starts 512    # faster, noisier (the default is 4,096 starts)
 """
 
 from __future__ import annotations
@@ -136,7 +142,7 @@ def _vp_sigma0(sched, alphas_cumprod) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--starts", type=int, default=512)
+    p.add_argument("--starts", type=int, default=4096)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sampler_accuracy.json"))
     args = p.parse_args()
     try:
@@ -162,10 +168,12 @@ def main() -> None:
             ref_k = mix.component(ref)
             rmse = lambda out: (out - ref).pow(2).mean().sqrt().item()  # noqa: E731
             rows, extra = {}, {}  # extra[key][nfe] = (median per-start error, flips)
+            sq = {}  # sq[key][nfe]: per-start squared error, for the bootstrap and the held-out ratio
 
             def score(key, nfe, out):
                 ok = bool(torch.isfinite(out).all())
                 per_start = (out - ref).pow(2).mean(1).sqrt()
+                sq.setdefault(key, {})[nfe] = per_start.pow(2) if ok else None
                 extra.setdefault(key, {})[nfe] = ((per_start.median().item(), int((mix.component(out) != ref_k).sum()))
                                                   if ok else (float("inf"), len(out)))
                 return rmse(out) if ok else float("inf")
@@ -186,14 +194,17 @@ def main() -> None:
                             res[nfe] = float("nan")
                             print(f"  {label} {opt} nfe {nfe}: {type(e).__name__}: {e}", file=sys.stderr)
                     rows[("diffusers", label, opt)] = res
+            default_key = ("kakusan", default_name, default_spacing)
+            noise = {nfe: _ratio_noise(sq, default_key, nfe) for nfe in NFES}
             results.append({"schedule": sched_name, "mixture": mix_name,
                             "starts": n,
+                            "default_vs_best_diffusers": {str(nfe): v for nfe, v in noise.items() if v},
                             "rows": [{"library": k[0], "sampler": k[1], "spacing": k[2],
                                       "rmse": {str(n): v for n, v in r.items()},
                                       "median": {str(n): e[0] for n, e in extra.get(k, {}).items()},
                                       "flips": {str(n): e[1] for n, e in extra.get(k, {}).items()}}
                                      for k, r in rows.items()]})
-            _print_table(sched_name, mix_name, rows, extra, default_name, default_spacing)
+            _print_table(sched_name, mix_name, rows, extra, default_name, default_spacing, noise)
     meta = {"benchmark": "sampler_accuracy", "nfe": NFES, "default": [default_name, default_spacing],
             "torch": torch.__version__, "diffusers": getattr(diffusers, "__version__", None),
             "seconds": time.time() - t0}
@@ -209,7 +220,28 @@ def _best(rows, library, nfe):
     return min(cands) if cands else (float("nan"), None)
 
 
-def _print_table(sched_name, mix_name, rows, extra, default_name, default_spacing):
+def _ratio_noise(sq, default_key, nfe, draws: int = 1000):
+    """The ratio RMSE(default) / RMSE(best diffusers) at one NFE, with a 90% bootstrap interval over the starts
+    (configurations fixed) and the held-out ratio (best diffusers chosen on the first half of the starts, both
+    scored on the second). None without diffusers."""
+    d = sq.get(default_key, {}).get(nfe)
+    cands = {k: v[nfe] for k, v in sq.items() if k[0] == "diffusers" and v.get(nfe) is not None}
+    if d is None or not cands:
+        return None
+    best = min(cands, key=lambda k: cands[k].mean().item())
+    b = cands[best]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(d), (draws, len(d)), generator=g)
+    boot = (d[idx].mean(1) / b[idx].mean(1)).sqrt()
+    lo, hi = torch.quantile(boot, torch.tensor([0.05, 0.95], dtype=boot.dtype)).tolist()
+    half = len(d) // 2
+    chosen = min(cands, key=lambda k: cands[k][:half].mean().item())
+    held = (d[half:].mean() / cands[chosen][half:].mean()).sqrt().item()
+    return {"ratio": (d.mean() / b.mean()).sqrt().item(), "best": list(best), "interval90": [lo, hi],
+            "held_out_ratio": held, "held_out_best": list(chosen)}
+
+
+def _print_table(sched_name, mix_name, rows, extra, default_name, default_spacing, noise=None):
     print(f"\n== {sched_name} schedule, mixture {mix_name}: RMSE to the exact endpoint ==")
     print(f"{'':<44}" + "".join(f"{'NFE ' + str(n):>11}" for n in NFES))
     best_per_sampler = {}
@@ -230,6 +262,11 @@ def _print_table(sched_name, mix_name, rows, extra, default_name, default_spacin
         b, _ = _best(rows, "diffusers", n)
         line += f"{d.get(n, float('nan')) / b:>11.2f}" if b == b and b > 0 else f"{'-':>11}"
     print(line)
+    if noise and any(noise.values()):
+        for label, f in (("  90% interval (bootstrap over starts)",
+                          lambda v: f"{v['interval90'][0]:.2f}-{v['interval90'][1]:.2f}"),
+                         ("  held out (best chosen on other starts)", lambda v: f"{v['held_out_ratio']:.2f}")):
+            print(f"{label:<44}" + "".join(f"{f(noise[n]) if noise.get(n) else '-':>11}" for n in NFES))
     dk = ("kakusan", default_name, default_spacing)
     for label, idx, fmt in (("median per-start error", 0, ">11.2e"), ("flips (starts in another mode)", 1, ">11d")):
         for lib, key in (("default", dk), ("best diffusers", None)):
