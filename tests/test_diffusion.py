@@ -36,17 +36,41 @@ def test_forward_marginal_equals_composed_one_step_kernels():
     assert resid.var().item() == pytest.approx(sigma.item() ** 2, rel=0.02)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_prediction_conversions_are_exact(prediction):
+@pytest.mark.parametrize("schedule", ["cosine", "flow"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_prediction_conversions_are_exact(prediction, schedule):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
     eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
-    alpha, sigma = make_schedule("cosine").alpha_sigma(torch.linspace(0, 990, 16))
+    alpha, sigma = make_schedule(schedule).alpha_sigma(torch.linspace(0, 990, 16))
     x_t = q_sample(x0, alpha, sigma, eps)
     target = prediction_target(prediction, x0, eps, alpha, sigma)
     x0_hat = x0_from_prediction(prediction, target, x_t, alpha, sigma)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(eps_from_x0(x0_hat, x_t, alpha, sigma), eps, rtol=1e-7, atol=1e-7)
+
+
+def test_rectified_flow_forward_process_and_velocity():
+    """On 'flow', x_t = (1 - tau) x0 + tau eps with tau = (t + 1) / T: moments of 200k draws within 5 standard
+    errors, and the 'flow' target is the path's velocity dx_t / dtau = eps - x0 (finite difference along it)."""
+    s = make_schedule("flow")
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    for t in (0, 400, 998):
+        alpha, sigma = s.alpha_sigma(t)
+        tau = (t + 1) / 1000
+        assert alpha.item() == pytest.approx(1 - tau, abs=1e-12) and sigma.item() == pytest.approx(tau, abs=1e-12)
+        x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+        x_t = q_sample(x0, alpha.expand(n), sigma.expand(n), torch.randn(n, 1, generator=g, dtype=torch.float64))
+        assert abs(x_t.mean().item() - (1 - tau) * 0.7) < 5 * tau / n**0.5
+        assert x_t.std().item() == pytest.approx(tau, rel=5 * (0.5 / n) ** 0.5)
+    x0, eps = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    (a0, s0), (a1, s1) = s.alpha_sigma(400), s.alpha_sigma(401)
+    velocity = (q_sample(x0, a1, s1, eps) - q_sample(x0, a0, s0, eps)) / (s1 - s0)  # d x_t / d tau (tau = sigma)
+    torch.testing.assert_close(velocity, prediction_target("flow", x0, eps, a0, s0), rtol=1e-9, atol=1e-9)
+    a_T, s_T = s.alpha_sigma(999)  # pure noise: x0 = x - u
+    assert a_T.item() == 0 and s_T.item() == 1 and s.zero_terminal_snr
+    torch.testing.assert_close(x0_from_prediction("flow", eps - x0, eps, a_T, s_T), x0)
 
 
 def test_v_prediction_works_at_zero_terminal_snr_and_eps_refuses():
@@ -70,11 +94,13 @@ def test_score_view_matches_gaussian_closed_form():
     torch.testing.assert_close(score_from_eps(eps_from_x0(x0_hat, x, alpha, sigma), sigma), true_score)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_min_snr_weights_equal_clipped_snr_in_x0_space(prediction):
-    """Each prediction's weighted error equals min(SNR, gamma) * ||x0_hat - x0||^2 (Hang et al. 2023)."""
+@pytest.mark.parametrize("schedule", ["linear", "flow"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_min_snr_weights_equal_clipped_snr_in_x0_space(prediction, schedule):
+    """Each prediction's weighted error equals min(SNR, gamma) * ||x0_hat - x0||^2 (Hang et al. 2023), on a
+    variance-preserving schedule and on rectified flow (alpha + sigma = 1)."""
     g = torch.Generator().manual_seed(0)
-    alpha, sigma = make_schedule("linear").alpha_sigma(torch.tensor([5.0, 100.0, 500.0, 900.0]))
+    alpha, sigma = make_schedule(schedule).alpha_sigma(torch.tensor([5.0, 100.0, 500.0, 900.0]))
     x0, eps = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
     x_t = q_sample(x0, alpha, sigma, eps)
     x0_hat = x0 + 0.1 * torch.randn(4, 8, generator=g, dtype=torch.float64)

@@ -77,6 +77,30 @@ def test_every_schedule_valid_and_zero_terminal_snr(name):
     assert alpha.item() == 0 and sigma.item() == 1 and z.log_snr(999).item() == -math.inf
 
 
+def test_rectified_flow_schedule():
+    """'flow': alpha = 1 - tau, sigma = tau at every grid point, tau = (t + 1) / T (SD3's shift moves it to
+    shift tau / (1 + (shift - 1) tau)); alpha + sigma = 1 also between grid points; the same noise levels
+    sigma~ = tau / (1 - tau) as its VP-equivalent table; bad parameters named."""
+    T = 1000
+    for shift in (1.0, 3.0):
+        s = make_schedule("flow", shift=shift)
+        tau = torch.arange(1, T + 1, dtype=torch.float64) / T
+        tau = shift * tau / (1 + (shift - 1) * tau)
+        alpha, sigma = s.alpha_sigma(torch.arange(T, dtype=torch.float64))
+        torch.testing.assert_close(alpha, 1 - tau, rtol=0, atol=1e-12)
+        torch.testing.assert_close(sigma, tau, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s.sigma_tilde_at(torch.arange(T - 1.0, dtype=torch.float64)),
+                                   tau[:-1] / (1 - tau[:-1]), rtol=1e-9, atol=0)
+        a, b = s.alpha_sigma(torch.tensor([0.5, 123.25, 998.9]))
+        torch.testing.assert_close(a + b, torch.ones(3, dtype=torch.float64))
+        assert s.zero_terminal_snr and s.log_snr(999).item() == -math.inf
+    assert make_schedule("flow").flow and not make_schedule("linear").flow
+    with pytest.raises(ConfigError, match="shift"):
+        make_schedule("flow", shift=0.0)
+    with pytest.raises(ConfigError, match="bad parameters for schedule 'flow'"):
+        make_schedule("flow", s=0.008)
+
+
 def test_continuous_t_interpolates():
     s = make_schedule("cosine")
     ts = torch.arange(1000, dtype=torch.float64)

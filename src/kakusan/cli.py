@@ -28,9 +28,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                   f"folder:DIR | captions:DIR | emoji:DIR|.tar.gz (default {d.data})")
     p.add_argument("--preset", help=f"U-Net preset (default {d.preset}; see 'kakusan presets')")
     p.add_argument("--model", type=json.loads, help='JSON overrides of the preset, e.g. \'{"dropout": 0.0}\'')
-    p.add_argument("--schedule", help=f"linear | cosine | quadratic | sigmoid | scaled-linear (default {d.schedule})")
+    p.add_argument("--schedule", help=f"linear | cosine | quadratic | sigmoid | scaled-linear | flow (rectified flow; "
+                                      f"with --prediction flow) (default {d.schedule})")
     p.add_argument("--zero-terminal-snr", action="store_true", default=None, help="rescale to zero terminal SNR")
-    p.add_argument("--prediction", help=f"eps | x0 | v (default {d.prediction})")
+    p.add_argument("--prediction", help=f"eps | x0 | v | flow (eps - x0, rectified flow's velocity) "
+                                        f"(default {d.prediction})")
     p.add_argument("--weighting", help=f"simple | min-snr (default {d.weighting})")
     p.add_argument("--cond", help="none | class | text (default none)")
     p.add_argument("--label-dropout", type=float,

@@ -3,6 +3,8 @@
 Notation (Kingma et al. 2021, 'Variational diffusion models'; the DDPM special case in brackets):
     x_t = alpha_t x0 + sigma_t eps                      [alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)]
     v_t = alpha_t eps - sigma_t x0                      (Salimans & Ho 2022, 'Progressive distillation', eq. 8)
+    u_t = eps - x0   ('flow')                           (rectified flow's velocity dx_t/dtau when alpha = 1 - tau,
+                                                         sigma = tau; Liu et al. 2022; a valid target on any schedule)
     score  grad log p(x_t) = -E[eps | x_t] / sigma_t
 Everything here takes per-sample ``alpha, sigma`` of shape (B,) and images of shape (B, C, H, W).
 """
@@ -20,8 +22,8 @@ from .errors import ConfigError
 from .schedules import Schedule
 
 Tensor = torch.Tensor
-Prediction = Literal["eps", "x0", "v"]
-PREDICTIONS = ("eps", "x0", "v")
+Prediction = Literal["eps", "x0", "v", "flow"]
+PREDICTIONS = ("eps", "x0", "v", "flow")
 WEIGHTINGS = ("simple", "min-snr")
 
 
@@ -53,6 +55,8 @@ def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Te
         return x0
     if prediction == "v":
         return _bc(alpha, x0) * eps - _bc(sigma, x0) * x0
+    if prediction == "flow":
+        return eps - x0
     raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
 
 
@@ -71,6 +75,9 @@ def x0_from_prediction(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: 
     if prediction == "v":
         # x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2); the denominator is 1 for variance-preserving schedules
         return (a * x_t - s * out) / (a**2 + s**2)
+    if prediction == "flow":
+        # x_t = alpha x0 + sigma (u + x0)  =>  x0 = (x_t - sigma u) / (alpha + sigma)  (= x_t - tau u on 'flow')
+        return (x_t - s * out) / (a + s)
     raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
 
 
@@ -102,7 +109,9 @@ def loss_weight(weighting: str, prediction: Prediction, alpha: Tensor, sigma: Te
 
     'simple' is DDPM's unweighted loss (eq. 14). 'min-snr' (Hang et al. 2023, 'Efficient diffusion training via
     Min-SNR weighting', eq. 8) weights the x0-space error by min(SNR, gamma); expressed on each prediction's own
-    error that is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v."""
+    error that is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v on a
+    VP schedule (times sigma^2 / (alpha^2 + sigma^2)^2 in general) and min(SNR, gamma) sigma^2 / (alpha + sigma)^2
+    for flow."""
     if weighting == "simple":
         return torch.ones_like(alpha)
     if weighting != "min-snr":
@@ -116,7 +125,9 @@ def loss_weight(weighting: str, prediction: Prediction, alpha: Tensor, sigma: Te
     if prediction == "x0":
         return clipped
     if prediction == "v":
-        return clipped / (s + 1)
+        return clipped * sigma**2 / (alpha**2 + sigma**2) ** 2  # = clipped / (SNR + 1) when variance-preserving
+    if prediction == "flow":
+        return clipped * sigma**2 / (alpha + sigma) ** 2
     raise ConfigError(f"unknown prediction {prediction!r}")
 
 

@@ -297,7 +297,7 @@ def sample_heun(
                 xt = xt + math.sqrt(st_hat**2 - st**2) * s_noise * randn(x.shape, generator, x.device, x.dtype)
                 t = schedule.t_at_sigma_tilde(st_hat).item()
                 st = st_hat
-            a_hat = 1.0 / math.sqrt(1.0 + st**2) if gamma > 0 else a_t
+            a_hat = schedule.alpha_sigma(t)[0].item() if gamma > 0 else a_t  # alpha at the raised level
             x0_hat = _denoise(denoiser, a_hat * xt, t, cond)
             d = (xt - x0_hat) / st
             xt_next = xt + (ss - st) * d

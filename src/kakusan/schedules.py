@@ -8,6 +8,12 @@ Every schedule is reduced to one table, ``alpha_bar[t]`` for the discrete traini
 ``Schedule.alpha_sigma(t)`` also takes fractional ``t`` (linear interpolation of ``alpha_bar`` between the
 grid points), so the same object serves discrete samplers and continuous-time ones.
 
+Rectified flow ('flow': x_t = (1 - tau) x0 + tau eps, tau = (t + 1) / T; Liu et al. 2022, Esser et al. 2024) is
+not variance-preserving but differs from a VP schedule only by a scale: with the VP-equivalent
+alpha_bar = alpha^2 / (alpha^2 + sigma^2) the state is x_flow = x_VP / (alpha_VP + sigma_VP), the same noise level
+sigma~ = sigma / alpha, the same log-SNR. So it keeps the one table and ``alpha_sigma`` applies the scale; every
+sampler, written for general (alpha_t, sigma_t), works on it unchanged.
+
 Tables are computed in float64 and cast where used: ``alpha_bar`` of the linear schedule at t = 999 is 6e-5,
 and its complement loses digits in float32.
 """
@@ -103,6 +109,19 @@ def sigmoid_betas(
     return betas_from_alpha_bar(abar, num_timesteps, max_beta)
 
 
+def flow_alpha_bar(num_timesteps: int = 1000, shift: float = 1.0) -> Tensor:
+    """The VP-equivalent alpha_bar of rectified flow: tau_t = (t + 1) / T (tau = 1, pure noise, at t = T-1), moved
+    by the timestep shift of SD3 (Esser et al. 2024, eq. 23) tau' = shift tau / (1 + (shift - 1) tau) (shift > 1
+    spends more of the steps at high noise, for large images), then alpha = 1 - tau', sigma = tau'."""
+    _check_steps(num_timesteps)
+    if not shift > 0:
+        raise ConfigError(f"flow shift must be positive, got {shift}")
+    tau = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    tau = shift * tau / (1 + (shift - 1) * tau)
+    a, s = 1 - tau, tau
+    return a**2 / (a**2 + s**2)
+
+
 def alpha_bar_from_betas(betas: Tensor) -> Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s)  (DDPM eq. 4)."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
@@ -128,6 +147,7 @@ BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "sigmoid": sigmoid_betas,
     "scaled-linear": scaled_linear_betas,
 }
+SCHEDULE_NAMES = (*BETA_SCHEDULES, "flow")
 
 
 @dataclass
@@ -140,7 +160,7 @@ class ScheduleConfig:
     name: str = "linear"
     num_timesteps: int = 1000
     params: dict = field(default_factory=dict)
-    zero_terminal_snr: bool = False
+    zero_terminal_snr: bool = False  # ('flow' has it by construction)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,11 +171,12 @@ class ScheduleConfig:
 
 
 class Schedule:
-    """A discrete variance-preserving schedule: ``alpha_bar`` for t = 0..T-1, float64.
+    """A discrete schedule: ``alpha_bar`` for t = 0..T-1, float64; variance-preserving, or with ``flow`` the
+    rectified-flow scaling of the same noise levels (alpha_t + sigma_t = 1).
 
     The network's time input is ``t`` itself (a float in [0, T-1]); the clean image is outside the table."""
 
-    def __init__(self, alpha_bar: Tensor, config: ScheduleConfig | None = None):
+    def __init__(self, alpha_bar: Tensor, config: ScheduleConfig | None = None, flow: bool = False):
         alpha_bar = alpha_bar.to(torch.float64)
         if alpha_bar.ndim != 1 or len(alpha_bar) < 2:
             raise ConfigError("alpha_bar must be a 1-D table of at least 2 steps")
@@ -165,6 +186,7 @@ class Schedule:
             raise ConfigError("alpha_bar must be non-increasing in t")
         self.alpha_bar = alpha_bar
         self.config = config
+        self.flow = flow
 
     @property
     def num_timesteps(self) -> int:
@@ -212,9 +234,13 @@ class Schedule:
         return self.t_at_alpha_bar(1.0 / (1.0 + st**2))
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), float64."""
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), float64; for rectified flow both divided by
+        their sum (so alpha = 1 - tau, sigma = tau at the grid points)."""
         ab = self.alpha_bar_at(t)
-        return ab.sqrt(), (1 - ab).sqrt()
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        if self.flow:
+            return a / (a + s), s / (a + s)
+        return a, s
 
     def log_snr(self, t: Tensor | float) -> Tensor:
         """lambda_t = log(alpha_t / sigma_t); -inf at zero terminal SNR."""
@@ -222,7 +248,7 @@ class Schedule:
         return 0.5 * (ab.log() - (1 - ab).log())
 
     def __repr__(self) -> str:
-        name = self.config.name if self.config else "custom"
+        name = self.config.name if self.config else ("flow" if self.flow else "custom")
         return f"Schedule({name}, T={self.num_timesteps}, alpha_bar[-1]={self.alpha_bar[-1].item():.3g})"
 
 
@@ -234,8 +260,13 @@ def make_schedule(config: ScheduleConfig | str = "linear", **overrides) -> Sched
         config = ScheduleConfig(config, num_timesteps, dict(overrides), zts)
     elif overrides:
         raise TypeError("pass overrides only with a schedule name")
+    if config.name == "flow":
+        try:
+            return Schedule(flow_alpha_bar(config.num_timesteps, **config.params), config, flow=True)
+        except TypeError as e:
+            raise ConfigError(f"bad parameters for schedule 'flow': {e}") from None
     if config.name not in BETA_SCHEDULES:
-        raise ConfigError(f"unknown schedule {config.name!r}; choose from {', '.join(BETA_SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {config.name!r}; choose from {', '.join(SCHEDULE_NAMES)}")
     try:
         betas = BETA_SCHEDULES[config.name](config.num_timesteps, **config.params)
     except TypeError as e:  # unknown parameter names

@@ -113,9 +113,9 @@ class TrainConfig:
         if self.lr_decay not in ("constant", "cosine"):
             raise ConfigError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         DiffusionConfig(self.prediction, self.weighting, self.min_snr_gamma)  # validates names
-        if self.zero_terminal_snr and self.prediction == "eps":
-            raise ConfigError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0' (eps cannot be "
-                              "inverted at alpha = 0)")
+        if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
+            raise ConfigError(f"{'rectified flow' if self.schedule == 'flow' else 'a zero-terminal-SNR schedule'} "
+                              "needs prediction 'flow', 'v' or 'x0' (eps cannot be inverted at alpha = 0)")
 
     def to_dict(self) -> dict:
         return asdict(self)
