@@ -34,9 +34,10 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_schedules(path: str | Path, names=("linear", "cosine", "quadratic", "sigmoid", "scaled-linear"),
+def plot_schedules(path: str | Path, names=("linear", "cosine", "quadratic", "sigmoid", "scaled-linear", "flow"),
                    num_timesteps: int = 1000, zero_terminal_snr_of: str | None = "linear") -> Path:
-    """beta_t, alpha_bar_t and log-SNR lambda_t for several schedules (and one rescaled to zero terminal SNR)."""
+    """beta_t, alpha_t^2 and log-SNR lambda_t for several schedules (and one rescaled to zero terminal SNR).
+    For rectified flow beta_t is that of its variance-preserving equivalent (the same log-SNR)."""
     from .schedules import ScheduleConfig, make_schedule
 
     plt = _plt()
@@ -50,11 +51,11 @@ def plot_schedules(path: str | Path, names=("linear", "cosine", "quadratic", "si
         s = make_schedule(cfg)
         abar = s.alpha_bar_at(t)
         axes[0].plot(t, s.betas, label=label)
-        axes[1].plot(t, abar, label=label)
+        axes[1].plot(t, s.alpha_sigma(t)[0] ** 2, label=label)
         lam = 0.5 * (torch.log(abar) - torch.log1p(-abar))
         axes[2].plot(t, lam.clamp(min=-20), label=label)
     axes[0].set(yscale="log", title=r"$\beta_t$", xlabel="t")
-    axes[1].set(title=r"$\bar\alpha_t$ (signal variance kept)", xlabel="t")
+    axes[1].set(title=r"$\alpha_t^2$ (signal variance kept; $\bar\alpha_t$ when variance-preserving)", xlabel="t")
     axes[2].set(title=r"log-SNR $\lambda_t = \log(\alpha_t/\sigma_t)$ (clipped at -20)", xlabel="t")
     for ax in axes:
         ax.grid(alpha=0.3)
