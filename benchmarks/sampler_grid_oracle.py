@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--test", type=int, default=4096, help="held-out starts it is scored on (seed 9)")
     p.add_argument("--nfe", default="10,20")
     p.add_argument("--mixtures", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--schedules", default="linear,cosine")
     p.add_argument("--evals", type=int, default=150, help="Nelder-Mead evaluations per grid point")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sampler_grid_oracle.json"))
     args = p.parse_args()
@@ -66,9 +67,17 @@ def main() -> None:
     from scipy.optimize import minimize
 
     results, t0 = [], time.time()
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every cell, so a long run that is stopped keeps what it measured
+        json_path.write_text(json.dumps({"benchmark": "sampler_grid_oracle", "select_starts": args.select,
+                                   "test_starts": args.test, "evals_per_point": args.evals,
+                                   "seconds": time.time() - t0, "results": results}, indent=1))
+
     print(f"RMSE / RMSE(best diffusers) on {args.test} held-out starts (flips: starts sent to another mode)")
     print(f"{'schedule':<8} {'mixture':<18} {'NFE':>4} | {'default grid':>14} {'tuned grid':>14} {'best diffusers':>14}")
-    for sched_name in ("linear", "cosine"):
+    for sched_name in args.schedules.split(","):
         schedule = make_schedule(sched_name)
         a0, s0 = (v.item() for v in schedule.alpha_sigma(999))
         a1, s1 = (v.item() for v in schedule.alpha_sigma(0))
@@ -119,11 +128,9 @@ def main() -> None:
                                 "best_diffusers": {"rmse": best[0], "flips": best[1], "config": best[2]}})
                 print(f"{sched_name:<8} {mix_name:<18} {nfe:>4} | {dflt[0] / best[0]:>8.2f} ({dflt[1]:>3}) "
                       f"{tuned[0] / best[0]:>8.2f} ({tuned[1]:>3}) {1.0:>8.2f} ({best[1]:>3})  {best[2]}", flush=True)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "sampler_grid_oracle", "select_starts": args.select,
-                               "test_starts": args.test, "seconds": time.time() - t0, "results": results}, indent=1))
-    print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
+                write()
+    write()
+    print(f"\nwrote {json_path} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

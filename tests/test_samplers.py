@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kakusan.errors import ConfigError
-from kakusan.samplers import HEUN_MAX_RATIO, SAMPLERS, get_sampler, sample, sample_ddim, sample_ddpm
+from kakusan.samplers import HEUN_MAX_RATIO, SAMPLERS, get_sampler, model_calls, sample, sample_ddim, sample_ddpm
 from kakusan.schedules import make_schedule, noise_levels, timesteps
 from kakusan.testing import GaussianMixture, MixtureDenoiser, exact_endpoint
 
@@ -83,10 +83,10 @@ def test_sampler_contract(name, schedule_name):
     den = MixtureDenoiser(MIX, s)
     a = sample(den, s, (16, 2, 2, 2), sampler=name, steps=8, seed=7, dtype=torch.float64, spacing="logsnr")
     # Heun takes a step from zero SNR, or one over which sigma~ falls by more than HEUN_MAX_RATIO, as its Euler
-    # step: one call fewer each
+    # step: one call fewer each, which model_calls counts
     st = (lambda lv: lv.sigma / lv.alpha)(noise_levels(s, timesteps(s, 8, "logsnr")))
     euler_steps = int((st[:-2] > HEUN_MAX_RATIO * st[1:-1]).sum()) if name == "heun" else 0
-    assert den.calls == info.nfe(8) - euler_steps
+    assert den.calls == info.nfe(8) - euler_steps == model_calls(name, s, 8, "logsnr")
     b = sample(den, s, (16, 2, 2, 2), sampler=name, steps=8, seed=7, dtype=torch.float64, spacing="logsnr")
     assert a.shape == (16, 2, 2, 2) and torch.isfinite(a).all() and torch.equal(a, b)
     if info.stochastic:
@@ -121,6 +121,22 @@ def test_convergence_order(name):
             for n in (40, 80, 160)]
     orders = [math.log2(errs[0] / errs[1]), math.log2(errs[1] / errs[2])]
     assert all(abs(o - THEORETICAL_ORDER[name]) < 0.3 for o in orders), (errs, orders)
+
+
+def test_heun_churn_never_raises_the_noise_above_the_schedule():
+    """Churn raises sigma~ by up to 41%; at the top level of a schedule that does not reach zero SNR that would be
+    more noise than the network was trained on (t clamps at T-1, so it would see an input of variance ~2)."""
+    s = make_schedule("linear")
+    seen = []
+
+    class _Record(torch.nn.Module):
+        def forward(self, x, t, cond=None):
+            seen.append((x.std().item(), t[0].item()))
+            return torch.zeros_like(x)
+
+    sample(_Record(), s, (20000, 1), sampler="heun", steps=10, seed=0, dtype=torch.float64, s_churn=40.0)
+    std, t = seen[0]
+    assert t == pytest.approx(999.0) and std == pytest.approx(1.0, abs=0.03)
 
 
 def test_heun_survives_a_first_step_from_huge_noise():

@@ -99,6 +99,8 @@ def test_rectified_flow_schedule():
         make_schedule("flow", shift=0.0)
     with pytest.raises(ConfigError, match="bad parameters for schedule 'flow'"):
         make_schedule("flow", s=0.008)
+    with pytest.raises(ConfigError, match="zero SNR by construction"):
+        make_schedule("flow", zero_terminal_snr=True)
 
 
 def test_continuous_t_interpolates():

@@ -121,10 +121,10 @@ def cmd_sample(args) -> int:
     from .errors import ConfigError
     from .guidance import ClassifierFreeGuidance
     from .images import save_grid, save_images
-    from .samplers import get_sampler, sample
+    from .samplers import get_sampler, model_calls, sample
     from .training.trainer import load_denoiser, resolve_device
 
-    info = get_sampler(args.sampler)  # fail fast on a bad name
+    get_sampler(args.sampler)  # fail fast on a bad name
     if args.n < 1:
         raise ConfigError(f"-n must be >= 1, got {args.n}")
     resolved = {k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}
@@ -225,7 +225,7 @@ def cmd_sample(args) -> int:
     if args.out_dir:
         save_images(x, args.out_dir)
         print(f"images: {args.out_dir}")
-    print(f"{args.n} samples, {args.sampler}, {args.steps} steps ({info.nfe(args.steps)} model evaluations), "
+    print(f"{args.n} samples, {args.sampler}, {args.steps} steps ({model_calls(args.sampler, denoiser.schedule, args.steps, args.spacing, args.sigma_max)} model evaluations), "
           f"{dt:.1f} s" + (f" (classes {', '.join(classes)})" if classes and cond is not None and not text_record
                          else ""))
     return 0

@@ -67,7 +67,7 @@ def x0_from_prediction(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: 
         if (torch.as_tensor(alpha) == 0).any():
             raise ConfigError(
                 "an eps-prediction model cannot denoise at zero SNR (alpha_t = 0: x0 = (x - sigma eps) / 0); "
-                "train with prediction 'v' or 'x0' for a zero-terminal-SNR schedule"
+                "train with prediction 'v', 'x0' or 'flow' for a zero-terminal-SNR or rectified-flow schedule"
             )
         return (x_t - s * out) / a
     if prediction == "x0":
@@ -164,7 +164,7 @@ def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | 
 class Denoiser(nn.Module):
     """A backbone plus the schedule it was trained on: D(x_t, t, cond) -> x0_hat.
 
-    The backbone maps (x_t, t, class_labels) to its prediction (eps, x0 or v) and never sees alpha or sigma;
+    The backbone maps (x_t, t, class_labels) to its prediction (eps, x0, v or flow) and never sees alpha or sigma;
     this wrapper owns the conversion. ``t`` is the schedule's (possibly fractional) time, shape (B,) or scalar."""
 
     def __init__(self, backbone: nn.Module, schedule: Schedule, config: DiffusionConfig | None = None):

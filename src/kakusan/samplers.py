@@ -267,8 +267,10 @@ def _unipc_correct(x, t_lvl, s_lvl, history, x0_next):
 # Heun's trapezoid in sigma~ weights the slope at the end of a step by half the step's span. Over a step from
 # sigma~ = 2e4 (the cosine schedule's first level) to 10 that multiplies the denoiser's change across the step by
 # ~1000: on the oracle, 25 steps on a Karras grid capped at 10 stayed 20x worse than DDIM, and diffusers' Heun does
-# the same. A step spanning more than HEUN_MAX_RATIO in sigma~ is therefore taken as its Euler step (exact when the
-# denoiser is constant across it, as it nearly is at such noise), as EDM already does for the last step to 0.
+# the same. A step over which sigma~ falls by more than HEUN_MAX_RATIO is therefore taken as its Euler step (exact
+# when the denoiser is constant across the step), as EDM already does for the last step to 0. The rule also takes
+# the last steps of a short Karras grid (e.g. 0.44 -> 0.0064 on cosine): measured on the oracle, the Euler step is
+# the more accurate there too (5-12 Karras steps on cosine and flow: RMSE 0.24-0.62 against 0.27-4.9).
 HEUN_MAX_RATIO = 8.0
 
 
@@ -301,8 +303,10 @@ def sample_heun(
             st, ss = s_t / a_t, s_s / a_s
             xt = x / a_t  # x~
             gamma = gamma_max if s_tmin <= st <= s_tmax else 0.0
+            if gamma > 0:  # not above the schedule's top level (the network has not seen more noise)
+                st_hat = min(st * (1 + gamma), schedule.sigma_tilde_at(schedule.num_timesteps - 1).item())
+                gamma = st_hat / st - 1
             if gamma > 0:
-                st_hat = st * (1 + gamma)
                 xt = xt + math.sqrt(st_hat**2 - st**2) * s_noise * randn(x.shape, generator, x.device, x.dtype)
                 t = schedule.t_at_sigma_tilde(st_hat).item()
                 st = st_hat
@@ -375,6 +379,27 @@ SAMPLERS: dict[str, SamplerInfo] = {
 DEFAULT_SAMPLER = "unipc-2"
 
 
+def _grid(schedule: Schedule, info: SamplerInfo, steps: int, spacing: str | None, sigma_max: float | None):
+    """The levels :func:`sample` walks: ``spacing`` or the sampler's default grid (and its default cap)."""
+    if spacing is None:
+        spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
+    return noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
+
+
+def model_calls(sampler: str, schedule: Schedule, steps: int, spacing: str | None = None,
+                sigma_max: float | None = None) -> int:
+    """The exact number of model evaluations :func:`sample` makes with these arguments (``SamplerInfo.nfe`` less
+    the corrections Heun skips: steps from zero SNR and steps over HEUN_MAX_RATIO)."""
+    info = get_sampler(sampler)
+    if info.fn is not sample_heun:
+        return info.nfe(steps)
+    levels = _grid(schedule, info, steps, spacing, sigma_max)
+    a, s = levels.alpha[:-1], levels.sigma[:-1]
+    st = torch.where(a > 0, s / a.clamp_min(1e-300), torch.full_like(s, math.inf))
+    euler = (a[:-1] == 0) | (st[:-1] > HEUN_MAX_RATIO * st[1:])
+    return info.nfe(steps) - int(euler.sum())
+
+
 def get_sampler(name: str) -> SamplerInfo:
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -391,9 +416,7 @@ def sample(
     """Draw x_T ~ N(0, sigma_T^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``. Without
     ``spacing`` the sampler's default grid is used (and its default sigma_max cap, unless one is given)."""
     info = get_sampler(sampler)
-    if spacing is None:
-        spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
-    levels = noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
+    levels = _grid(schedule, info, steps, spacing, sigma_max)
     if info.needs_schedule:
         options.setdefault("schedule", schedule)
     if generator is None:

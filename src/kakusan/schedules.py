@@ -261,6 +261,9 @@ def make_schedule(config: ScheduleConfig | str = "linear", **overrides) -> Sched
     elif overrides:
         raise TypeError("pass overrides only with a schedule name")
     if config.name == "flow":
+        if config.zero_terminal_snr:
+            raise ConfigError("rectified flow reaches zero SNR by construction (alpha = 0 at t = T-1): "
+                              "drop zero_terminal_snr")
         try:
             return Schedule(flow_alpha_bar(config.num_timesteps, **config.params), config, flow=True)
         except TypeError as e:

@@ -140,7 +140,7 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     from ..data.datasets import to_uint8
     from ..diffusion import ClippedDenoiser
     from ..guidance import ClassifierFreeGuidance
-    from ..samplers import get_sampler, sample
+    from ..samplers import get_sampler, model_calls, sample
     from ..training.checkpoint import resolve_checkpoint
     from ..training.trainer import load_denoiser
     from .provenance import file_sha256
@@ -180,7 +180,7 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
         out.append(to_uint8(x).cpu())
     wall = time.perf_counter() - t0
     source = {"kind": "samples", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(weights),
-              "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": info.nfe(steps),
+              "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": model_calls(sampler, denoiser.schedule, steps, spacing),
               "spacing": spacing or info.default_spacing,
               "sigma_max": None if spacing else info.default_sigma_max, "guidance": guidance, "seed": seed, "n": n,
               "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
