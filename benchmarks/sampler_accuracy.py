@@ -18,6 +18,12 @@ second half (choosing the best of ~50 configurations on the same starts it is sc
     python benchmarks/sampler_accuracy.py                 # table + benchmarks/results/sampler_accuracy.json
     python benchmarks/sampler_accuracy.py --quick         # fewer mixtures and starts
     python benchmarks/sampler_accuracy.py --starts 512    # faster, noisier (the default is 4,096 starts)
+    python benchmarks/sampler_accuracy.py --summary benchmarks/results/sampler_accuracy.json   # re-print a run
+
+Next to the default, each table shows the best kakusan configuration per cell chosen after the fact (any
+sampler x spacing): no single default among kakusan's configurations can do better than that line, so where it
+is above 0.5 the figure of issue #3 is out of reach for every default these solvers and grids offer. The fewest
+flips per library show whether one solver family resolves mode boundaries better than the other.
 """
 
 from __future__ import annotations
@@ -144,7 +150,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--starts", type=int, default=4096)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sampler_accuracy.json"))
+    p.add_argument("--summary", metavar="JSON", help="print the tables of a stored run and exit (runs nothing)")
     args = p.parse_args()
+    if args.summary:
+        summarize(Path(args.summary))
+        return
     try:
         import diffusers
     except ImportError:
@@ -214,6 +224,26 @@ def main() -> None:
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
 
 
+def summarize(path: Path) -> None:
+    """Re-print the tables of a run from its JSON (rows, medians, flips and the ratio checks as stored)."""
+    if not path.is_file():
+        raise SystemExit(f"sampler_accuracy: no such results file: {path}")
+    data = json.loads(path.read_text())
+    if data.get("benchmark") != "sampler_accuracy":
+        raise SystemExit(f"sampler_accuracy: {path} is not a sampler_accuracy results file")
+    default_name, default_spacing = data["default"]
+    print(f"{path}: torch {data.get('torch')}, diffusers {data.get('diffusers')}, {data.get('seconds', 0):.0f} s")
+    for cell in data["results"]:
+        rows, extra = {}, {}
+        for r in cell["rows"]:
+            key = (r["library"], r["sampler"], r["spacing"])
+            rows[key] = {int(n): (float("nan") if v is None else v) for n, v in r["rmse"].items()}
+            extra[key] = {int(n): (r["median"][n], r["flips"][n]) for n in r["flips"]}
+        noise = {int(n): v for n, v in cell.get("default_vs_best_diffusers", {}).items()}
+        _print_table(cell["schedule"], f"{cell['mixture']} ({cell['starts']} starts)", rows, extra,
+                     default_name, default_spacing, noise)
+
+
 def _best(rows, library, nfe):
     cands = [(r.get(nfe, float("inf")), k) for k, r in rows.items() if k[0] == library]
     cands = [(v, k) for v, k in cands if v == v]  # drop NaN
@@ -257,11 +287,13 @@ def _print_table(sched_name, mix_name, rows, extra, default_name, default_spacin
     d = rows.get(("kakusan", default_name, default_spacing), {})
     print(f"{'kakusan default: ' + default_name + ' / ' + default_spacing:<44}" +
           "".join(f"{d.get(n, float('nan')):>11.2e}" for n in NFES))
-    line = f"{'default / best diffusers':<44}"
-    for n in NFES:
-        b, _ = _best(rows, "diffusers", n)
-        line += f"{d.get(n, float('nan')) / b:>11.2f}" if b == b and b > 0 else f"{'-':>11}"
-    print(line)
+    for label, num in (("default / best diffusers", lambda n: d.get(n, float("nan"))),
+                       ("best kakusan (after the fact) / best diff.", lambda n: _best(rows, "kakusan", n)[0])):
+        line = f"{label:<44}"
+        for n in NFES:
+            b, _ = _best(rows, "diffusers", n)
+            line += f"{num(n) / b:>11.2f}" if b == b and b > 0 else f"{'-':>11}"
+        print(line)
     if noise and any(noise.values()):
         for label, f in (("  90% interval (bootstrap over starts)",
                           lambda v: f"{v['interval90'][0]:.2f}-{v['interval90'][1]:.2f}"),
@@ -276,6 +308,12 @@ def _print_table(sched_name, mix_name, rows, extra, default_name, default_spacin
                 v = extra.get(k, {}).get(n)
                 line += f"{v[idx]:{fmt}}" if v is not None else f"{'-':>11}"
             print(line)
+    for lib in ("kakusan", "diffusers"):
+        line = f"{'fewest flips of any ' + lib + ' configuration':<44}"
+        for n in NFES:
+            fl = [e[n][1] for k, e in extra.items() if k[0] == lib and n in e]
+            line += f"{min(fl):>11d}" if fl else f"{'-':>11}"
+        print(line)
 
 
 if __name__ == "__main__":
