@@ -26,7 +26,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a JSON file of training config values (flags override it)")
     p.add_argument("--data", help=f"digits | mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:DIR|.tar.gz] | "
                                   f"folder:DIR | captions:DIR | emoji:DIR|.tar.gz (default {d.data})")
-    p.add_argument("--preset", help=f"U-Net preset (default {d.preset}; see 'kakusan presets')")
+    p.add_argument("--preset", help=f"model preset, a U-Net or a DiT (default {d.preset}; see 'kakusan presets')")
     p.add_argument("--model", type=json.loads, help='JSON overrides of the preset, e.g. \'{"dropout": 0.0}\'')
     p.add_argument("--schedule", help=f"linear | cosine | quadratic | sigmoid | scaled-linear | flow (rectified flow; "
                                       f"with --prediction flow) (default {d.schedule})")
@@ -261,12 +261,14 @@ def cmd_samplers(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .models import PRESETS, UNet
+    import torch
+
+    from .models import PRESETS, build_model, describe
 
     for name, cfg in PRESETS.items():
-        n = sum(p.numel() for p in UNet(cfg).parameters())
-        print(f"{name:<14} {n / 1e6:7.2f}M params  {cfg.image_size}x{cfg.image_size}x{cfg.in_channels}  "
-              f"channels {cfg.channels} x {list(cfg.channel_mults)}, attention at {list(cfg.attention_resolutions)}")
+        with torch.device("meta"):  # count without allocating (dit-xl2 has 675M parameters)
+            n = sum(p.numel() for p in build_model(cfg).parameters())
+        print(f"{name:<14} {n / 1e6:8.2f}M params  {describe(cfg)}")
     return 0
 
 
@@ -607,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
-    sub.add_parser("presets", help="list the U-Net presets").set_defaults(func=cmd_presets)
+    sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)
     return parser
 
 

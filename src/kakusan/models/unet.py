@@ -13,7 +13,6 @@ to the time embedding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, config_from_dict
+from .layers import CrossAttention, masked_mean, split_condition, timestep_embedding
 
 Tensor = torch.Tensor
 
@@ -87,17 +87,6 @@ class UNetConfig:
         return config_from_dict(cls, d, "U-Net")
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of t (Vaswani et al. 2017; DDPM appendix B): [sin(t w_k), cos(t w_k)] with
-    w_k = max_period^(-k / (half - 1)), k = 0 .. half - 1 (DDPM's spacing). (B,) -> (B, dim)."""
-    half = dim // 2
-    k = torch.arange(half, device=t.device, dtype=torch.float32)
-    freqs = torch.exp(-math.log(max_period) * k / max(half - 1, 1))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, + time embedding (added, or as scale/shift of the second norm), GroupNorm ->
     SiLU -> dropout -> conv, plus a (1x1 conv) shortcut. (B, C_in, H, W) -> (B, C_out, H, W)."""
@@ -155,25 +144,6 @@ class NoAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         return x
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of the image tokens (B, N, C) to context tokens (B, L, D) with a padding mask."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        B, N, C = x.shape
-        q = self.q(x).view(B, N, self.heads, C // self.heads).transpose(1, 2)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L), True = attend
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(h.transpose(1, 2).reshape(B, N, C))
 
 
 class TransformerBlock(nn.Module):
@@ -322,25 +292,12 @@ class UNet(nn.Module):
         for a class model, a ``TextCond`` for a text model, None for an unconditional model."""
         cfg = self.config
         temb = self.time_mlp(timestep_embedding(t, cfg.channels))  # (B, 4ch)
-        context = mask = None
-        if self.label_emb is not None:
-            if cond is None:  # unconditional: the null label
-                cond = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
-            if not isinstance(cond, Tensor) or cond.is_floating_point():
-                raise ConfigError("this model is class-conditional; its condition is a tensor of class indices")
-            temb = temb + self.label_emb(cond)
-        elif self.text_pool is not None:
-            if cond is None or isinstance(cond, Tensor):
-                raise ConfigError("this model is text-conditional; its condition is an encoded prompt (TextCond), "
-                                  "the empty prompt's encoding for unconditional samples")
-            if cond.dim != cfg.context_dim:
-                raise ConfigError(f"the text embeddings are {cond.dim}-wide, the model was trained on "
-                                  f"{cfg.context_dim}-wide ones (a different text encoder?)")
-            context, mask = cond.tokens.to(temb.dtype), cond.mask
-            m = mask[..., None].to(context.dtype)
-            temb = temb + self.text_pool((context * m).sum(1) / m.sum(1))
-        elif cond is not None:
-            raise ConfigError("this model is unconditional; it takes no class labels or prompts")
+        labels, context, mask = split_condition(cond, cfg.num_classes, cfg.context_dim, x.shape[0], x.device)
+        if labels is not None:
+            temb = temb + self.label_emb(labels)
+        if context is not None:
+            context = context.to(temb.dtype)
+            temb = temb + self.text_pool(masked_mean(context, mask))
 
         h = self.conv_in(x)
         skips = [h]

@@ -214,6 +214,18 @@ def load_tagged(path: str | Path, kind: str, what: str) -> tuple[dict, dict]:
 
 
 def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> None:
+    """Load ``tensors`` into ``module`` exactly; a mismatch names the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    shapes = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+                if keys]
+    if shapes:
+        k = shapes[0]
+        problems[-1] += f"; {k}: {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the configured model: {'; '.join(problems)}")
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:

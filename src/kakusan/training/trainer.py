@@ -25,7 +25,8 @@ from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser, autocast_dty
 from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
 from ..images import save_grid
-from ..models import UNet, UNetConfig, get_preset
+from ..models import build_model, get_preset, model_config_from_dict, model_record
+from ..models.presets import ModelConfig
 from ..plots import plot_loss
 from ..samplers import sample
 from ..schedules import ScheduleConfig, make_schedule
@@ -39,7 +40,7 @@ from .ema import EMA
 class TrainConfig:
     data: str = "digits"
     preset: str = "unet-digits"
-    model: dict = field(default_factory=dict)  # overrides of the preset's UNetConfig fields
+    model: dict = field(default_factory=dict)  # overrides of the preset's config fields (U-Net or DiT)
     schedule: str = "cosine"
     schedule_params: dict = field(default_factory=dict)
     zero_terminal_snr: bool = False
@@ -138,8 +139,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0,
-                       shape: tuple[int, int, int] | None = None) -> UNetConfig:
-    """The U-Net's config: the preset, sized to the data (or to ``shape``, the latents of a latent model)."""
+                       shape: tuple[int, int, int] | None = None) -> ModelConfig:
+    """The backbone's config: the preset, sized to the data (or to ``shape``, the latents of a latent model)."""
     c, h, _ = shape or data.shape
     overrides = {"in_channels": c, "out_channels": c, "image_size": h, **cfg.model}
     if cfg.cond == "class":
@@ -151,11 +152,11 @@ def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0,
     return get_preset(cfg.preset, **overrides)
 
 
-def run_config(cfg: TrainConfig, model_cfg: UNetConfig, data: ImageDataset, text_encoder: dict | None = None,
+def run_config(cfg: TrainConfig, model_cfg: ModelConfig, data: ImageDataset, text_encoder: dict | None = None,
                autoencoder: dict | None = None) -> dict:
     """Everything needed to rebuild and sample the model, saved in every checkpoint."""
     return {
-        "model": {"type": "unet", **model_cfg.to_dict()},
+        "model": model_record(model_cfg),
         "schedule": ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params,
                                    cfg.zero_terminal_snr).to_dict(),
         "diffusion": DiffusionConfig(cfg.prediction, cfg.weighting, cfg.min_snr_gamma).to_dict(),
@@ -223,7 +224,8 @@ class Trainer:
                                  self.autoencoder.record() if self.autoencoder else None)
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
-        self.model = UNet(self.model_cfg).to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
+        self.model = build_model(self.model_cfg).to(self.device).enable_gradient_checkpointing(
+            cfg.gradient_checkpointing)
         self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
         # under torchrun the training forward goes through DDP (gradients averaged over the processes); with
         # compile, through torch.compile of that (the weights stay self.model's: checkpoints and EMA see no wrapper)
@@ -446,10 +448,7 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     forward pass runs in bf16 autocast on CUDA unless ``precision`` says otherwise (see Denoiser.set_precision)."""
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
-    model_cfg = dict(config["model"])
-    if model_cfg.pop("type", "unet") != "unet":
-        raise CheckpointError(f"{ckpt}: unknown model type")
-    model = UNet(UNetConfig.from_dict(model_cfg))
+    model = build_model(model_config_from_dict(config["model"], str(ckpt)))
     if ckpt.is_file():
         weights_path = ckpt
     else:
