@@ -218,3 +218,49 @@ def test_dit_trains_resumes_and_samples_through_the_trainer(tmp_path):
     b, _ = load_denoiser(resumed, use_ema=False)
     for (k, p), (_, q) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(p, q), k
+
+
+def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
+    """A released-format DiT (learned variance, class labels) on a diffusers AutoencoderKL's latents becomes a
+    kakusan checkpoint: the loaded denoiser is the DiT's eps read on DDPM's linear schedule, and `kakusan sample`
+    decodes with the recorded autoencoder and latent scale."""
+    import warnings
+
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from kakusan.cli import main
+    from kakusan.schedules import make_schedule
+    from kakusan.training import load_denoiser
+
+    cfg = DiTConfig(image_size=8, in_channels=4, out_channels=4, learn_sigma=True, patch_size=2, hidden_size=32,
+                    depth=2, num_heads=2, num_classes=3)
+    src = _randomise(DiT(cfg)).eval()
+    torch.save(src.state_dict(), tmp_path / "DiT-tiny.pt")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                                  block_out_channels=(8, 16), layers_per_block=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "imported"
+    assert main(["import-dit", str(tmp_path / "DiT-tiny.pt"), "--out", str(out), "--num-heads", "2",
+                 "--autoencoder", str(tmp_path / "vae")]) == 0
+    den, config = load_denoiser(out)
+    assert model_config_from_dict(config["model"]) == cfg
+    assert config["autoencoder"]["scale_factor"] == 0.18215 and config["diffusion"]["prediction"] == "eps"
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 900.0]), torch.tensor([0, 2])
+    alpha, sigma = make_schedule("linear").alpha_sigma(t.double())
+    with torch.no_grad():
+        eps = src(x, t, y)[:, :4]
+        want = (x - sigma.float()[:, None, None, None] * eps) / alpha.float()[:, None, None, None]
+        assert torch.allclose(den(x, t, y), want, atol=1e-4)
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(out), "-n", "2", "--class", "1", "--steps", "3", "--guidance", "2",
+                 "--out", str(grid), "--nrow", "2"]) == 0
+    assert Image.open(grid).size[1] >= 16  # decoded: 8x8 latents -> 16x16 images (factor 2)
+    # a width that is none of the paper's sizes needs its number of heads
+    assert main(["import-dit", str(tmp_path / "DiT-tiny.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "give its number of heads" in capsys.readouterr().err

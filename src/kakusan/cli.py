@@ -272,6 +272,22 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_import_dit(args) -> int:
+    from .errors import ConfigError
+    from .interop import import_dit
+
+    names = None
+    if args.class_names:
+        f = Path(args.class_names)
+        if not f.is_file():
+            raise ConfigError(f"class names file not found: {f}")
+        names = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    ckpt = import_dit(args.weights, args.out, autoencoder=args.autoencoder, latent_scale=args.latent_scale,
+                      num_heads=args.num_heads, class_names=names)
+    print(f"checkpoint: {ckpt}")
+    return 0
+
+
 def _csv(kind):
     def parse(text: str):
         try:
@@ -607,6 +623,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("import-dit", help="convert a DiT checkpoint of the paper's released code (.pt state dict) "
+                                          "into a kakusan checkpoint")
+    p.add_argument("weights", help="e.g. DiT-XL-2-256x256.pt (read without unpickling code)")
+    p.add_argument("--out", required=True, help="the run folder to write (sample with --checkpoint OUT)")
+    p.add_argument("--autoencoder", help="the diffusers AutoencoderKL folder of its latent space (sd-vae-ft-ema), "
+                                         "so that sample decodes")
+    p.add_argument("--latent-scale", type=float, default=0.18215, help="the latent scale it was trained with")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: the paper's for the model's width)")
+    p.add_argument("--class-names", help="a text file with one class name per line")
+    p.set_defaults(func=cmd_import_dit)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)

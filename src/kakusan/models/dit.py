@@ -270,27 +270,67 @@ class DiT(nn.Module):
         return out[:, :cfg.out_channels] if cfg.learn_sigma else out
 
 
-def load_reference_state_dict(path, config: DiTConfig) -> DiT:
-    """A DiT built from ``config`` with the weights of a checkpoint of the paper's released code (a ``.pt``
-    state dict such as DiT-XL-2-256x256.pt; read with ``weights_only``, so no code is unpickled) or a
-    ``.safetensors`` file with the same names. Keys or shapes that do not match are named in the error."""
+def read_reference_state(path) -> dict:
+    """The tensors of a DiT checkpoint of the paper's released code: a ``.pt`` state dict such as
+    DiT-XL-2-256x256.pt (read with ``weights_only``, so no code is unpickled; a training checkpoint's ``ema``
+    weights are taken), or a ``.safetensors`` file with the same names."""
     from pathlib import Path
 
     from ..errors import CheckpointError
-    from ..training.checkpoint import load_state_dict_into, load_tensors
+    from ..training.checkpoint import load_tensors
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"DiT weights not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_tensors(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a state dict of plain tensors
-            raise CheckpointError(f"{path}: not a DiT state dict ({type(e).__name__}: {e})") from None
-        if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
-            state = state["ema"]  # a training checkpoint of the released code: its EMA weights
-    model = DiT(config)
+        return load_tensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a state dict of plain tensors
+        raise CheckpointError(f"{path}: not a DiT state dict ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+        state = state["ema"]  # a training checkpoint of the released code: its EMA weights
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a DiT state dict (expected a mapping of names to tensors)")
+    return state
+
+
+# heads of the paper's sizes, by width (the weights do not show the number of heads)
+PAPER_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def config_from_state(state: dict, num_heads: int | None = None, where: str = "DiT weights") -> DiTConfig:
+    """The DiTConfig a released state dict was made with, read off its shapes (heads: ``num_heads``, or the
+    paper's for its widths)."""
+    from ..errors import CheckpointError
+
+    need = ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight")
+    if any(k not in state for k in need):
+        raise CheckpointError(f"{where}: not a DiT state dict (no {', '.join(k for k in need if k not in state)})")
+    hidden, c_in, p, _ = state["x_embedder.proj.weight"].shape
+    grid = int(round(state["pos_embed"].shape[1] ** 0.5))
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    out = state["final_layer.linear.weight"].shape[0] // (p * p)
+    table = state.get("y_embedder.embedding_table.weight")
+    heads = num_heads or PAPER_HEADS.get(hidden)
+    if heads is None:
+        raise CheckpointError(f"{where}: width {hidden} is none of the paper's sizes; give its number of heads")
+    context = state["blocks.0.cross_attn.kv.weight"].shape[1] if "blocks.0.cross_attn.kv.weight" in state else 0
+    learn_sigma = out == 2 * c_in
+    return DiTConfig(image_size=grid * p, in_channels=c_in, out_channels=out // 2 if learn_sigma else out,
+                     patch_size=p, hidden_size=hidden,
+                     depth=depth, num_heads=heads,
+                     mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                     num_classes=table.shape[0] - 1 if table is not None else 0, context_dim=context,
+                     learn_sigma=learn_sigma)
+
+
+def load_reference_state_dict(path, config: DiTConfig | None = None) -> DiT:
+    """A DiT with the weights of a checkpoint of the paper's released code (see ``read_reference_state``), built
+    from ``config`` or from the shapes of the weights. Keys or shapes that do not match are named in the error."""
+    from ..training.checkpoint import load_state_dict_into
+
+    state = read_reference_state(path)
+    model = DiT(config or config_from_state(state, where=str(path)))
     load_state_dict_into(model, state, path)
     return model
