@@ -5,6 +5,8 @@ import json
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from kakusan.conditioning import TextCond
@@ -264,3 +266,25 @@ def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
     # a width that is none of the paper's sizes needs its number of heads
     assert main(["import-dit", str(tmp_path / "DiT-tiny.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "give its number of heads" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(image_size=st.integers(1, 12), patch=st.integers(0, 4), hidden=st.sampled_from([0, 6, 8, 16, 24]),
+       depth=st.integers(-1, 2), heads=st.integers(0, 4), mlp_ratio=st.floats(-1, 4),
+       dropout=st.floats(-0.5, 1.5), num_classes=st.integers(-1, 3), context_dim=st.sampled_from([0, 4, -2]))
+def test_any_dit_config_builds_and_runs_or_says_why(image_size, patch, hidden, depth, heads, mlp_ratio, dropout,
+                                                    num_classes, context_dim):
+    try:
+        cfg = get_preset("dit-tiny", image_size=image_size, patch_size=patch, hidden_size=hidden, depth=depth,
+                         num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, num_classes=num_classes,
+                         context_dim=context_dim)
+    except ConfigError as e:
+        assert str(e)  # a message that names the problem
+        return
+    m = DiT(cfg).eval()
+    x = torch.randn(2, cfg.in_channels, image_size, image_size)
+    cond = (torch.tensor([0, num_classes]) if num_classes else
+            TextCond(torch.randn(2, 3, context_dim), torch.ones(2, 3)) if context_dim else None)
+    with torch.no_grad():
+        out = m(x, torch.tensor([0.0, 999.0]), cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()

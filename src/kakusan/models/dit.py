@@ -66,7 +66,8 @@ class DiTConfig:
              f"hidden_size must be a positive multiple of 4 (the 2-D sin-cos positions), got {self.hidden_size}")
         need(self.hidden_size % self.num_heads == 0,
              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        need(self.mlp_ratio > 0 and int(self.hidden_size * self.mlp_ratio) >= 1,
+             f"mlp_ratio must be positive (an MLP of at least one unit), got {self.mlp_ratio}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
         need(self.num_classes >= 0 and self.context_dim >= 0, "num_classes and context_dim must be >= 0")
         need(not (self.num_classes and self.context_dim),
