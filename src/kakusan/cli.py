@@ -44,6 +44,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                          "or a diffusers AutoencoderKL folder")
     p.add_argument("--latent-mode", help="encode the data as posterior 'mean' (default) or one posterior 'sample'")
     p.add_argument("--latent-cache", help="the latent cache file (default: keyed by its inputs in the cache folder)")
+    p.add_argument("--init-from", help="fine-tune: start from this checkpoint (its EMA weights, architecture, "
+                                       "schedule, prediction and latent space)")
+    p.add_argument("--lora-rank", type=int, help="with --init-from: train LoRA adapters of this rank on the frozen "
+                                                 "model (the checkpoints also hold lora.safetensors, the adapters alone)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / rank (default alpha = rank)")
+    p.add_argument("--lora-targets", help="attention (q / k / v / output projections; default) | all (every "
+                                          "linear and convolution)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -134,6 +141,12 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device,
                                      precision=args.precision)
+    if args.lora:
+        from .training import apply_checkpoint_lora
+
+        apply_checkpoint_lora(denoiser, args.checkpoint, args.lora, use_ema=not args.no_ema, scale=args.lora_scale)
+    elif args.lora_scale != 1.0:
+        raise ConfigError("--lora-scale needs --lora FILE")
     classes = config["data"].get("class_names") or []
     model_k = k = config["model"].get("num_classes", 0)
     cond = None
@@ -512,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="also write one PNG per sample here")
     p.add_argument("--autoencoder", help="latent models: the autoencoder, if not where it was in training")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--lora", help="a LoRA adapter (lora.safetensors of a --lora-rank run) to apply to this "
+                                  "checkpoint, the base it was trained on")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the adapter (default 1)")
     p.add_argument("--precision", default="auto",
                    help="the network's forward pass: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")

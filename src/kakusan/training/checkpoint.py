@@ -89,9 +89,10 @@ def unflatten_optimizer_state(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 3,
-                    keep_every: int = 0) -> Path:
+                    keep_every: int = 0, extras: dict | None = None) -> Path:
     """Write checkpoint ``step-XXXXXXXX`` under ``ckpt_root`` atomically; keep the newest ``keep`` and, with
-    ``keep_every`` > 0, every checkpoint whose step is a multiple of it."""
+    ``keep_every`` > 0, every checkpoint whose step is a multiple of it. ``extras``: more safetensors files
+    written inside it, {file name: (tensors, metadata)}."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -108,6 +109,8 @@ def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Mo
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         state = {**state, "optimizer": opt_meta}
     _write_json(tmp / "state.json", {"step": step, **state})
+    for name, (tensors, metadata) in (extras or {}).items():
+        _save_tensors(tmp / name, tensors, metadata)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -55,6 +55,10 @@ class TrainConfig:
     autoencoder: str | None = None  # latent diffusion: a kakusan autoencoder checkpoint or diffusers AutoencoderKL
     latent_mode: str = "mean"  # encode the data as posterior means or one posterior sample each
     latent_cache: str | None = None  # the latent cache file (default: keyed by its inputs in the cache folder)
+    init_from: str | None = None  # fine-tune: start from this checkpoint (its EMA weights, model, schedule, prediction)
+    lora_rank: int = 0  # > 0 (with init_from): train LoRA adapters of this rank on the frozen model instead
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha = rank)
+    lora_targets: str = "attention"  # "attention" (its q / k / v / output projections) or "all" (linears + convs)
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -114,6 +118,14 @@ class TrainConfig:
         if self.lr_decay not in ("constant", "cosine"):
             raise ConfigError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         DiffusionConfig(self.prediction, self.weighting, self.min_snr_gamma)  # validates names
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("LoRA adapts a trained model: give the checkpoint with --init-from")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_targets not in ("attention", "all"):
+            raise ConfigError(f"lora_targets must be 'attention' or 'all', got {self.lora_targets!r}")
         if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
             raise ConfigError(f"{'rectified flow' if self.schedule == 'flow' else 'a zero-terminal-SNR schedule'} "
                               "needs prediction 'flow', 'v' or 'x0' (eps cannot be inverted at alpha = 0)")
@@ -199,6 +211,80 @@ class NonFiniteLoss(KakusanError):
     pass
 
 
+class BaseModel:
+    """The trained checkpoint a fine-tuning run starts from (``init_from``): its config, and the EMA weights
+    (or the model file given) with their hash."""
+
+    def __init__(self, ckpt: Path, config: dict, weights: Path):
+        from ..metrics.provenance import file_sha256
+
+        self.ckpt, self.config, self.weights = ckpt, config, weights
+        self.sha256 = file_sha256(weights)
+        if "lora" in config:
+            raise CheckpointError(f"{ckpt}: a LoRA run; fine-tune from its base ({config['init_from']['path']}) "
+                                  f"or from a merged model")
+
+    @classmethod
+    def read(cls, path: str | Path) -> "BaseModel":
+        ckpt = resolve_checkpoint(path)
+        return cls(ckpt, read_config(ckpt), ckpt if ckpt.is_file() else ckpt / "ema.safetensors")
+
+    def check_data(self, cfg: TrainConfig, data: ImageDataset, shape: tuple[int, int, int],
+                   text_record: dict | None) -> ModelConfig:
+        """The base model's config, after checking that this run's data and conditioning fit it."""
+        mc = model_config_from_dict(self.config["model"], str(self.ckpt))
+        if cfg.model:
+            raise ConfigError("--model overrides the architecture, which a fine-tuning run takes from --init-from")
+        if (mc.in_channels, mc.image_size, mc.image_size) != tuple(shape):
+            raise ConfigError(f"{self.ckpt} was trained on {mc.in_channels}x{mc.image_size}x{mc.image_size} "
+                              f"inputs, {data.name} gives {'x'.join(map(str, shape))} (--image-size / --channels?)")
+        kind = "class" if mc.num_classes else "text" if mc.context_dim else "none"
+        if cfg.cond != kind:
+            raise ConfigError(f"{self.ckpt} is {'unconditional' if kind == 'none' else kind + '-conditional'}; "
+                              f"fine-tune it with --cond {kind}, not {cfg.cond}")
+        if kind == "class" and data.num_classes > mc.num_classes:
+            raise ConfigError(f"{data.name} has {data.num_classes} classes, {self.ckpt} knows {mc.num_classes}")
+        if kind == "text" and text_record["sha256"] != self.config["text_encoder"]["sha256"]:
+            raise ConfigError(f"the text encoder {text_record['spec']!r} is not the one {self.ckpt} was trained "
+                              f"with ({self.config['text_encoder']['spec']!r}); pass it with --text-encoder")
+        return mc
+
+    def adopt(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with the base model's schedule, prediction and latent space (the loss weighting, learning
+        rate and everything else stay the run's own)."""
+        from dataclasses import replace
+
+        sc, dc = self.config["schedule"], self.config["diffusion"]
+        ae = self.config.get("autoencoder")
+        if cfg.autoencoder and not ae:
+            raise ConfigError(f"{self.ckpt} is a pixel-space model: fine-tune it without --autoencoder")
+        return replace(cfg, schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
+                       zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"],
+                       autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
+
+    def check_autoencoder(self, ae) -> None:
+        want = self.config["autoencoder"]
+        if ae.sha256 != want["sha256"]:
+            raise CheckpointError(f"the autoencoder {ae.source} is not the one {self.ckpt} was trained with "
+                                  f"({want['path']}, sha256 {want['sha256'][:12]})")
+        ae.scale = want["scale_factor"]
+
+    def run_config_entries(self, cfg: TrainConfig) -> dict:
+        """What a fine-tuning run's config takes from the base, and records about it."""
+        out = {"init_from": {"path": str(self.ckpt), "weights": self.weights.name, "sha256": self.sha256,
+                             "model": self.config["model"]}}
+        if cfg.lora_rank:
+            from .lora import target_layers
+
+            layers = target_layers(build_model(model_config_from_dict(self.config["model"])), cfg.lora_targets)
+            out["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None
+                           else float(cfg.lora_rank), "targets": cfg.lora_targets, "layers": layers}
+        return out
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        load_state_dict_into(model, load_tensors(self.weights), self.weights)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: ImageDataset | None = None):
         self.cfg = cfg
@@ -210,6 +296,9 @@ class Trainer:
         self.dist.init_process_group(self.device)
         self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                                          download_if_missing=cfg.download, limit=cfg.limit)
+        self.base = BaseModel.read(cfg.init_from) if cfg.init_from else None
+        if self.base is not None:  # the base model's noise schedule and prediction (sampling reads them)
+            self.cfg = cfg = self.base.adopt(cfg)
         self.text = self.text_record = None
         if cfg.cond == "text":
             self._encode_captions()
@@ -218,14 +307,26 @@ class Trainer:
             self._encode_latents()
         else:
             self.images = to_model_range(self.data.images)  # (N, C, H, W) float on CPU
-        self.model_cfg = build_model_config(cfg, self.data, self.text.dim if self.text is not None else 0,
-                                            tuple(self.images.shape[1:]))
+        if self.base is None:
+            self.model_cfg = build_model_config(cfg, self.data, self.text.dim if self.text is not None else 0,
+                                                tuple(self.images.shape[1:]))
+        else:
+            self.model_cfg = self.base.check_data(cfg, self.data, tuple(self.images.shape[1:]), self.text_record)
         self.config = run_config(cfg, self.model_cfg, self.data, self.text_record,
                                  self.autoencoder.record() if self.autoencoder else None)
+        if self.base is not None:  # the base model's diffusion, and where the run started
+            self.config.update(self.base.run_config_entries(cfg))
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
-        self.model = build_model(self.model_cfg).to(self.device).enable_gradient_checkpointing(
-            cfg.gradient_checkpointing)
+        self.model = build_model(self.model_cfg)
+        if self.base is not None:
+            self.base.load_into(self.model)
+            if cfg.lora_rank:
+                from .lora import add_lora
+
+                add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                         layers=self.config["lora"]["layers"])
+        self.model = self.model.to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
         self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
         # under torchrun the training forward goes through DDP (gradients averaged over the processes); with
         # compile, through torch.compile of that (the weights stay self.model's: checkpoints and EMA see no wrapper)
@@ -237,7 +338,8 @@ class Trainer:
             backbone, self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+        self.optimizer = torch.optim.AdamW([q for q in self.model.parameters() if q.requires_grad], lr=cfg.lr,
+                                           betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay, fused=fused)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.labels = self.data.labels
@@ -274,6 +376,8 @@ class Trainer:
         if ae.in_channels != self.data.shape[0]:
             raise ConfigError(f"the autoencoder takes {ae.in_channels}-channel images, {self.data.name} has "
                               f"{self.data.shape[0]}")
+        if self.base is not None:  # fine-tuning: the base model's latent space, scale included
+            self.base.check_autoencoder(ae)
         if ae.scale is None:
             measure_latent_scale(ae, self.data.images)
         self.images, self.latent_cache_path = latent_cache(
@@ -288,8 +392,16 @@ class Trainer:
     def save(self) -> Path:
         path = self.out / "checkpoints" / f"step-{self.step:08d}"
         if self.dist.is_main:
+            extras = {}
+            if "lora" in self.config:  # the adapters alone (of the EMA weights), to share and apply to the base
+                from .lora import adapter_tensors, lora_metadata
+
+                lr = self.config["lora"]
+                extras["lora.safetensors"] = (adapter_tensors(self.ema.model), lora_metadata(
+                    lr["rank"], lr["alpha"], lr["targets"], lr["layers"], self.config["init_from"]))
             path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
-                                   self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every)
+                                   self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
+                                   extras=extras)
         self.dist.barrier()
         return path
 
@@ -449,11 +561,32 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))
-    if ckpt.is_file():
-        weights_path = ckpt
+    weights_path = _weights_file(ckpt, use_ema)
+    if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling
+        from .lora import add_lora, merge_lora
+
+        lr = config["lora"]
+        add_lora(model, lr["rank"], lr["alpha"], lr["targets"], layers=lr["layers"])
+        load_state_dict_into(model, load_tensors(weights_path), weights_path)
+        merge_lora(model)
     else:
-        weights_path = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
-    load_state_dict_into(model, load_tensors(weights_path), weights_path)
+        load_state_dict_into(model, load_tensors(weights_path), weights_path)
     schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
     denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
     return denoiser.set_precision(precision, device), config
+
+
+def _weights_file(ckpt: Path, use_ema: bool) -> Path:
+    return ckpt if ckpt.is_file() else ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
+
+
+def apply_checkpoint_lora(denoiser: Denoiser, checkpoint: str | Path, adapter: str | Path, use_ema: bool = True,
+                          scale: float = 1.0) -> Denoiser:
+    """Apply a LoRA adapter file to a denoiser loaded from ``checkpoint`` (the base the adapter was trained on,
+    checked by the hash of its weights file) and merge it, ``scale`` times its strength."""
+    from ..metrics.provenance import file_sha256
+    from .lora import apply_lora
+
+    weights = _weights_file(resolve_checkpoint(checkpoint), use_ema)
+    apply_lora(denoiser.backbone, adapter, base_sha256=file_sha256(weights), scale=scale)
+    return denoiser
