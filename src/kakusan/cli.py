@@ -51,6 +51,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--lora-targets", help="attention (q / k / v / output projections; default) | all (every "
                                           "linear and convolution)")
+    p.add_argument("--distill", action="store_true", default=None,
+                   help="with --init-from (the teacher): consistency distillation into a few-step model (LCM); "
+                        "sample it with --sampler lcm (the default for it) in 1-8 steps")
+    p.add_argument("--distill-guidance", type=float, help="the teacher's classifier-free guidance, baked in")
+    p.add_argument("--distill-points", type=int, help="points of the teacher's skipping grid (default 50)")
+    p.add_argument("--distill-target-ema", type=float, help="EMA decay of the target network (default 0.95)")
+    p.add_argument("--huber-c", type=float, help="the pseudo-Huber loss's c (default 0.001)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -129,9 +136,10 @@ def cmd_sample(args) -> int:
     from .guidance import ClassifierFreeGuidance
     from .images import save_grid, save_images
     from .samplers import get_sampler, model_calls, sample
-    from .training.trainer import load_denoiser, resolve_device
+    from .training.trainer import load_denoiser, resolve_device, sampling_defaults
 
-    get_sampler(args.sampler)  # fail fast on a bad name
+    if args.sampler is not None:
+        get_sampler(args.sampler)  # fail fast on a bad name
     if args.n < 1:
         raise ConfigError(f"-n must be >= 1, got {args.n}")
     resolved = {k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}
@@ -141,6 +149,8 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device,
                                      precision=args.precision)
+    default_sampler, default_steps = sampling_defaults(config)  # lcm in 4 steps for a distilled model
+    args.sampler, args.steps = args.sampler or default_sampler, args.steps or default_steps
     if args.lora:
         from .training import apply_checkpoint_lora
 
@@ -502,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model .safetensors")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"see 'kakusan samplers' (default {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", help=f"see 'kakusan samplers' (default {DEFAULT_SAMPLER}; lcm for a distilled model)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20; 4 for a distilled model)")
     p.add_argument("--spacing", help="leading | trailing | linspace | karras | logsnr | exponential "
                                      "(default: the sampler's)")
     p.add_argument("--sigma-max", type=float, help="cap the karras / logsnr grid at this sigma/alpha")
@@ -589,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="sample from this checkpoint")
     p.add_argument("--images", help="or score the images in this folder")
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", help=f"default {DEFAULT_SAMPLER} (lcm for a distilled model)")
+    p.add_argument("--steps", type=int, help="default 20 (4 for a distilled model)")
     p.add_argument("--spacing")
     p.add_argument("--guidance", type=float)
     p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")

@@ -323,6 +323,25 @@ def sample_heun(
     return x
 
 
+@torch.no_grad()
+def sample_consistency(
+    denoiser, x: Tensor, levels: NoiseLevels, *, cond=None, generator=None, callback=None, progress: bool = False,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM's sampler): at each level the consistency
+    function's x0_hat = f(x_t, t), then fresh noise to the next level, x_s = alpha_s x0_hat + sigma_s z (the last
+    level is clean: x0_hat itself). Exact in distribution when f is the exact ODE endpoint map; for a model
+    distilled for it (``kakusan train --distill``), not for an ordinary denoiser (whose x0_hat is a mean)."""
+    for i in _step_iter(levels, progress):
+        t, _, _, a_s, s_s = _coeffs(levels, i)
+        x0_hat = _denoise(denoiser, x, t, cond)
+        x = a_s * x0_hat
+        if s_s > 0:
+            x = x + s_s * randn(x.shape, generator, x.device, x.dtype)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0_hat": x0_hat})
+    return x
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Registry
 
@@ -338,6 +357,7 @@ class SamplerInfo:
     last_step_nfe: int = 1  # model evaluations of the final step (Heun's is an Euler step)
     default_sigma_max: float | None = None  # cap of the default spacing (see schedules.timesteps)
     needs_schedule: bool = False  # takes schedule= (Heun's churn evaluates between grid points)
+    consistency: bool = False  # made for a consistency model (its x0_hat is a sample, not a mean)
 
     def nfe(self, steps: int) -> int:
         """Model evaluations for ``steps`` steps (Heun: at most; see HEUN_MAX_RATIO)."""
@@ -372,6 +392,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
                            default_sigma_max=10.0),
     "unipc-3": SamplerInfo(_with(sample_unipc, order=3), 4, 1, False, "logsnr",
                            "UniPC, order-3 predictor + corrector (bh2)"),
+    "lcm": SamplerInfo(sample_consistency, 1, 1, True, "trailing",
+                       "multistep consistency sampling (LCM), for distilled models (train --distill)",
+                       consistency=True),
 }
 
 

@@ -74,6 +74,27 @@ class MixtureDenoiser(torch.nn.Module):
         return self.mixture.denoise(x_t, alpha, sigma)
 
 
+class MixtureConsistency(torch.nn.Module):
+    """The mixture's exact consistency function f(x_t, t): the probability-flow ODE from x_t to the schedule's
+    first level, then the final denoise (``exact_endpoint``): what consistency distillation approximates, and
+    what makes multistep consistency sampling exact. Each call integrates the ODE (DOP853, tolerance ``tol``)."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: Schedule, tol: float = 1e-8):
+        super().__init__()
+        self.mixture, self.schedule, self.tol = mixture, schedule, tol
+        self.calls = 0
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+        if not (t == t[0]).all():
+            raise ValueError("MixtureConsistency takes one t per call")
+        (a, s), (a1, s1) = (tuple(v.item() for v in self.schedule.alpha_sigma(tt)) for tt in (t[0], t.new_zeros(())))
+        if t[0] == 0:
+            return self.mixture.denoise(x_t, a1, s1)
+        return exact_endpoint(self.mixture, x_t, a, s, a1, s1, rtol=self.tol, atol=self.tol).to(x_t.dtype)
+
+
 def exact_endpoint(mixture: GaussianMixture, x_start: torch.Tensor, alpha_start: float, sigma_start: float,
                    alpha_end: float, sigma_end: float, rtol: float = 1e-11, atol: float = 1e-11) -> torch.Tensor:
     """The exact probability-flow ODE map followed by the final denoise: start at x_start (level alpha_start,

@@ -132,7 +132,7 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
                                       "images_sha256": tensor_sha256(images)})
 
 
-def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps: int = 20,
+def generate(checkpoint: str | Path, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
              device="cpu", progress: bool = False, precision: str = "auto") -> tuple[Tensor, Tensor | None, dict]:
     """``n`` samples (uint8) from a checkpoint, balanced over classes for a class-conditional model; returns
@@ -142,15 +142,19 @@ def generate(checkpoint: str | Path, n: int, *, sampler: str = "unipc-2", steps:
     from ..guidance import ClassifierFreeGuidance
     from ..samplers import get_sampler, model_calls, sample
     from ..training.checkpoint import resolve_checkpoint
-    from ..training.trainer import load_denoiser
+    from ..training.trainer import load_denoiser, sampling_defaults
     from .provenance import file_sha256
 
-    info = get_sampler(sampler)
+    if sampler is not None:
+        get_sampler(sampler)  # a bad name fails before the checkpoint is read
     if n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     ckpt = resolve_checkpoint(checkpoint)
     weights = ckpt if ckpt.is_file() else ckpt / "ema.safetensors"
     denoiser, config = load_denoiser(ckpt, device=device, precision=precision)
+    default_sampler, default_steps = sampling_defaults(config)  # lcm in 4 steps for a distilled model
+    sampler, steps = sampler or default_sampler, steps or default_steps
+    info = get_sampler(sampler)
     if config.get("text_encoder"):
         raise ConfigError(f"{ckpt} is text-conditional; eval and sweep sample unconditional and class-conditional "
                           f"models (for text models see benchmarks/text_to_image.py)")

@@ -59,6 +59,11 @@ class TrainConfig:
     lora_rank: int = 0  # > 0 (with init_from): train LoRA adapters of this rank on the frozen model instead
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank (default alpha = rank)
     lora_targets: str = "attention"  # "attention" (its q / k / v / output projections) or "all" (linears + convs)
+    distill: bool = False  # (with init_from, the teacher) consistency distillation into a few-step model (LCM)
+    distill_guidance: float | None = None  # the teacher's classifier-free guidance scale, baked into the student
+    distill_points: int = 50  # the teacher's skipping grid (LCM: 50 points over the T steps)
+    distill_target_ema: float = 0.95  # EMA decay of the target network in the consistency loss
+    huber_c: float = 0.001  # the pseudo-Huber loss's c
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -124,6 +129,16 @@ class TrainConfig:
             raise ConfigError("LoRA adapts a trained model: give the checkpoint with --init-from")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.distill and not self.init_from:
+            raise ConfigError("consistency distillation needs its teacher: give the checkpoint with --init-from")
+        if self.distill_guidance is not None and (not self.distill or self.cond == "none"):
+            raise ConfigError("distill_guidance is the teacher's classifier-free guidance: it needs --distill and "
+                              "a class- or text-conditional model")
+        if not (isinstance(self.distill_points, int) and 1 <= self.distill_points <= self.num_timesteps):
+            raise ConfigError(f"distill_points must be an integer in 1 .. {self.num_timesteps}, got "
+                              f"{self.distill_points!r}")
+        if not 0.0 <= self.distill_target_ema < 1.0 or not self.huber_c >= 0:
+            raise ConfigError("distill_target_ema must lie in [0, 1) and huber_c be >= 0")
         if self.lora_targets not in ("attention", "all"):
             raise ConfigError(f"lora_targets must be 'attention' or 'all', got {self.lora_targets!r}")
         if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
@@ -223,6 +238,9 @@ class BaseModel:
         if "lora" in config:
             raise CheckpointError(f"{ckpt}: a LoRA run; fine-tune from its base ({config['init_from']['path']}) "
                                   f"or from a merged model")
+        if "consistency" in config:
+            raise CheckpointError(f"{ckpt}: a distilled consistency model; fine-tune or distill its teacher "
+                                  f"({config['init_from']['path']})")
 
     @classmethod
     def read(cls, path: str | Path) -> "BaseModel":
@@ -273,6 +291,12 @@ class BaseModel:
         """What a fine-tuning run's config takes from the base, and records about it."""
         out = {"init_from": {"path": str(self.ckpt), "weights": self.weights.name, "sha256": self.sha256,
                              "model": self.config["model"]}}
+        if cfg.distill:
+            from ..consistency import SIGMA_DATA, TIMESTEP_SCALING
+
+            out["consistency"] = {"sigma_data": SIGMA_DATA, "timestep_scaling": TIMESTEP_SCALING,
+                                  "points": cfg.distill_points, "guidance": cfg.distill_guidance,
+                                  "target_ema": cfg.distill_target_ema, "huber_c": cfg.huber_c}
         if cfg.lora_rank:
             from .lora import target_layers
 
@@ -283,6 +307,45 @@ class BaseModel:
 
     def load_into(self, model: torch.nn.Module) -> None:
         load_state_dict_into(model, load_tensors(self.weights), self.weights)
+
+
+class Distiller:
+    """Consistency distillation inside a Trainer: the teacher is the frozen ``init_from`` model (guided with
+    ``distill_guidance``), the student the trainer's model (initialised from it, LoRA or not), the target an EMA
+    of the student (``distill_target_ema``); see kakusan.consistency."""
+
+    def __init__(self, trainer: "Trainer"):
+        import copy
+
+        from ..consistency import ConsistencyDenoiser, skipping_grid
+
+        cfg, tr = trainer.cfg, trainer
+        net = build_model(tr.model_cfg)
+        tr.base.load_into(net)
+        diffusion = DiffusionConfig(**tr.config["diffusion"])
+        teacher = Denoiser(net.to(tr.device).eval().requires_grad_(False), tr.schedule, diffusion)
+        if cfg.distill_guidance:
+            null = (tr.model_cfg.num_classes if tr.model_cfg.num_classes else tr.text[tr.null_caption])
+            teacher = ClassifierFreeGuidance(teacher, cfg.distill_guidance, null)
+        self.teacher, self.cfg, self.schedule = teacher, cfg, tr.schedule
+        self.target = copy.deepcopy(tr.model).eval().requires_grad_(False)
+        self.student = ConsistencyDenoiser(tr.train_denoiser)
+        self.target_f = ConsistencyDenoiser(Denoiser(self.target, tr.schedule, diffusion))
+        self.grid = skipping_grid(tr.schedule.num_timesteps, cfg.distill_points)
+        self.model = tr.model
+
+    def loss(self, x0: torch.Tensor, cond, noise) -> torch.Tensor:
+        from ..consistency import distillation_loss
+
+        t, eps = noise  # t uniform over 0 .. T-1: its grid point is uniform over the N points
+        n = (t * len(self.grid[0]) / self.schedule.num_timesteps).floor().long().clamp(0, len(self.grid[0]) - 1)
+        return distillation_loss(self.student, self.target_f, self.teacher, self.schedule, x0, cond, n, eps,
+                                 self.grid, self.cfg.huber_c)
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        torch._foreach_lerp_(list(self.target.parameters()), [p.detach() for p in self.model.parameters()],
+                             1.0 - self.cfg.distill_target_ema)
 
 
 class Trainer:
@@ -337,6 +400,7 @@ class Trainer:
         self.train_denoiser = self.denoiser if backbone is self.model else Denoiser(
             backbone, self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
+        self.distiller = Distiller(self) if cfg.distill else None
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW([q for q in self.model.parameters() if q.requires_grad], lr=cfg.lr,
                                            betas=cfg.adam_betas,
@@ -399,6 +463,8 @@ class Trainer:
                 lr = self.config["lora"]
                 extras["lora.safetensors"] = (adapter_tensors(self.ema.model), lora_metadata(
                     lr["rank"], lr["alpha"], lr["targets"], lr["layers"], self.config["init_from"]))
+            if self.distiller is not None:  # the consistency loss's target network, for an exact resume
+                extras["target.safetensors"] = (self.distiller.target.state_dict(), {"kind": "consistency-target"})
             path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
                                    self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
                                    extras=extras)
@@ -416,6 +482,8 @@ class Trainer:
             raise CheckpointError(f"{ckpt}: it was trained in another autoencoder's latent space")
         load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt)
         load_state_dict_into(self.ema.model, load_tensors(ckpt / "ema.safetensors"), ckpt)
+        if self.distiller is not None:
+            load_state_dict_into(self.distiller.target, load_tensors(ckpt / "target.safetensors"), ckpt)
         state = json.loads((ckpt / "state.json").read_text())
         opt_tensors = load_tensors(ckpt / "optimizer.safetensors")
         self.optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
@@ -453,7 +521,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, self.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.train_denoiser.loss(x0, cond, noise=noise).mean()
+            if self.distiller is not None:
+                loss = self.distiller.loss(x0, cond, noise).mean()
+            else:
+                loss = self.train_denoiser.loss(x0, cond, noise=noise).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -468,6 +539,8 @@ class Trainer:
         else:
             self.optimizer.step()
             self.ema.update(self.model, self.step)
+            if self.distiller is not None:
+                self.distiller.update_target()
         self.step += 1
         return loss_value
 
@@ -475,6 +548,11 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
         denoiser = Denoiser(self.ema.model, self.schedule, self.denoiser.config)
+        sampler, steps, guidance = self.cfg.sample_sampler, self.cfg.sample_steps, self.cfg.guidance
+        if self.distiller is not None:  # a few-step model, guidance baked in
+            from ..consistency import ConsistencyDenoiser
+
+            denoiser, (sampler, steps), guidance = ConsistencyDenoiser(denoiser), sampling_defaults(self.config), None
         if self.autoencoder is None:  # pixels live in [-1, 1]; latents do not
             denoiser = ClippedDenoiser(denoiser)
         cond, nrow = None, None
@@ -482,17 +560,17 @@ class Trainer:
             k = self.model_cfg.num_classes
             per = max(1, n // k)
             cond = torch.arange(k, device=self.device).repeat_interleave(per)
-            denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, k), per
-            n = len(cond)
+            denoiser = ClassifierFreeGuidance(denoiser, guidance, k) if guidance else denoiser
+            nrow, n = per, len(cond)
         elif self.cfg.cond == "text":  # one row per prompt of the grid (training captions)
             per = max(1, n // len(self.grid_caption_ids))
             cond = self.text[self.grid_caption_ids.to(self.device).repeat_interleave(per)]
             null = self.text[self.null_caption]
-            denoiser, nrow = ClassifierFreeGuidance(denoiser, self.cfg.guidance, null), per
-            n = len(cond)
+            denoiser = ClassifierFreeGuidance(denoiser, guidance, null) if guidance else denoiser
+            nrow, n = per, len(cond)
         c, h, w = self.images.shape[1:]
-        x = sample(denoiser, self.schedule, (n, c, h, w), sampler=self.cfg.sample_sampler,
-                   steps=self.cfg.sample_steps, cond=cond, seed=seed, device=self.device)
+        x = sample(denoiser, self.schedule, (n, c, h, w), sampler=sampler, steps=steps, cond=cond, seed=seed,
+                   device=self.device)
         if self.autoencoder is not None:
             x = self.autoencoder.from_latent(x)
         return save_grid(x, path, nrow=nrow)
@@ -573,7 +651,21 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
         load_state_dict_into(model, load_tensors(weights_path), weights_path)
     schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
     denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
-    return denoiser.set_precision(precision, device), config
+    denoiser.set_precision(precision, device)
+    if "consistency" in config:  # a distilled few-step model: its consistency function is the denoiser
+        from ..consistency import ConsistencyDenoiser
+
+        c = config["consistency"]
+        return ConsistencyDenoiser(denoiser, c["sigma_data"], c["timestep_scaling"]), config
+    return denoiser, config
+
+
+def sampling_defaults(config: dict) -> tuple[str, int]:
+    """The sampler and steps a checkpoint samples with when none are given: 'lcm' in 4 steps for a distilled
+    consistency model, the default solver in 20 steps otherwise."""
+    from ..samplers import DEFAULT_SAMPLER
+
+    return ("lcm", 4) if "consistency" in config else (DEFAULT_SAMPLER, 20)
 
 
 def _weights_file(ckpt: Path, use_ema: bool) -> Path:
