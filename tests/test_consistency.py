@@ -161,3 +161,20 @@ def test_distillation_cli_and_mistakes(tmp_path, teacher_run, capsys):
         TrainConfig(init_from=str(teacher), distill=True, distill_points=0)
     with pytest.raises(CheckpointError, match="a distilled consistency model"):
         Trainer(_distill_cfg(tmp_path / "again", run, steps=2))
+
+
+def test_lcm_lora_distils_into_adapters(tmp_path, teacher_run):
+    """--distill with --lora-rank: the student is the frozen teacher plus adapters; its checkpoint loads as a
+    consistency model with the adapters merged, and the adapter file alone holds what changed."""
+    pytest.importorskip("peft")
+    teacher, ds = teacher_run
+    ckpt = Trainer(_distill_cfg(tmp_path / "lcm-lora", teacher, steps=4, lora_rank=2, lr=1e-3), ds).fit()
+    config = json.loads((ckpt / "config.json").read_text())
+    assert "consistency" in config and config["lora"]["rank"] == 2
+    assert (ckpt / "lora.safetensors").is_file() and (ckpt / "target.safetensors").is_file()
+    den, _ = load_denoiser(ckpt)
+    assert isinstance(den, ConsistencyDenoiser) and not any(".lora_" in k for k in den.backbone.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        out = den(x, torch.tensor([999.0, 999.0]), torch.tensor([1, 2]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
