@@ -21,3 +21,19 @@ def shared_data():
 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def save_tiny_autoencoder_kl(folder: Path, channels: int):
+    """A small diffusers AutoencoderKL (factor 2, 4 latent channels, seeded), saved as a local folder; returns it."""
+    import warnings
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=4, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                                  block_out_channels=(8, 16), layers_per_block=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae.save_pretrained(folder)
+    return vae

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
+from conftest import save_tiny_autoencoder_kl
 
 from kakusan.conditioning import TextCond
 from kakusan.errors import CheckpointError, ConfigError
@@ -226,9 +227,6 @@ def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
     """A released-format DiT (learned variance, class labels) on a diffusers AutoencoderKL's latents becomes a
     kakusan checkpoint: the loaded denoiser is the DiT's eps read on DDPM's linear schedule, and `kakusan sample`
     decodes with the recorded autoencoder and latent scale."""
-    import warnings
-
-    diffusers = pytest.importorskip("diffusers")
     from PIL import Image
 
     from kakusan.cli import main
@@ -239,14 +237,7 @@ def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
                     depth=2, num_heads=2, num_classes=3)
     src = _randomise(DiT(cfg)).eval()
     torch.save(src.state_dict(), tmp_path / "DiT-tiny.pt")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                                  block_out_channels=(8, 16), layers_per_block=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        vae.save_pretrained(tmp_path / "vae")
+    save_tiny_autoencoder_kl(tmp_path / "vae", channels=3)
     out = tmp_path / "imported"
     assert main(["import-dit", str(tmp_path / "DiT-tiny.pt"), "--out", str(out), "--num-heads", "2",
                  "--autoencoder", str(tmp_path / "vae")]) == 0

@@ -3,10 +3,10 @@ checks, latent training and decoding samplers, and diffusers' AutoencoderKL from
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
+from conftest import save_tiny_autoencoder_kl
 
 from kakusan.cli import main
 from kakusan.data import load_digits
@@ -170,15 +170,7 @@ def test_latent_diffusion_trains_samples_and_checks_its_autoencoder(trained_ae, 
 
 
 def test_diffusers_autoencoder_kl_from_a_local_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, norm_num_groups=8,
-                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                                  block_out_channels=(8, 16), layers_per_block=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        vae.save_pretrained(tmp_path / "vae")
+    vae = save_tiny_autoencoder_kl(tmp_path / "vae", channels=1)
     ae = load_autoencoder(tmp_path / "vae")
     assert ae.kind == "diffusers" and ae.factor == 2 and ae.latent_channels == 4 and ae.scale is None
     digits = load_digits()

@@ -17,6 +17,12 @@ class CheckpointError(KakusanError):
     """A checkpoint is missing, unreadable, not kakusan's, or does not match."""
 
 
+def need(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``ok``: the one-line checks of the config dataclasses."""
+    if not ok:
+        raise ConfigError(message)
+
+
 def config_from_dict(cls, d: dict, what: str):
     """Build the config dataclass ``cls`` from ``d``, refusing keys it does not have (naming them)."""
     unknown = set(d) - set(cls.__dataclass_fields__)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, config_from_dict
+from ..errors import ConfigError, config_from_dict, need
 from .layers import CrossAttention, masked_mean, sinusoidal, split_condition
 
 Tensor = torch.Tensor
@@ -52,10 +52,6 @@ class DiTConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-
         need(self.image_size >= 1 and self.in_channels >= 1 and self.out_channels >= 1,
              "image_size and channel counts must be positive")
         need(self.patch_size >= 1, "patch_size must be >= 1")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, config_from_dict
+from ..errors import config_from_dict, need
 from .layers import CrossAttention, masked_mean, split_condition, timestep_embedding
 
 Tensor = torch.Tensor
@@ -48,10 +48,6 @@ class UNetConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-
         need(self.image_size >= 1 and self.in_channels >= 1 and self.out_channels >= 1,
              "image_size and channel counts must be positive")
         need(self.channels >= 1 and len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
