@@ -206,7 +206,8 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
     assert len(list((out / "grids").glob("*.png"))) == 8 and (out / "grids" / "unipc-2-2-w2.png").is_file()
 
     for what, extra in (("schedules", []), ("forward", []), ("embedding", []), ("loss", ["--run", run]),
-                        ("trajectory", ["--checkpoint", run, "--steps", "3", "--class", "4"])):
+                        ("trajectory", ["--checkpoint", run, "--steps", "3", "--class", "4"]),
+                        ("samplers", ["--checkpoint", run, "--configs", "ddim:2,unipc-2:3,ddpm:4", "--guidance", "2"])):
         png = tmp_path / f"{what}.png"
         r = kakusan("plot", what, "--out", png, *extra)
         assert r.returncode == 0, (what, r.stderr)
@@ -221,6 +222,9 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
                             "--ref-stats", tmp_path / "nope.safetensors"), "not found")
     _one_line_error(kakusan("plot", "loss", "--run", tmp_path / "empty"), "not found")
     _one_line_error(kakusan("plot", "trajectory", "--checkpoint", run, "--class", "11"), "out of range")
+    _one_line_error(kakusan("plot", "samplers", "--checkpoint", run, "--configs", "ddim:ten"), "SAMPLER[:STEPS]")
+    _one_line_error(kakusan("plot", "samplers", "--checkpoint", run, "--configs", "euler-maruyama:4"),
+                    "unknown sampler")
 
 
 # ---- the shipped domain classifiers, re-measured on the real test splits --------------------------------------------

@@ -489,6 +489,19 @@ def cmd_plot(args) -> int:
         if not args.run:
             raise ConfigError("plot loss needs --run RUN_DIR (or a log.jsonl path)")
         path = plots.plot_loss(args.run, out)
+    elif what == "samplers":
+        from .errors import ConfigError
+
+        if not args.checkpoint:
+            raise ConfigError("plot samplers needs --checkpoint")
+        configs = []
+        for item in args.configs:
+            name, _, steps = item.partition(":")
+            try:
+                configs.append((name, int(steps) if steps else args.steps))
+            except ValueError:
+                raise ConfigError(f"--configs takes SAMPLER[:STEPS] items, got {item!r}") from None
+        path = plots.sampler_rows(args.checkpoint, out, configs, guidance=args.guidance, seed=args.seed)
     else:
         from .errors import ConfigError
 
@@ -636,13 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory")
-    p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory"])
+    p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory, samplers")
+    p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory", "samplers"])
     p.add_argument("--out", help="PNG path (default WHAT.png)")
     p.add_argument("--schedule", default="linear", help="for 'forward'")
     p.add_argument("--dim", type=int, default=128, help="for 'embedding'")
     p.add_argument("--run", help="for 'loss': a run folder or log.jsonl")
-    p.add_argument("--checkpoint", help="for 'trajectory'")
+    p.add_argument("--checkpoint", help="for 'trajectory' and 'samplers'")
+    p.add_argument("--configs", type=_csv(str), default=["ddim:10", "unipc-2:10", "ddpm:1000"],
+                   help="for 'samplers': rows, SAMPLER[:STEPS] comma-separated (default ddim:10,unipc-2:10,ddpm:1000)")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--class", dest="class_label", type=int)

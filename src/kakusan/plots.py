@@ -169,34 +169,95 @@ def plot_trajectory(x_t: list[Tensor], x0_hat: list[Tensor], labels: list[str], 
     return _save(fig, path)
 
 
+def _class_model(checkpoint: str | Path, guidance: float | None):
+    """(denoiser ready to sample: clipped for pixels, guided for class models; its schedule; model config;
+    number of classes; the latent decoder or None) for the plots that sample a checkpoint."""
+    from .diffusion import ClippedDenoiser
+    from .errors import ConfigError
+    from .guidance import ClassifierFreeGuidance
+    from .training.autoencoder import autoencoder_for_checkpoint
+    from .training.trainer import load_denoiser
+
+    denoiser, config = load_denoiser(checkpoint)
+    if config.get("text_encoder"):
+        raise ConfigError("the sampling plots take unconditional and class-conditional checkpoints, not text ones")
+    decoder = autoencoder_for_checkpoint(config)
+    k = config["model"].get("num_classes", 0)
+    d = denoiser if decoder is not None else ClippedDenoiser(denoiser)
+    if guidance is not None:
+        if not k:
+            raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")
+        d = ClassifierFreeGuidance(d, guidance, null_cond=k)
+    return d, denoiser.schedule, config["model"], k, decoder
+
+
 def trajectory(checkpoint: str | Path, path: str | Path, sampler: str = "ddim", steps: int = 20,
                shown: int = 10, class_label: int | None = None, guidance: float | None = None,
                seed: int = 0) -> Path:
     """Sample one image from a checkpoint and plot x_t and x0_hat at ``shown`` evenly spaced steps."""
-    from .diffusion import ClippedDenoiser
     from .errors import ConfigError
-    from .guidance import ClassifierFreeGuidance
     from .samplers import sample
-    from .training.trainer import load_denoiser
 
-    denoiser, config = load_denoiser(checkpoint)
-    mc = config["model"]
-    k = mc.get("num_classes", 0)
-    d = ClippedDenoiser(denoiser)
+    d, schedule, mc, k, decoder = _class_model(checkpoint, guidance)
+    if decoder is not None:
+        raise ConfigError("plot trajectory shows pixels; this checkpoint samples latents")
     cond = None
     if k:
         label = 0 if class_label is None else class_label
         if not 0 <= label < k:
             raise ConfigError(f"--class {label} is out of range: this model has classes 0..{k - 1}")
         cond = torch.tensor([label])
-        if guidance is not None:
-            d = ClassifierFreeGuidance(d, guidance, null_cond=k)
-    elif class_label is not None or guidance is not None:
-        raise ConfigError("--class / --guidance need a class-conditional checkpoint; this one is unconditional")
+    elif class_label is not None:
+        raise ConfigError("--class needs a class-conditional checkpoint; this one is unconditional")
     rec: list[dict] = []
-    sample(d, denoiser.schedule, (1, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=sampler,
+    sample(d, schedule, (1, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=sampler,
            steps=steps, cond=cond, seed=seed, callback=lambda info: rec.append(
                {"t": float(info["t"]), "x": info["x"][0].clone(), "x0_hat": info["x0_hat"][0].clone()}))
     idx = sorted(set(torch.linspace(0, len(rec) - 1, min(shown, len(rec))).round().long().tolist()))
     return plot_trajectory([rec[i]["x"] for i in idx], [rec[i]["x0_hat"] for i in idx],
                            [f"step {i + 1}\nt={rec[i]['t']:.0f}" for i in idx], path)
+
+
+def sampler_rows(checkpoint: str | Path, path: str | Path, configs: list[tuple[str, int]], n: int | None = None,
+                 guidance: float | None = None, seed: int = 0) -> Path:
+    """One row of samples per (sampler, steps), all from the same starting noise (one column per class for a
+    class-conditional model, else ``n`` columns): the samplers side by side on one checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .errors import ConfigError
+    from .samplers import get_sampler, model_calls, sample
+
+    for name, steps in configs:
+        get_sampler(name)
+        if steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {steps} for {name}")
+    d, schedule, mc, k, decoder = _class_model(checkpoint, guidance)
+    cols = n or (k if k else 10)
+    cond = torch.arange(cols) % k if k else None
+    rows = []
+    for name, steps in configs:
+        x = sample(d, schedule, (cols, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=name,
+                   steps=steps, cond=cond, seed=seed)
+        if decoder is not None:
+            x = decoder.from_latent(x)
+        rows.append(((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.9 + 1.6, len(rows) * 0.9 + 0.2), squeeze=False)
+    for r, ((name, steps), imgs) in enumerate(zip(configs, rows)):
+        for c in range(cols):
+            ax = axes[r][c]
+            img = imgs[c]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[r][0].set_ylabel(f"{name}\n{steps} steps, {model_calls(name, schedule, steps)} NFE", rotation=0,
+                              ha="right", va="center", fontsize=8)
+    title = "same starting noise in every row" + (f"; guidance {guidance:g}" if guidance is not None else "")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
