@@ -256,8 +256,4 @@ def sampler_rows(checkpoint: str | Path, path: str | Path, configs: list[tuple[s
     title = "same starting noise in every row" + (f"; guidance {guidance:g}" if guidance is not None else "")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
