@@ -24,7 +24,7 @@ from kakusan.metrics.classifier import load_classifier
 from kakusan.metrics.evaluate import FeatureSet, reference_features, score
 from kakusan.metrics.features import load_extractor
 from kakusan.samplers import sample
-from kakusan.training.trainer import load_denoiser
+from kakusan.checkpoints import load_denoiser
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from kakusan.diffusion import ClippedDenoiser
 from kakusan.guidance import ClassifierFreeGuidance
 from kakusan.images import save_grid
 from kakusan.samplers import sample
-from kakusan.training.trainer import load_denoiser
+from kakusan.checkpoints import load_denoiser
 
 SEEN = ["red apple", "grinning face", "dog face", "blue heart", "rocket", "snowman", "fire", "banana"]
 NEW = ["blue apple", "purple banana", "green dog face", "red rocket", "blue fire", "yellow snowman", "pink ghost",

@@ -18,7 +18,8 @@ from kakusan.models.layers import sinusoidal
 from kakusan.samplers import sample_ddim
 from kakusan.schedules import NoiseLevels, make_schedule, noise_levels, timesteps
 from kakusan.testing import GaussianMixture, MixtureConsistency, MixtureDenoiser, exact_endpoint
-from kakusan.training import Trainer, TrainConfig, load_denoiser
+from kakusan.checkpoints import load_denoiser
+from kakusan.training import Trainer, TrainConfig
 from safetensors.torch import load_file
 
 MIX = GaussianMixture(torch.tensor([[-1.5, 0.0], [1.0, 1.0]]), torch.tensor([0.3, 0.4]), torch.tensor([0.4, 0.6]))

@@ -197,7 +197,8 @@ def test_released_checkpoint_layout_loads(tmp_path):
 def test_dit_trains_resumes_and_samples_through_the_trainer(tmp_path):
     from kakusan.data import load_digits
     from kakusan.samplers import sample
-    from kakusan.training import Trainer, TrainConfig, load_denoiser
+    from kakusan.checkpoints import load_denoiser
+    from kakusan.training import Trainer, TrainConfig
 
     ds = load_digits()
     ds.images, ds.labels = ds.images[:200], ds.labels[:200]
@@ -231,7 +232,7 @@ def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
 
     from kakusan.cli import main
     from kakusan.schedules import make_schedule
-    from kakusan.training import load_denoiser
+    from kakusan.checkpoints import load_denoiser
 
     cfg = DiTConfig(image_size=8, in_channels=4, out_channels=4, learn_sigma=True, patch_size=2, hidden_size=32,
                     depth=2, num_heads=2, num_classes=3)

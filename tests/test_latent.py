@@ -14,8 +14,8 @@ from kakusan.errors import CheckpointError, ConfigError, DataError
 from kakusan.latents import latent_cache
 from kakusan.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from kakusan.training import Trainer, TrainConfig
-from kakusan.training.autoencoder import (AutoencoderTrainConfig, AutoencoderTrainer, load_autoencoder,
-                                          measure_latent_scale)
+from kakusan.checkpoints import load_autoencoder
+from kakusan.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer, measure_latent_scale
 
 SMALL = {"channels": 16, "norm_groups": 8}
 
@@ -196,7 +196,8 @@ def test_diffusers_autoencoder_kl_from_a_local_folder(tmp_path):
 
 
 def test_train_autoencoder_cli_reports_reconstruction_psnr(tmp_path, capsys):
-    from kakusan.training.autoencoder import psnr, reconstruction_report
+    from kakusan.metrics.stats import psnr
+    from kakusan.training.autoencoder import reconstruction_report
 
     out = tmp_path / "ae"
     assert main(["train-autoencoder", "--data", "digits", "--factor", "4", "--latent-channels", "2", "--model",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from kakusan.errors import CheckpointError, KakusanError
 from kakusan.models import UNet, get_preset
-from kakusan.training import load_denoiser
+from kakusan.checkpoints import load_denoiser
 from kakusan.training.trainer import TrainConfig
 
 TRAIN = ["train", "--preset", "unet-tiny", "--cond", "class", "--steps", "150", "--batch-size", "16",
@@ -72,7 +72,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 
 KILL_DURING_WRITE = textwrap.dedent("""
     import os, sys, time
-    import kakusan.training.checkpoint as ck
+    import kakusan.checkpoints as ck
     from kakusan.training import Trainer, TrainConfig
     tr = Trainer(TrainConfig(preset="unet-tiny", steps=4, batch_size=8, limit=64, out=sys.argv[1],
                              sample_every=1000, checkpoint_every=1000, progress=False))

@@ -7,8 +7,9 @@ from safetensors.torch import load_file
 
 from kakusan.data import load_digits
 from kakusan.errors import CheckpointError, ConfigError
-from kakusan.training import Trainer, TrainConfig, load_denoiser
-from kakusan.training.checkpoint import flatten_optimizer_state, resolve_checkpoint, unflatten_optimizer_state
+from kakusan.checkpoints import load_denoiser
+from kakusan.training import Trainer, TrainConfig
+from kakusan.checkpoints import flatten_optimizer_state, resolve_checkpoint, unflatten_optimizer_state
 from kakusan.training.trainer import batch_indices, lr_at
 
 TINY = dict(preset="unet-tiny", batch_size=16, log_every=5, sample_every=1000, checkpoint_every=1000,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -128,129 +127,129 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    import torch
+def _pipeline_kwargs(args) -> dict:
+    """The pipeline call's arguments from sample's flags."""
+    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "class_label": args.class_label,
+            "negative_class": args.negative_class, "n": args.n, "sampler": args.sampler, "steps": args.steps,
+            "spacing": args.spacing, "sigma_max": args.sigma_max, "eta": args.eta, "guidance": args.guidance,
+            "guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval,
+            "classifier": args.classifier, "classifier_scale": args.classifier_scale, "seed": args.seed,
+            "batch_size": args.batch_size, "init_image": args.init_image, "strength": args.strength,
+            "mask": args.mask, "resample_steps": args.resample_steps, "clip": not args.no_clip}
 
-    from .diffusion import ClippedDenoiser
+
+def _read_noise(path: str):
+    """An inversion's noise file (kakusan invert): (noise tensor, the sampler settings it was made for)."""
+    from .checkpoints import load_tagged
+
+    tensors, meta = load_tagged(path, "kakusan-noise", "noise file (kakusan invert)")
+    return tensors["noise"], json.loads(meta["regenerate"]), json.loads(meta["record"])
+
+
+def cmd_sample(args) -> int:
+    from .checkpoints import read_config, resolve_checkpoint, sampling_defaults
     from .errors import ConfigError
-    from .guidance import ClassifierFreeGuidance
-    from .images import save_grid, save_images
-    from .samplers import get_sampler, model_calls, sample
-    from .training.trainer import load_denoiser, resolve_device, sampling_defaults
+    from .pipeline import Pipeline
+    from .samplers import get_sampler
 
     if args.sampler is not None:
         get_sampler(args.sampler)  # fail fast on a bad name
-    if args.n < 1:
-        raise ConfigError(f"-n must be >= 1, got {args.n}")
-    resolved = {k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}
-    if args.dry_run:
-        print(json.dumps(resolved, indent=2))
-        return 0
-    device = resolve_device(args.device)
-    denoiser, config = load_denoiser(args.checkpoint, use_ema=not args.no_ema, device=device,
-                                     precision=args.precision)
-    default_sampler, default_steps = sampling_defaults(config)  # lcm in 4 steps for a distilled model
-    args.sampler, args.steps = args.sampler or default_sampler, args.steps or default_steps
-    if args.lora:
-        from .training import apply_checkpoint_lora
+    if args.from_png:
+        if args.dry_run:
+            from .pipeline import read_png_record
 
-        apply_checkpoint_lora(denoiser, args.checkpoint, args.lora, use_ema=not args.no_ema, scale=args.lora_scale)
+            print(json.dumps(read_png_record(args.from_png), indent=2))
+            return 0
+        gen = Pipeline.from_png(args.from_png, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
+                                autoencoder=args.autoencoder)
+        out = args.out or (None if args.out_dir else "regenerated.png")
+        if len(gen) == 1 and out:  # one image of a call: written as it was, at its own size
+            print(f"image: {gen.save_image(out)}")
+            out = None
+        return _write_samples(gen, out, args.out_dir, gen.record.get("nrow"))
+    if not args.checkpoint:
+        raise ConfigError("sample needs --checkpoint (or --from-png FILE)")
+    kw = _pipeline_kwargs(args)
+    noise = None
+    if args.noise:
+        noise, made_for, _ = _read_noise(args.noise)
+        for key in ("sampler", "steps", "spacing", "sigma_max", "n"):  # the inversion's grid unless overridden
+            if kw.get(key) is None and made_for.get(key) is not None:
+                kw[key] = made_for[key]
+        kw["n"] = len(noise) if args.n is None else kw["n"]
+    if args.dry_run:  # the values that would be used, checkpoint defaults included
+        config = read_config(resolve_checkpoint(args.checkpoint))
+        default_sampler, default_steps = sampling_defaults(config)
+        kw["sampler"], kw["steps"] = kw["sampler"] or default_sampler, kw["steps"] or default_steps
+        info = get_sampler(kw["sampler"])
+        kw["spacing"] = kw["spacing"] or info.default_spacing
+        print(json.dumps({"checkpoint": args.checkpoint, **kw, "out": args.out, "out_dir": args.out_dir}, indent=2))
+        return 0
+    lora = None
+    if args.lora:
+        lora = [item.rpartition(":")[0] if _has_scale(item) else item for item in args.lora]
+        scales = [float(item.rpartition(":")[2]) if _has_scale(item) else args.lora_scale for item in args.lora]
     elif args.lora_scale != 1.0:
         raise ConfigError("--lora-scale needs --lora FILE")
-    classes = config["data"].get("class_names") or []
-    model_k = k = config["model"].get("num_classes", 0)
-    cond = None
-    base = denoiser
-    if args.classifier:
-        if args.guidance is not None:
-            raise ConfigError("choose one of --guidance (classifier-free) and --classifier (classifier guidance)")
-        from .guidance import ClassifierGuidance
-        from .metrics.classifier import load_classifier
+    pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
+                         lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
+                         autoencoder=args.autoencoder)
+    kw["n"] = 64 if kw["n"] is None else kw["n"]
+    gen = pipe(**kw, noise=noise, progress=True)
+    out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
+    return _write_samples(gen, out, args.out_dir, args.nrow)
 
-        if config.get("text_encoder"):
-            raise ConfigError("classifier guidance works with unconditional and class-conditional models, not text ones")
 
-        clf, _ = load_classifier(args.classifier)
-        if clf.cfg.schedule is None or clf.cfg.schedule != config["schedule"]:
-            raise ConfigError(f"{args.classifier}: classifier guidance needs a classifier trained on noisy images of "
-                              f"this model's schedule ({config['schedule']['name']}; train-classifier --noisy), "
-                              f"this one has {clf.cfg.schedule}")
-        if k and clf.cfg.num_classes != k:
-            raise ConfigError(f"the classifier has {clf.cfg.num_classes} classes, the model {k}")
-        k = clf.cfg.num_classes
-        classes = classes or clf.cfg.class_names
-        base = ClassifierGuidance(denoiser, clf.to(device).eval(), args.classifier_scale, denoiser.schedule,
-                                  pass_cond=bool(model_k))
-    from .training.autoencoder import autoencoder_for_checkpoint
+def _has_scale(item: str) -> bool:
+    head, sep, tail = item.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep and head)
 
-    decoder = autoencoder_for_checkpoint(config, args.autoencoder, device)  # latent models: decode at the end
-    d = base if args.no_clip or decoder is not None else ClippedDenoiser(base)
-    text_record = config.get("text_encoder")
-    if (args.prompt or args.negative_prompt) and not text_record:
-        raise ConfigError("--prompt / --negative-prompt given, but this checkpoint is not text-conditional "
-                          "(trained without --cond text)")
-    null = k
-    if text_record:
-        from .conditioning import check_prompts, encoder_for_checkpoint
 
-        if args.class_label is not None or args.negative_class is not None:
-            raise ConfigError("this checkpoint is text-conditional: give --prompt TEXT, not --class")
-        prompts = args.prompt or [""]  # no prompt: unconditional samples (the empty prompt)
-        if args.prompt:
-            check_prompts(args.prompt)
-        if args.negative_prompt is not None:
-            check_prompts([args.negative_prompt])
-        if args.guidance is not None and not args.prompt:
-            raise ConfigError("--guidance on a text model needs --prompt TEXT")
-        encoder = encoder_for_checkpoint(text_record, args.text_encoder, device)
-        per = -(-args.n // len(prompts))
-        args.n, args.nrow = per * len(prompts), args.nrow or (per if len(prompts) > 1 else None)
-        encoded = encoder.encode(prompts)
-        cond = encoded[torch.arange(len(prompts), device=encoded.device).repeat_interleave(per)]
-        null = encoder.encode("")
-        negative = encoder.encode(args.negative_prompt) if args.negative_prompt is not None else None
-        del encoder
-    elif args.class_label is not None:
-        if not k:
-            raise ConfigError("--class given, but this checkpoint is unconditional (trained without --cond class)")
-        if not 0 <= args.class_label < k:
-            raise ConfigError(f"--class {args.class_label} is out of range: this model has classes 0..{k - 1}")
-        cond = torch.full((args.n,), args.class_label, device=device)
-    elif k:  # a class-conditional model without --class: one row per class
-        per_class = -(-args.n // k)
-        cond = torch.arange(args.n, device=device) // per_class
-        args.nrow = args.nrow or per_class
-    if not text_record:
-        negative = args.negative_class
-        if args.negative_class is not None and k and not 0 <= args.negative_class < k:
-            raise ConfigError(f"--negative-class {args.negative_class} is out of range: classes are 0..{k - 1}")
-    if args.guidance is not None:
-        if not (k or text_record):
-            raise ConfigError("--guidance needs a class- or text-conditional checkpoint; this one is unconditional")
-        d = ClassifierFreeGuidance(d, args.guidance, null_cond=null, negative=negative,
-                                   rescale=args.guidance_rescale, interval=args.guidance_interval,
-                                   schedule=denoiser.schedule)
-    elif negative is not None or args.guidance_rescale or args.guidance_interval:
-        raise ConfigError("--negative-class / --negative-prompt / --guidance-rescale / --guidance-interval "
-                          "need --guidance W")
-    mc = config["model"]
-    shape = (args.n, mc["in_channels"], mc["image_size"], mc["image_size"])
-    options = {"eta": args.eta} if args.eta is not None else {}
-    t0 = time.perf_counter()
-    x = sample(d, denoiser.schedule, shape, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-               sigma_max=args.sigma_max, cond=cond, seed=args.seed, device=device, progress=True, **options)
-    if decoder is not None:
-        x = decoder.from_latent(x).clamp(-1, 1)
-    dt = time.perf_counter() - t0
-    if args.out:
-        save_grid(x, args.out, nrow=args.nrow)
-        print(f"grid: {args.out}")
-    if args.out_dir:
-        save_images(x, args.out_dir)
-        print(f"images: {args.out_dir}")
-    print(f"{args.n} samples, {args.sampler}, {args.steps} steps ({model_calls(args.sampler, denoiser.schedule, args.steps, args.spacing, args.sigma_max)} model evaluations), "
-          f"{dt:.1f} s" + (f" (classes {', '.join(classes)})" if classes and cond is not None and not text_record
-                         else ""))
+def _write_samples(gen, out: str | None, out_dir: str | None, nrow: int | None) -> int:
+    rec = gen.record
+    if out:
+        gen.save_grid(out, nrow=nrow)
+        print(f"grid: {out}")
+    if out_dir:
+        gen.save_images(out_dir)
+        print(f"images: {out_dir} ({len(gen)} PNGs, each with its generation record)")
+    conds = list(dict.fromkeys(r["cond"] for r in gen.records if r.get("cond") is not None))
+    what = ""
+    if conds and isinstance(conds[0], str):
+        what = " (prompts " + ", ".join(repr(c) for c in conds[:6]) + (" ..." if len(conds) > 6 else "") + ")"
+    elif conds:
+        what = f" (class{'es' if len(conds) > 1 else ''} " + ", ".join(str(c) for c in conds) + ")"
+    print(f"{len(gen)} samples, {rec['sampler']}, {rec['steps']} steps ({gen.nfe} model evaluations"
+          f"{' per image' if len(gen) > 1 else ''}), {gen.seconds:.1f} s{what}")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from .checkpoints import save_file_atomic
+    from .metrics.stats import psnr
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision,
+                         text_encoder=args.text_encoder, autoencoder=args.autoencoder)
+    inv = pipe.invert(args.image, prompt=args.prompt, class_label=args.class_label, steps=args.steps,
+                      spacing=args.spacing, guidance=args.guidance, iterations=args.iterations, progress=True)
+    out = Path(args.out)
+    save_file_atomic(out, {"noise": inv.noise}, {"kind": "kakusan-noise", "record": json.dumps(inv.record),
+                                                 "regenerate": json.dumps(inv.regenerate)})
+    print(f"noise: {out} ({len(inv.noise)} x {tuple(inv.noise.shape[1:])}, {inv.record['steps']} DDIM steps, "
+          f"{inv.seconds:.1f} s)")
+    if args.check:  # regenerate from the noise and compare with the input
+        gen = pipe(noise=inv.noise, **inv.regenerate)
+        from .pipeline import _load_picture
+
+        c, h, _ = pipe.image_shape
+        original, _ = _load_picture(args.image, c, h, "image")
+        print(f"regenerated from it: PSNR {psnr(gen.uint8(), original).mean():.2f} dB to the input"
+              + ("" if not args.out_image else f"; {gen.save_grid(args.out_image)}"))
     return 0
 
 
@@ -325,7 +324,7 @@ def _guidance_list(text: str):
 
 
 def cmd_train_autoencoder(args) -> int:
-    from .training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
+    from .checkpoints import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
 
     cfg = _config_from(args, AutoencoderTrainConfig)
     if args.dry_run:
@@ -371,6 +370,20 @@ def _reference(args, extractor):
     return reference_features(extractor, args.ref, args.ref_split, args.ref_limit, device=args.device_resolved)
 
 
+def _eval_guidance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", help="text models: a prompt to sample (repeat; the samples are "
+                                                    "spread evenly over them)")
+    p.add_argument("--negative-prompt", help="text models: guide away from this prompt")
+    p.add_argument("--negative-class", type=int, help="guide away from this class")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024)")
+    p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
+
+
+def _guidance_options(args) -> dict:
+    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "negative_class": args.negative_class,
+            "guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval}
+
+
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extractor", required=True, help="classifier:FILE | inception | inception:FILE")
     p.add_argument("--ref", help="real data set spec (mnist, fashion-mnist, cifar10[:PATH], folder:DIR, ...)")
@@ -388,7 +401,7 @@ def cmd_eval(args) -> int:
     from .errors import ConfigError
     from .metrics.evaluate import folder_features, format_scores, nan_to_none, sample_features, score
     from .metrics.features import load_extractor
-    from .training.trainer import resolve_device
+    from .diffusion import resolve_device
 
     if bool(args.checkpoint) == bool(args.images):
         raise ConfigError("give exactly one of --checkpoint (sample from it) or --images DIR")
@@ -401,7 +414,8 @@ def cmd_eval(args) -> int:
     if args.checkpoint:
         fake = sample_features(extractor, args.checkpoint, args.n, device=args.device_resolved,
                                sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
-                               seed=args.seed, batch_size=args.batch_size, progress=True, precision=args.precision)
+                               seed=args.seed, batch_size=args.batch_size, progress=True, precision=args.precision,
+                               **_guidance_options(args))
     else:
         fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
     result = score(extractor, fake, ref, tuple(args.metrics))
@@ -416,7 +430,7 @@ def cmd_eval(args) -> int:
 def cmd_stats(args) -> int:
     from .metrics.evaluate import reference_features, write_stats
     from .metrics.features import load_extractor
-    from .training.trainer import resolve_device
+    from .diffusion import resolve_device
 
     extractor = load_extractor(args.extractor, download=args.download)
     device = resolve_device(args.device)
@@ -441,7 +455,7 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from .metrics.evaluate import nan_to_none, plot_sweep, sweep
     from .metrics.features import load_extractor
-    from .training.trainer import resolve_device
+    from .diffusion import resolve_device
 
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
@@ -464,7 +478,7 @@ def cmd_sweep(args) -> int:
 
     rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
                  device=args.device_resolved, batch_size=args.batch_size, on_row=show,
-                 grid_dir=out / "grids" if args.grids else None)
+                 grid_dir=out / "grids" if args.grids else None, **_guidance_options(args))
     (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
     png = plot_sweep(rows, out / "sweep.png")
     label = rows[0]["result"]["preliminary"]
@@ -524,15 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model .safetensors")
+    p.add_argument("--checkpoint", help="checkpoint folder, run folder or model .safetensors")
+    p.add_argument("--from-png", help="make the image (or grid) of a kakusan PNG again, from the record it carries "
+                                      "(--checkpoint: the same weights in another place)")
     p.add_argument("--sampler", help=f"see 'kakusan samplers' (default {DEFAULT_SAMPLER}; lcm for a distilled model)")
     p.add_argument("--steps", type=int, help="sampling steps (default 20; 4 for a distilled model)")
     p.add_argument("--spacing", help="leading | trailing | linspace | karras | logsnr | exponential "
                                      "(default: the sampler's)")
     p.add_argument("--sigma-max", type=float, help="cap the karras / logsnr grid at this sigma/alpha")
     p.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
-    p.add_argument("-n", type=int, default=64, help="number of samples")
+    p.add_argument("-n", type=int, help="number of samples (default 64; with --noise, one per noise)")
+    p.add_argument("--batch-size", type=int, help="images per sampler batch (default min(n, 256)); batch j is "
+                                                  "seeded with seed + j")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-image", help="img2img / inpainting: start from this image (resized to the model's size)")
+    p.add_argument("--strength", type=float, help="img2img: how much to change it, 0 (return it) .. 1 (ignore it) "
+                                                  "(default 0.8; 1 with --mask)")
+    p.add_argument("--mask", help="inpainting: a mask image the size of --init-image; white = repaint, black = keep")
+    p.add_argument("--resample-steps", type=int, default=1,
+                   help="inpainting: RePaint's resampling, each step done this many times (default 1)")
+    p.add_argument("--noise", help="start from this noise file (kakusan invert): its grid unless --sampler/--steps")
     p.add_argument("--class", dest="class_label", type=int, help="class index (class-conditional models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class- or text-conditional models)")
     p.add_argument("--negative-class", type=int, help="guide away from this class (replaces the null label)")
@@ -543,20 +568,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
     p.add_argument("--classifier", help="classifier guidance with this noise-aware classifier (train-classifier --noisy)")
     p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s (default 1)")
-    p.add_argument("--out", default="samples.png", help="grid PNG path ('' for none)")
+    p.add_argument("--out", help="grid PNG path (default samples.png unless --out-dir; '' for none)")
     p.add_argument("--nrow", type=int, help="images per grid row")
     p.add_argument("--out-dir", help="also write one PNG per sample here")
     p.add_argument("--autoencoder", help="latent models: the autoencoder, if not where it was in training")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--lora", help="a LoRA adapter (lora.safetensors of a --lora-rank run) to apply to this "
-                                  "checkpoint, the base it was trained on")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the adapter (default 1)")
+    p.add_argument("--lora", action="append", help="a LoRA adapter (lora.safetensors of a --lora-rank run) to apply "
+                                                   "to this checkpoint, the base it was trained on; FILE:SCALE sets "
+                                                   "its strength; repeat to stack adapters")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of adapters given without :SCALE "
+                                                                 "(default 1)")
     p.add_argument("--precision", default="auto",
                    help="the network's forward pass: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("invert", help="DDIM inversion: the noise an image comes from (sample --noise regenerates it)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True, action="append", help="the image(s) to invert (repeat for several)")
+    p.add_argument("--class", dest="class_label", type=int, help="class-conditional models: the images' class")
+    p.add_argument("--prompt", help="text models: the images' prompt")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--spacing", help="the grid (default DDIM's: trailing)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance during inversion (default none)")
+    p.add_argument("--iterations", type=int, default=2,
+                   help="fixed-point refinements per step (default 2; 0 = plain DDIM inversion)")
+    p.add_argument("--out", required=True, help="the noise file to write (.safetensors)")
+    p.add_argument("--check", action="store_true", help="regenerate from the noise and print the PSNR to the input")
+    p.add_argument("--out-image", help="with --check: write the regenerated image(s) here")
+    p.add_argument("--text-encoder")
+    p.add_argument("--autoencoder")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("demo", help="train briefly on the bundled real digits, sample, write a grid")
     p.add_argument("--out", default="runs/demo")
@@ -619,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")
     p.add_argument("--out", help="write scores + provenance record as JSON here")
     p.add_argument("--precision", default="auto", help="the network's forward pass when sampling: auto | fp32 | bf16")
+    _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -646,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json and sweep.png")
     p.add_argument("--grids", action="store_true", help="also save a grid of the first 40 samples of each point")
+    _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
 

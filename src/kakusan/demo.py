@@ -10,11 +10,9 @@ import numpy as np
 import torch
 
 from .data import load_digits, to_uint8
-from .diffusion import ClippedDenoiser
-from .guidance import ClassifierFreeGuidance
 from .images import save_grid
-from .samplers import sample
-from .training import Trainer, TrainConfig, load_denoiser
+from .pipeline import Pipeline
+from .training import Trainer, TrainConfig
 
 DEMO_DEFAULTS = dict(data="digits", preset="unet-digits", cond="class", schedule="cosine", prediction="v",
                      weighting="min-snr", steps=1500, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.999,
@@ -53,16 +51,12 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, guidance: 
     ckpt = trainer.fit()
     t_train = time.perf_counter() - t0
 
-    denoiser, config = load_denoiser(ckpt)
-    k = len(config["data"]["class_names"])
+    pipe = Pipeline.load(ckpt, device="cpu")
     per_row = 10
-    labels = torch.arange(k).repeat_interleave(per_row)  # one row per digit
-    guided = ClassifierFreeGuidance(ClippedDenoiser(denoiser), guidance, null_cond=k)
-    t1 = time.perf_counter()
-    x = sample(guided, denoiser.schedule, (len(labels), 1, 8, 8), sampler="ddim", steps=50, cond=labels,
-               seed=seed)
-    t_sample = time.perf_counter() - t1
-    grid = save_grid(x, Path(out) / "demo-grid.png", nrow=per_row, min_size=400)
+    labels = torch.arange(pipe.num_classes).repeat_interleave(per_row)  # one row per digit
+    gen = pipe(class_label=labels.tolist(), sampler="ddim", steps=50, guidance=guidance, seed=seed)
+    x, t_sample = gen.images, gen.seconds
+    grid = save_grid(x, Path(out) / "demo-grid.png", nrow=per_row, min_size=400, record={**gen.record, "grid": True, "nrow": per_row})
     _, held_out = digit_classifier()
     return {"grid": str(grid), "checkpoint": str(ckpt), "agreement": judge_digits(x, labels),
             "classifier_held_out_accuracy": held_out, "train_s": t_train, "sample_s": t_sample,

@@ -161,6 +161,21 @@ def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | 
     return torch.bfloat16 if bf16 else None
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' (CUDA if present, else the CPU), or a device name that exists here."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
+    return dev
+
+
 class Denoiser(nn.Module):
     """A backbone plus the schedule it was trained on: D(x_t, t, cond) -> x0_hat.
 

@@ -19,7 +19,7 @@ from .metrics.provenance import file_sha256
 from .models import model_record
 from .models.dit import DiT, config_from_state, read_reference_state
 from .schedules import ScheduleConfig
-from .training.checkpoint import load_state_dict_into, save_checkpoint
+from .checkpoints import load_state_dict_into, save_checkpoint
 
 DIT_LATENT_SCALE = 0.18215  # the released DiTs' latent scale (Stable Diffusion's autoencoder)
 
@@ -48,7 +48,7 @@ def import_dit(weights: str | Path, out: str | Path, *, autoencoder: str | Path 
         "imported": {"kind": "dit", "path": str(weights), "sha256": file_sha256(weights)},
     }
     if autoencoder is not None:
-        from .training.autoencoder import load_autoencoder
+        from .checkpoints import load_autoencoder
 
         ae = load_autoencoder(autoencoder)
         if ae.latent_channels != cfg.in_channels:

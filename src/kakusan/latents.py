@@ -17,8 +17,8 @@ from safetensors import safe_open
 from .data import ImageDataset, to_model_range
 from .errors import ConfigError, DataError
 from .metrics.provenance import tensor_sha256
-from .training.autoencoder import LoadedAutoencoder
-from .training.checkpoint import save_file_atomic
+from .checkpoints import LoadedAutoencoder
+from .checkpoints import save_file_atomic
 
 MODES = ("mean", "sample")
 

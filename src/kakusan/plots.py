@@ -169,26 +169,15 @@ def plot_trajectory(x_t: list[Tensor], x0_hat: list[Tensor], labels: list[str], 
     return _save(fig, path)
 
 
-def _class_model(checkpoint: str | Path, guidance: float | None):
-    """(denoiser ready to sample: clipped for pixels, guided for class models; its schedule; model config;
-    number of classes; the latent decoder or None) for the plots that sample a checkpoint."""
-    from .diffusion import ClippedDenoiser
+def _class_pipeline(checkpoint):
+    """The pipeline of a checkpoint for the plots that sample it (unconditional and class-conditional models)."""
     from .errors import ConfigError
-    from .guidance import ClassifierFreeGuidance
-    from .training.autoencoder import autoencoder_for_checkpoint
-    from .training.trainer import load_denoiser
+    from .pipeline import Pipeline
 
-    denoiser, config = load_denoiser(checkpoint)
-    if config.get("text_encoder"):
+    pipe = Pipeline.load(checkpoint, device="cpu")
+    if pipe.is_text:
         raise ConfigError("the sampling plots take unconditional and class-conditional checkpoints, not text ones")
-    decoder = autoencoder_for_checkpoint(config)
-    k = config["model"].get("num_classes", 0)
-    d = denoiser if decoder is not None else ClippedDenoiser(denoiser)
-    if guidance is not None:
-        if not k:
-            raise ConfigError("--guidance needs a class-conditional checkpoint; this one is unconditional")
-        d = ClassifierFreeGuidance(d, guidance, null_cond=k)
-    return d, denoiser.schedule, config["model"], k, decoder
+    return pipe
 
 
 def trajectory(checkpoint: str | Path, path: str | Path, sampler: str = "ddim", steps: int = 20,
@@ -196,23 +185,16 @@ def trajectory(checkpoint: str | Path, path: str | Path, sampler: str = "ddim", 
                seed: int = 0) -> Path:
     """Sample one image from a checkpoint and plot x_t and x0_hat at ``shown`` evenly spaced steps."""
     from .errors import ConfigError
-    from .samplers import sample
 
-    d, schedule, mc, k, decoder = _class_model(checkpoint, guidance)
-    if decoder is not None:
+    pipe = _class_pipeline(checkpoint)
+    if pipe.is_latent:
         raise ConfigError("plot trajectory shows pixels; this checkpoint samples latents")
-    cond = None
-    if k:
-        label = 0 if class_label is None else class_label
-        if not 0 <= label < k:
-            raise ConfigError(f"--class {label} is out of range: this model has classes 0..{k - 1}")
-        cond = torch.tensor([label])
-    elif class_label is not None:
-        raise ConfigError("--class needs a class-conditional checkpoint; this one is unconditional")
+    if pipe.num_classes and class_label is None:
+        class_label = 0
     rec: list[dict] = []
-    sample(d, schedule, (1, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=sampler,
-           steps=steps, cond=cond, seed=seed, callback=lambda info: rec.append(
-               {"t": float(info["t"]), "x": info["x"][0].clone(), "x0_hat": info["x0_hat"][0].clone()}))
+    pipe(class_label=class_label, n=1, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+         callback=lambda info: rec.append({"t": float(info["t"]), "x": info["x"][0].clone(),
+                                           "x0_hat": info["x0_hat"][0].clone()}))
     idx = sorted(set(torch.linspace(0, len(rec) - 1, min(shown, len(rec))).round().long().tolist()))
     return plot_trajectory([rec[i]["x"] for i in idx], [rec[i]["x0_hat"] for i in idx],
                            [f"step {i + 1}\nt={rec[i]['t']:.0f}" for i in idx], path)
@@ -228,22 +210,24 @@ def sampler_rows(checkpoint: str | Path, path: str | Path, configs: list[tuple[s
     import matplotlib.pyplot as plt
 
     from .errors import ConfigError
-    from .samplers import get_sampler, model_calls, sample
+    from .samplers import get_sampler, model_calls
 
     for name, steps in configs:
         get_sampler(name)
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps} for {name}")
-    d, schedule, mc, k, decoder = _class_model(checkpoint, guidance)
-    cols = n or (k if k else 10)
-    cond = torch.arange(cols) % k if k else None
+    import time
+
+    pipe = _class_pipeline(checkpoint)
+    k = pipe.num_classes
+    cols = n or (min(k, 16) if k else 10)  # at most 16 columns (a 1,000-class model: its first 16 classes)
+    labels = {"class_label": [c % k for c in range(cols)]} if k else {"n": cols}
     rows = []
     for name, steps in configs:
-        x = sample(d, schedule, (cols, mc["in_channels"], mc["image_size"], mc["image_size"]), sampler=name,
-                   steps=steps, cond=cond, seed=seed)
-        if decoder is not None:
-            x = decoder.from_latent(x)
-        rows.append(((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+        t0 = time.perf_counter()
+        x = pipe(**labels, sampler=name, steps=steps, guidance=guidance, seed=seed, progress=True).images
+        print(f"{name}, {steps} steps: {time.perf_counter() - t0:.1f} s", flush=True)
+        rows.append(((x + 1) / 2).permute(0, 2, 3, 1).numpy())
     fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.9 + 1.6, len(rows) * 0.9 + 0.2), squeeze=False)
     for r, ((name, steps), imgs) in enumerate(zip(configs, rows)):
         for c in range(cols):
@@ -251,7 +235,7 @@ def sampler_rows(checkpoint: str | Path, path: str | Path, configs: list[tuple[s
             img = imgs[c]
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
-        axes[r][0].set_ylabel(f"{name}\n{steps} steps, {model_calls(name, schedule, steps)} NFE", rotation=0,
+        axes[r][0].set_ylabel(f"{name}\n{steps} steps, {model_calls(name, pipe.schedule, steps)} NFE", rotation=0,
                               ha="right", va="center", fontsize=8)
     title = "same starting noise in every row" + (f"; guidance {guidance:g}" if guidance is not None else "")
     fig.suptitle(title, fontsize=9)

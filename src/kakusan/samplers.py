@@ -402,8 +402,11 @@ SAMPLERS: dict[str, SamplerInfo] = {
 DEFAULT_SAMPLER = "unipc-2"
 
 
-def _grid(schedule: Schedule, info: SamplerInfo, steps: int, spacing: str | None, sigma_max: float | None):
-    """The levels :func:`sample` walks: ``spacing`` or the sampler's default grid (and its default cap)."""
+def sampling_levels(schedule: Schedule, sampler: str, steps: int, spacing: str | None = None,
+                    sigma_max: float | None = None) -> NoiseLevels:
+    """The levels :func:`sample` walks with ``sampler``: ``spacing`` or the sampler's default grid (and its
+    default cap)."""
+    info = get_sampler(sampler)
     if spacing is None:
         spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
     return noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
@@ -416,7 +419,7 @@ def model_calls(sampler: str, schedule: Schedule, steps: int, spacing: str | Non
     info = get_sampler(sampler)
     if info.fn is not sample_heun:
         return info.nfe(steps)
-    levels = _grid(schedule, info, steps, spacing, sigma_max)
+    levels = sampling_levels(schedule, sampler, steps, spacing, sigma_max)
     a, s = levels.alpha[:-1], levels.sigma[:-1]
     st = torch.where(a > 0, s / a.clamp_min(1e-300), torch.full_like(s, math.inf))
     euler = (a[:-1] == 0) | (st[:-1] > HEUN_MAX_RATIO * st[1:])
@@ -429,6 +432,18 @@ def get_sampler(name: str) -> SamplerInfo:
     return SAMPLERS[name]
 
 
+def run_sampler(sampler: str, denoiser, x: Tensor, levels: NoiseLevels, schedule: Schedule, *, cond=None,
+                generator: torch.Generator | None = None, callback=None, progress: bool = False,
+                **options) -> Tensor:
+    """Run a named sampler from the state ``x`` at ``levels[0]`` down the given levels (a whole grid, or a part
+    of one: img2img starts lower, inpainting walks it one interval at a time)."""
+    info = get_sampler(sampler)
+    if info.needs_schedule:
+        options.setdefault("schedule", schedule)
+    return info.fn(denoiser, x, levels, cond=cond, generator=generator, callback=callback, progress=progress,
+                   **options)
+
+
 @torch.no_grad()
 def sample(
     denoiser, schedule: Schedule, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int = 50,
@@ -438,12 +453,9 @@ def sample(
 ) -> Tensor:
     """Draw x_T ~ N(0, sigma_T^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``. Without
     ``spacing`` the sampler's default grid is used (and its default sigma_max cap, unless one is given)."""
-    info = get_sampler(sampler)
-    levels = _grid(schedule, info, steps, spacing, sigma_max)
-    if info.needs_schedule:
-        options.setdefault("schedule", schedule)
+    levels = sampling_levels(schedule, sampler, steps, spacing, sigma_max)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     x = randn(shape, generator, device, dtype) * levels.sigma[0].item()
-    return info.fn(denoiser, x, levels, cond=cond, generator=generator, callback=callback,
-                   progress=progress, **options)
+    return run_sampler(sampler, denoiser, x, levels, schedule, cond=cond, generator=generator, callback=callback,
+                       progress=progress, **options)

@@ -228,7 +228,7 @@ def cached_embeddings(encoder: TextEncoder, captions: list[str], cache_dir: Path
     hash, max_length and the captions; a later run with the same inputs reads the file instead of encoding."""
     from safetensors.torch import load_file
 
-    from ..training.checkpoint import save_file_atomic
+    from ..checkpoints import save_file_atomic
 
     key_src = json.dumps({"encoder": encoder.sha256, "max_length": encoder.max_length, "captions": captions})
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

@@ -254,7 +254,7 @@ def load_cifar10(root: str | Path | None = None, split: str = "train", download_
 # Image folders
 
 
-def _load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
@@ -302,7 +302,7 @@ def _read_images(root: Path, files: list[Path], image_size: int, channels: int) 
     images, kept, bad = [], [], []
     for i, p in enumerate(files):
         try:
-            images.append(_load_image(p, image_size, channels))
+            images.append(load_image(p, image_size, channels))
             kept.append(i)
         except Exception as e:  # PIL raises many types for broken files
             bad.append(f"{p.name} ({type(e).__name__})")

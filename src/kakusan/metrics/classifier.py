@@ -241,7 +241,7 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
 
 
 def save_classifier(model: DomainClassifier, path: str | Path, report: dict | None = None) -> Path:
-    from ..training.checkpoint import save_file_atomic
+    from ..checkpoints import save_file_atomic
 
     path = Path(path)
     meta = {"kind": KIND, "config": json.dumps(model.cfg.to_dict()), "report": json.dumps(report or {})}
@@ -250,7 +250,7 @@ def save_classifier(model: DomainClassifier, path: str | Path, report: dict | No
 
 def load_classifier(path: str | Path) -> tuple[DomainClassifier, dict]:
     """The classifier and its training report (test accuracy etc.) from a file written by :func:`save_classifier`."""
-    from ..training.checkpoint import load_state_dict_into, load_tagged
+    from ..checkpoints import load_state_dict_into, load_tagged
 
     tensors, meta = load_tagged(path, KIND, "domain classifier")
     model = DomainClassifier(ClassifierConfig.from_dict(json.loads(meta["config"])))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,67 +131,56 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
                                       "images_sha256": tensor_sha256(images)})
 
 
-def generate(checkpoint: str | Path, n: int, *, sampler: str | None = None, steps: int | None = None,
+def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
-             device="cpu", progress: bool = False, precision: str = "auto") -> tuple[Tensor, Tensor | None, dict]:
-    """``n`` samples (uint8) from a checkpoint, balanced over classes for a class-conditional model; returns
-    (images, requested labels or None, source record with the wall time)."""
-    from ..data.datasets import to_uint8
-    from ..diffusion import ClippedDenoiser
-    from ..guidance import ClassifierFreeGuidance
-    from ..samplers import get_sampler, model_calls, sample
-    from ..training.checkpoint import resolve_checkpoint
-    from ..training.trainer import load_denoiser, sampling_defaults
-    from .provenance import file_sha256
+             device="cpu", progress: bool = False, precision: str = "auto", prompt: list[str] | None = None,
+             **options) -> tuple[Tensor, Tensor | None, dict]:
+    """``n`` samples (uint8) from a checkpoint (a path or a loaded :class:`~kakusan.pipeline.Pipeline`), balanced
+    over classes for a class-conditional model and over ``prompt`` for a text model; ``options``: more pipeline
+    arguments (negative prompt / class, guidance rescale / interval, ...). Returns (images, requested labels or
+    None, source record with the wall time)."""
+    from ..pipeline import Pipeline
+    from ..samplers import get_sampler
 
     if sampler is not None:
         get_sampler(sampler)  # a bad name fails before the checkpoint is read
-    if n < 1:
+    if not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
-    ckpt = resolve_checkpoint(checkpoint)
-    weights = ckpt if ckpt.is_file() else ckpt / "ema.safetensors"
-    denoiser, config = load_denoiser(ckpt, device=device, precision=precision)
-    default_sampler, default_steps = sampling_defaults(config)  # lcm in 4 steps for a distilled model
-    sampler, steps = sampler or default_sampler, steps or default_steps
-    info = get_sampler(sampler)
-    if config.get("text_encoder"):
-        raise ConfigError(f"{ckpt} is text-conditional; eval and sweep sample unconditional and class-conditional "
-                          f"models (for text models see benchmarks/text_to_image.py)")
-    from ..training.autoencoder import autoencoder_for_checkpoint
-
-    decoder = autoencoder_for_checkpoint(config, device=device)
-    k = config["model"].get("num_classes", 0)
-    d = ClippedDenoiser(denoiser) if decoder is None else denoiser
+    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device,
+                                                                             precision=precision)
     labels = None
-    if k:
-        labels = torch.arange(n) % k
-        if guidance is not None and guidance != 1.0:
-            d = ClassifierFreeGuidance(d, guidance, null_cond=k)
-    elif guidance is not None:
-        raise ConfigError("guidance needs a class-conditional checkpoint; this one is unconditional")
-    mc = config["model"]
-    out = []
-    t0 = time.perf_counter()
-    for i, start in enumerate(range(0, n, batch_size)):
-        b = min(batch_size, n - start)
-        cond = labels[start:start + b].to(device) if labels is not None else None
-        x = sample(d, denoiser.schedule, (b, mc["in_channels"], mc["image_size"], mc["image_size"]),
-                   sampler=sampler, steps=steps, spacing=spacing, cond=cond, seed=seed + i, device=device,
-                   progress=progress)
-        if decoder is not None:
-            x = decoder.from_latent(x)
-        out.append(to_uint8(x).cpu())
-    wall = time.perf_counter() - t0
-    source = {"kind": "samples", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(weights),
-              "weights": weights.name, "sampler": sampler, "steps": steps, "nfe": model_calls(sampler, denoiser.schedule, steps, spacing),
-              "spacing": spacing or info.default_spacing,
-              "sigma_max": None if spacing else info.default_sigma_max, "guidance": guidance, "seed": seed, "n": n,
-              "batch_size": batch_size, "device": str(device), "sample_seconds": wall,
-              "precision": "bf16" if denoiser.autocast_dtype is not None else "fp32",
+    if pipe.is_text:
+        if not prompt:
+            raise ConfigError(f"{pipe.source} is text-conditional: give the prompts to sample (--prompt TEXT, "
+                              f"repeated), spread evenly over the {n} samples")
+        prompts = [prompt[i * len(prompt) // n] for i in range(n)]  # n samples in len(prompt) even blocks
+        kw = {"prompt": prompts}
+    elif pipe.num_classes:
+        labels = torch.arange(n) % pipe.num_classes
+        kw = {"class_label": labels.tolist()}
+    else:
+        if prompt:
+            raise ConfigError("prompts were given, but this checkpoint is not text-conditional")
+        kw = {"n": n}
+    gen = pipe(**kw, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance, seed=seed,
+               batch_size=batch_size, progress=progress, **options)
+    rec = gen.record
+    source = {"kind": "samples", "checkpoint": pipe.source, "checkpoint_sha256": pipe.weights_sha256,
+              "weights": Path(pipe.source).name if Path(pipe.source).is_file() else
+              ("ema.safetensors" if pipe.use_ema else "model.safetensors"),
+              "sampler": rec["sampler"], "steps": rec["steps"], "nfe": rec["nfe"], "spacing": rec["spacing"],
+              "sigma_max": rec["sigma_max"], "guidance": guidance, "seed": seed, "n": n, "batch_size": batch_size,
+              "device": str(pipe.device), "sample_seconds": gen.seconds,
+              "precision": "bf16" if pipe.denoiser.autocast_dtype is not None else "fp32",
               "classes": "balanced" if labels is not None else None}
-    if decoder is not None:
-        source["autoencoder_sha256"] = decoder.sha256
-    return torch.cat(out), labels, source
+    for key in ("negative_prompt", "negative_class", "guidance_rescale", "guidance_interval", "lora"):
+        if rec.get(key):
+            source[key] = rec[key]
+    if pipe.is_text:
+        source["prompts"] = list(prompt)
+    if pipe.autoencoder is not None:
+        source["autoencoder_sha256"] = pipe.autoencoder.sha256
+    return gen.uint8(), labels, source
 
 
 def sample_features(extractor: FeatureExtractor, checkpoint, n: int, device="cpu", **kw) -> FeatureSet:
@@ -271,19 +259,21 @@ def format_scores(result: dict) -> str:
 def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: list[str], steps: list[int],
           guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
           metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None, grid_dir: str | Path | None = None,
-          grid_n: int = 40) -> list[dict]:
+          grid_n: int = 40, **options) -> list[dict]:
     """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
     ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there."""
+    from ..pipeline import Pipeline
     from ..samplers import get_sampler
 
     for s in samplers:
         get_sampler(s)  # fail before any sampling
+    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device)
     rows = []
     for g in guidance:
         for s in samplers:
             for st in steps:
-                fake = sample_features(extractor, checkpoint, n, device=device, sampler=s, steps=st, guidance=g,
-                                       seed=seed, batch_size=batch_size)
+                fake = sample_features(extractor, pipe, n, device=device, sampler=s, steps=st, guidance=g,
+                                       seed=seed, batch_size=batch_size, **options)
                 res = score(extractor, fake, ref, metrics)
                 if grid_dir is not None:
                     from ..data.datasets import to_model_range

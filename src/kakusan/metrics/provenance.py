@@ -90,7 +90,7 @@ def sample_count_label(n_samples: int, n_reference: int) -> str | None:
 def save_stats(path: str | Path, features: torch.Tensor, logits: torch.Tensor | None, record: dict,
                labels: torch.Tensor | None = None) -> Path:
     """Features (float32), their mean and covariance (float64), optional logits/labels, and the record."""
-    from ..training.checkpoint import save_file_atomic
+    from ..checkpoints import save_file_atomic
 
     f64 = features.double()
     tensors = {"features": features.float(), "mu": f64.mean(0),
@@ -105,7 +105,7 @@ def save_stats(path: str | Path, features: torch.Tensor, logits: torch.Tensor | 
 def load_stats(path: str | Path, extractor_record: dict | None = None) -> tuple[dict, dict]:
     """(tensors, record) of a stats file; with ``extractor_record`` the file must come from the same extractor
     (name, weights, resize, dtype), or loading is refused with what differs."""
-    from ..training.checkpoint import load_tagged
+    from ..checkpoints import load_tagged
 
     tensors, meta = load_tagged(path, STATS_KIND, "feature-stats file")
     record = json.loads(meta["record"])

@@ -181,3 +181,9 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     precision = _coverage_of(r, _kth_radius(r, k), f)
     recall = _coverage_of(f, _kth_radius(f, k), r)
     return precision, recall
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of two uint8 batches (peak 255)."""
+    mse = (x.float() - y.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))

@@ -274,7 +274,7 @@ def read_reference_state(path) -> dict:
     from pathlib import Path
 
     from ..errors import CheckpointError
-    from ..training.checkpoint import load_tensors
+    from ..checkpoints import load_tensors
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -325,7 +325,7 @@ def config_from_state(state: dict, num_heads: int | None = None, where: str = "D
 def load_reference_state_dict(path, config: DiTConfig | None = None) -> DiT:
     """A DiT with the weights of a checkpoint of the paper's released code (see ``read_reference_state``), built
     from ``config`` or from the shapes of the weights. Keys or shapes that do not match are named in the error."""
-    from ..training.checkpoint import load_state_dict_into
+    from ..checkpoints import load_state_dict_into
 
     state = read_reference_state(path)
     model = DiT(config or config_from_state(state, where=str(path)))

@@ -1,6 +1,5 @@
-from .checkpoint import read_config, resolve_checkpoint, save_checkpoint
+from ..checkpoints import read_config, resolve_checkpoint, save_checkpoint
 from .ema import EMA
-from .trainer import Trainer, TrainConfig, apply_checkpoint_lora, load_denoiser
+from .trainer import Trainer, TrainConfig
 
-__all__ = ["EMA", "Trainer", "TrainConfig", "apply_checkpoint_lora", "load_denoiser", "read_config", "resolve_checkpoint",
-           "save_checkpoint"]
+__all__ = ["EMA", "Trainer", "TrainConfig", "read_config", "resolve_checkpoint", "save_checkpoint"]

@@ -21,16 +21,14 @@ from tqdm.auto import tqdm
 from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
 from ..data.datasets import cache_dir
-from ..diffusion import ClippedDenoiser, DiffusionConfig, Denoiser, autocast_dtype
+from ..diffusion import DiffusionConfig, Denoiser, autocast_dtype, resolve_device  # noqa: F401 (resolve_device: for callers)
 from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
-from ..images import save_grid
 from ..models import build_model, get_preset, model_config_from_dict, model_record
 from ..models.presets import ModelConfig
 from ..plots import plot_loss
-from ..samplers import sample
 from ..schedules import ScheduleConfig, make_schedule
-from .checkpoint import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, restore_rng_state,
+from ..checkpoints import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, restore_rng_state,
                          rng_state, save_checkpoint, unflatten_optimizer_state)
 from .distributed import DistInfo
 from .ema import EMA
@@ -81,8 +79,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # the newest N
     keep_every: int = 0  # > 0: also keep every checkpoint whose step is a multiple of this
-    sample_sampler: str = "ddim"
-    sample_steps: int = 50
+    sample_sampler: str | None = None  # the grids' sampler and steps (default: the checkpoint's, as sample's)
+    sample_steps: int | None = None
     guidance: float = 2.0  # for the grids of class-conditional runs
     device: str = "auto"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
@@ -98,7 +96,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
-        positive = ("steps", "batch_size", "num_timesteps", "log_every", "sample_every", "checkpoint_every")
+        positive = ("steps", "batch_size", "num_timesteps", "log_every", "checkpoint_every")
+        if not isinstance(self.sample_every, int) or self.sample_every < 0:
+            raise ConfigError(f"sample_every must be an integer >= 0 (0: no sample grids), got {self.sample_every!r}")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -151,18 +151,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return config_from_dict(cls, d, "training")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
-    return dev
 
 
 def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0,
@@ -298,7 +286,7 @@ class BaseModel:
                                   "points": cfg.distill_points, "guidance": cfg.distill_guidance,
                                   "target_ema": cfg.distill_target_ema, "huber_c": cfg.huber_c}
         if cfg.lora_rank:
-            from .lora import target_layers
+            from ..lora import target_layers
 
             layers = target_layers(build_model(model_config_from_dict(self.config["model"])), cfg.lora_targets)
             out["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None
@@ -385,7 +373,7 @@ class Trainer:
         if self.base is not None:
             self.base.load_into(self.model)
             if cfg.lora_rank:
-                from .lora import add_lora
+                from ..lora import add_lora
 
                 add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                          layers=self.config["lora"]["layers"])
@@ -425,6 +413,7 @@ class Trainer:
         self.caption_ids = torch.tensor([index[c] for c in captions])
         self.null_caption = len(unique)
         self.text = cached_embeddings(encoder, unique + [""], cache_dir() / "text-embeddings").to(self.device)
+        self.text_index = {c: i for i, c in enumerate(unique + [""])}
         self.text_record = encoder.record()
         # the grid's prompts: eight captions spread over the data set
         picks = torch.linspace(0, len(captions) - 1, 8).round().long()
@@ -434,7 +423,8 @@ class Trainer:
 
     def _encode_latents(self) -> None:
         from ..latents import latent_cache
-        from .autoencoder import load_autoencoder, measure_latent_scale
+        from ..checkpoints import load_autoencoder
+        from .autoencoder import measure_latent_scale
 
         ae = load_autoencoder(self.cfg.autoencoder, self.device)
         if ae.in_channels != self.data.shape[0]:
@@ -458,7 +448,7 @@ class Trainer:
         if self.dist.is_main:
             extras = {}
             if "lora" in self.config:  # the adapters alone (of the EMA weights), to share and apply to the base
-                from .lora import adapter_tensors, lora_metadata
+                from ..lora import adapter_tensors, lora_metadata
 
                 lr = self.config["lora"]
                 extras["lora.safetensors"] = (adapter_tensors(self.ema.model), lora_metadata(
@@ -545,35 +535,37 @@ class Trainer:
         return loss_value
 
     # ---- sampling grid -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
+    def pipeline(self):
+        """The pipeline over the EMA weights as they are now (what the grids sample, through the same code
+        as ``kakusan sample``); text models look their prompts up among the cached caption embeddings."""
+        from ..pipeline import Pipeline
+
         denoiser = Denoiser(self.ema.model, self.schedule, self.denoiser.config)
-        sampler, steps, guidance = self.cfg.sample_sampler, self.cfg.sample_steps, self.cfg.guidance
         if self.distiller is not None:  # a few-step model, guidance baked in
             from ..consistency import ConsistencyDenoiser
 
-            denoiser, (sampler, steps), guidance = ConsistencyDenoiser(denoiser), sampling_defaults(self.config), None
-        if self.autoencoder is None:  # pixels live in [-1, 1]; latents do not
-            denoiser = ClippedDenoiser(denoiser)
-        cond, nrow = None, None
+            denoiser = ConsistencyDenoiser(denoiser)
+        encoder = _CachedCaptions(self.text, self.text_index) if self.text is not None else None
+        return Pipeline(denoiser, self.config, source=str(self.out), autoencoder=self.autoencoder,
+                        text_encoder=encoder, device=self.device, precision=self.cfg.precision)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
+        """A grid of EMA samples: one row per class (class models) or per grid prompt (text models), with the
+        run's sampler (default: the checkpoint's own, the fast default solver) and guidance."""
+        guidance = None if self.distiller is not None or not self.cfg.guidance else self.cfg.guidance
+        kw = {}
         if self.cfg.cond == "class":
             k = self.model_cfg.num_classes
-            per = max(1, n // k)
-            cond = torch.arange(k, device=self.device).repeat_interleave(per)
-            denoiser = ClassifierFreeGuidance(denoiser, guidance, k) if guidance else denoiser
-            nrow, n = per, len(cond)
+            kw["class_label"] = [c for c in range(k) for _ in range(max(1, n // k))]
         elif self.cfg.cond == "text":  # one row per prompt of the grid (training captions)
-            per = max(1, n // len(self.grid_caption_ids))
-            cond = self.text[self.grid_caption_ids.to(self.device).repeat_interleave(per)]
-            null = self.text[self.null_caption]
-            denoiser = ClassifierFreeGuidance(denoiser, guidance, null) if guidance else denoiser
-            nrow, n = per, len(cond)
-        c, h, w = self.images.shape[1:]
-        x = sample(denoiser, self.schedule, (n, c, h, w), sampler=sampler, steps=steps, cond=cond, seed=seed,
-                   device=self.device)
-        if self.autoencoder is not None:
-            x = self.autoencoder.from_latent(x)
-        return save_grid(x, path, nrow=nrow)
+            kw["prompt"], kw["n"] = self.grid_captions, max(1, n // len(self.grid_captions)) * len(self.grid_captions)
+        else:
+            kw["n"], guidance = n, None
+        gen = self.pipeline()(**kw, sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, guidance=guidance,
+                              seed=seed, progress=self.cfg.progress)
+        nrow = len(kw["class_label"]) // self.model_cfg.num_classes if "class_label" in kw else gen.nrow
+        return gen.save_grid(path, nrow=nrow)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -610,7 +602,7 @@ class Trainer:
                     losses, t_last, step_last = [], now, self.step
                 last = self.step == cfg.steps or self.dist.any(
                     cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes)
-                if main and (self.step % cfg.sample_every == 0 or last):
+                if main and cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
                     if self.step >= cfg.log_every:
                         plot_loss(self.out / "log.jsonl", self.out / "loss.png")
@@ -628,57 +620,15 @@ class Trainer:
         return ckpt or resolve_checkpoint(self.out)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Loading for sampling
+class _CachedCaptions:
+    """The text encoder of a run's grids: the captions' embeddings were computed once, before training."""
 
+    def __init__(self, text, index: dict[str, int]):
+        self.text, self.index = text, index
 
-def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
-                  precision: str = "auto") -> tuple[Denoiser, dict]:
-    """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file; its
-    forward pass runs in bf16 autocast on CUDA unless ``precision`` says otherwise (see Denoiser.set_precision)."""
-    ckpt = resolve_checkpoint(path)
-    config = read_config(ckpt)
-    model = build_model(model_config_from_dict(config["model"], str(ckpt)))
-    weights_path = _weights_file(ckpt, use_ema)
-    if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling
-        from .lora import add_lora, merge_lora
-
-        lr = config["lora"]
-        add_lora(model, lr["rank"], lr["alpha"], lr["targets"], layers=lr["layers"])
-        load_state_dict_into(model, load_tensors(weights_path), weights_path)
-        merge_lora(model)
-    else:
-        load_state_dict_into(model, load_tensors(weights_path), weights_path)
-    schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
-    denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
-    denoiser.set_precision(precision, device)
-    if "consistency" in config:  # a distilled few-step model: its consistency function is the denoiser
-        from ..consistency import ConsistencyDenoiser
-
-        c = config["consistency"]
-        return ConsistencyDenoiser(denoiser, c["sigma_data"], c["timestep_scaling"]), config
-    return denoiser, config
-
-
-def sampling_defaults(config: dict) -> tuple[str, int]:
-    """The sampler and steps a checkpoint samples with when none are given: 'lcm' in 4 steps for a distilled
-    consistency model, the default solver in 20 steps otherwise."""
-    from ..samplers import DEFAULT_SAMPLER
-
-    return ("lcm", 4) if "consistency" in config else (DEFAULT_SAMPLER, 20)
-
-
-def _weights_file(ckpt: Path, use_ema: bool) -> Path:
-    return ckpt if ckpt.is_file() else ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
-
-
-def apply_checkpoint_lora(denoiser: Denoiser, checkpoint: str | Path, adapter: str | Path, use_ema: bool = True,
-                          scale: float = 1.0) -> Denoiser:
-    """Apply a LoRA adapter file to a denoiser loaded from ``checkpoint`` (the base the adapter was trained on,
-    checked by the hash of its weights file) and merge it, ``scale`` times its strength."""
-    from ..metrics.provenance import file_sha256
-    from .lora import apply_lora
-
-    weights = _weights_file(resolve_checkpoint(checkpoint), use_ema)
-    apply_lora(denoiser.backbone, adapter, base_sha256=file_sha256(weights), scale=scale)
-    return denoiser
+    def encode(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise ConfigError(f"no cached embedding for the prompts {missing[:3]} (the grids use training captions)")
+        return self.text[torch.tensor([self.index[p] for p in prompts], device=self.text.tokens.device)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError
 
 ADAPTER_KIND = "kakusan-lora"
 TARGETS = ("attention", "all")
@@ -26,9 +26,9 @@ def target_layers(model: nn.Module, targets: str) -> list[str]:
     """Names of the layers that get adapters: 'attention', the linear layers of every attention (self- and
     cross-attention, q / k / v / output projections: diffusers' usual LoRA targets); 'all', every linear and
     convolution of the backbone."""
-    from ..models.dit import Attention as DiTAttention
-    from ..models.layers import CrossAttention
-    from ..models.unet import AttentionBlock
+    from .models.dit import Attention as DiTAttention
+    from .models.layers import CrossAttention
+    from .models.unet import AttentionBlock
 
     if targets not in TARGETS:
         raise ConfigError(f"lora targets must be one of {', '.join(TARGETS)}, got {targets!r}")
@@ -103,7 +103,7 @@ def merge_lora(model: nn.Module, scale: float = 1.0) -> nn.Module:
 
 def read_adapter(path: str | Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a ``lora.safetensors`` file; anything else is refused naming the file."""
-    from .checkpoint import load_tagged
+    from .checkpoints import load_tagged
 
     tensors, meta = load_tagged(path, ADAPTER_KIND, "LoRA adapter (lora.safetensors)")
     try:

@@ -18,11 +18,17 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..errors import CheckpointError
+from . import __version__
+from .diffusion import DiffusionConfig, Denoiser
+from .errors import CheckpointError, ConfigError
+from .metrics.provenance import file_sha256
+from .models import build_model, model_config_from_dict
+from .models.autoencoder import Autoencoder, AutoencoderConfig
+from .schedules import ScheduleConfig, make_schedule
 
 FORMAT_VERSION = 1
 
@@ -234,3 +240,173 @@ def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> 
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the configured model ({first})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint for sampling: the denoiser, its autoencoder (latent models), LoRA adapters
+
+
+def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                  precision: str = "auto") -> tuple[Denoiser, dict]:
+    """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file; its
+    forward pass runs in bf16 autocast on CUDA unless ``precision`` says otherwise (see Denoiser.set_precision)."""
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    model = build_model(model_config_from_dict(config["model"], str(ckpt)))
+    weights_path = weights_file(ckpt, use_ema)
+    if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling
+        from .lora import add_lora, merge_lora
+
+        lr = config["lora"]
+        add_lora(model, lr["rank"], lr["alpha"], lr["targets"], layers=lr["layers"])
+        load_state_dict_into(model, load_tensors(weights_path), weights_path)
+        merge_lora(model)
+    else:
+        load_state_dict_into(model, load_tensors(weights_path), weights_path)
+    schedule = make_schedule(ScheduleConfig.from_dict(config["schedule"]))
+    denoiser = Denoiser(model.to(device).eval(), schedule, DiffusionConfig(**config["diffusion"]))
+    denoiser.set_precision(precision, device)
+    if "consistency" in config:  # a distilled few-step model: its consistency function is the denoiser
+        from .consistency import ConsistencyDenoiser
+
+        c = config["consistency"]
+        return ConsistencyDenoiser(denoiser, c["sigma_data"], c["timestep_scaling"]), config
+    return denoiser, config
+
+
+def sampling_defaults(config: dict) -> tuple[str, int]:
+    """The sampler and steps a checkpoint samples with when none are given: 'lcm' in 4 steps for a distilled
+    consistency model, the default solver in 20 steps otherwise."""
+    from .samplers import DEFAULT_SAMPLER
+
+    return ("lcm", 4) if "consistency" in config else (DEFAULT_SAMPLER, 20)
+
+
+def weights_file(ckpt: Path, use_ema: bool) -> Path:
+    return ckpt if ckpt.is_file() else ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
+
+
+def apply_checkpoint_lora(denoiser: Denoiser, checkpoint: str | Path, adapter: str | Path, use_ema: bool = True,
+                          scale: float = 1.0) -> Denoiser:
+    """Apply a LoRA adapter file to a denoiser loaded from ``checkpoint`` (the base the adapter was trained on,
+    checked by the hash of its weights file) and merge it, ``scale`` times its strength."""
+    from .lora import apply_lora
+
+    weights = weights_file(resolve_checkpoint(checkpoint), use_ema)
+    apply_lora(denoiser.backbone, adapter, base_sha256=file_sha256(weights), scale=scale)
+    return denoiser
+
+
+class LoadedAutoencoder(nn.Module):
+    """The interface latent diffusion uses, over a kakusan ``Autoencoder`` or a diffusers ``AutoencoderKL``."""
+
+    def __init__(self, module: nn.Module, kind: str, factor: int, latent_channels: int, in_channels: int,
+                 scale: float | None, sha256: str, source: str):
+        super().__init__()
+        self.module, self.kind = module, kind
+        self.factor, self.latent_channels, self.in_channels = factor, latent_channels, in_channels
+        self.scale, self.sha256, self.source = scale, sha256, source
+
+    def record(self) -> dict:
+        return {"path": self.source, "kind": self.kind, "sha256": self.sha256, "factor": self.factor,
+                "latent_channels": self.latent_channels, "in_channels": self.in_channels, "scale_factor": self.scale}
+
+    def _posterior(self, x: torch.Tensor):
+        if x.shape[1] != self.in_channels:
+            raise ConfigError(f"the autoencoder takes {self.in_channels}-channel images, got {x.shape[1]}")
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ConfigError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's "
+                              f"downsampling factor {self.factor}")
+        if self.kind == "kakusan":
+            return self.module.encode(x)
+        return self.module.encode(x).latent_dist
+
+    @torch.no_grad()
+    def to_latent(self, x: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None):
+        if self.scale is None:
+            raise ConfigError(f"{self.source}: the autoencoder has no latent scale (measure it first)")
+        q = self._posterior(x)
+        z = q.mean if mode == "mean" else q.mean + q.std * torch.randn(q.mean.shape, generator=generator,
+                                                                       device=q.mean.device)
+        return z * self.scale
+
+    @torch.no_grad()
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[1] != self.latent_channels:
+            raise ConfigError(f"the decoder takes {self.latent_channels}-channel latents, got {z.shape[1]}")
+        return self.decode(z / self.scale)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images."""
+        return self.module.decode(z) if self.kind == "kakusan" else self.module.decode(z).sample
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedAutoencoder:
+    """A kakusan autoencoder checkpoint (folder, run folder or model file), or a diffusers ``AutoencoderKL``
+    folder (``config.json`` with ``_class_name`` AutoencoderKL + weights), whose latent scale is then measured on
+    the training data (``measure_latent_scale``), never read from a constant."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"autoencoder not found: {path}")
+    cfg_file = path / "config.json" if path.is_dir() else None
+    if cfg_file is not None and cfg_file.is_file():
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("_class_name") == "AutoencoderKL":
+            return _load_diffusers(path, raw, device)
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    model_cfg = dict(config["model"])
+    if model_cfg.pop("type", None) != "autoencoder":
+        raise CheckpointError(f"{ckpt}: not an autoencoder checkpoint (model type "
+                              f"{config['model'].get('type', 'unet')!r}); train one with kakusan train-autoencoder")
+    ae_cfg = AutoencoderConfig.from_dict(model_cfg)
+    ae = Autoencoder(ae_cfg)
+    weights = ckpt if ckpt.is_file() else ckpt / "model.safetensors"
+    tensors = load_tensors(weights)
+    prefix = "autoencoder."
+    load_state_dict_into(ae, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, weights)
+    return LoadedAutoencoder(ae.to(device).eval().requires_grad_(False), "kakusan", ae_cfg.factor,
+                             ae_cfg.latent_channels, ae_cfg.in_channels, ae_cfg.scale_factor,
+                             file_sha256(weights), str(ckpt))
+
+
+def _load_diffusers(path: Path, raw: dict, device) -> LoadedAutoencoder:
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ConfigError("loading a diffusers AutoencoderKL needs the diffusers package (pip install diffusers)") \
+            from None
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load the AutoencoderKL ({e})") from None
+    weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+    factor = 2 ** (len(raw.get("block_out_channels", [0])) - 1)
+    # the folder's ``scaling_factor`` is not trusted (diffusers writes its default into every config): the scale
+    # is measured on the training data, like a kakusan autoencoder's
+    return LoadedAutoencoder(vae.to(device).eval().requires_grad_(False), "diffusers", factor,
+                             int(raw.get("latent_channels", 4)), int(raw.get("in_channels", 3)), None,
+                             file_sha256(*weights), str(path))
+
+
+def autoencoder_for_checkpoint(config: dict, override: str | None = None, device: str | torch.device = "cpu"
+                               ) -> LoadedAutoencoder | None:
+    """The decoder of a latent diffusion checkpoint (None for a pixel model): the autoencoder it records, or
+    ``override`` (the same one moved elsewhere); refused if its latent channels or weights differ. The latent
+    scale is the one the model was trained with."""
+    record = config.get("autoencoder")
+    if not record:
+        if override:
+            raise ConfigError("--autoencoder given, but this checkpoint is a pixel-space model")
+        return None
+    ae = load_autoencoder(override or record["path"], device)
+    want = config["model"]["in_channels"]
+    if ae.latent_channels != want:
+        raise CheckpointError(f"the autoencoder {ae.source} has {ae.latent_channels} latent channels, this latent "
+                              f"model was trained on {want}")
+    if ae.sha256 != record["sha256"]:
+        raise CheckpointError(f"the autoencoder {ae.source} (weights sha256 {ae.sha256[:12]}) is not the one this "
+                              f"model was trained with ({record['path']}, sha256 {record['sha256'][:12]})")
+    ae.scale = record["scale_factor"]
+    return ae
