@@ -223,8 +223,8 @@ def _write_samples(gen, out: str | None, out_dir: str | None, nrow: int | None) 
         what = " (prompts " + ", ".join(repr(c) for c in conds[:6]) + (" ..." if len(conds) > 6 else "") + ")"
     elif conds:
         what = f" (class{'es' if len(conds) > 1 else ''} " + ", ".join(str(c) for c in conds) + ")"
-    print(f"{len(gen)} samples, {rec['sampler']}, {rec['steps']} steps ({gen.nfe} model evaluations"
-          f"{' per image' if len(gen) > 1 else ''}), {gen.seconds:.1f} s{what}")
+    print(f"{len(gen)} samples, {rec['sampler']}, {rec['steps']} steps ({gen.nfe} model evaluations), "
+          f"{gen.seconds:.1f} s{what}")
     return 0
 
 
@@ -324,7 +324,7 @@ def _guidance_list(text: str):
 
 
 def cmd_train_autoencoder(args) -> int:
-    from .checkpoints import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
+    from .training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer, reconstruction_report
 
     cfg = _config_from(args, AutoencoderTrainConfig)
     if args.dry_run:
