@@ -334,3 +334,12 @@ def test_text_checkpoint_through_the_pipeline(tmp_path):
     assert torch.equal(again.uint8()[0], x[3])
     with pytest.raises(KakusanError, match="text-conditional"):
         p(class_label=1)
+    # eval / sweep sample text models too, spread over the prompts given, with the guidance options
+    from kakusan.metrics.evaluate import generate
+
+    images, labels, source = generate(p, 6, prompt=["red apple", "star"], steps=2, guidance=2.0,
+                                      negative_prompt="face", batch_size=4)
+    assert images.shape == (6, 3, 8, 8) and labels is None
+    assert source["prompts"] == ["red apple", "star"] and source["negative_prompt"] == "face"
+    with pytest.raises(ConfigError, match="give the prompts"):
+        generate(p, 2, steps=2)
