@@ -343,3 +343,11 @@ def test_text_checkpoint_through_the_pipeline(tmp_path):
     assert source["prompts"] == ["red apple", "star"] and source["negative_prompt"] == "face"
     with pytest.raises(ConfigError, match="give the prompts"):
         generate(p, 2, steps=2)
+
+
+def test_guidance_on_a_distilled_model_says_what_it_does(pipe):
+    distilled = Pipeline(pipe.denoiser, {**pipe.config, "consistency": {"guidance": 3.0}}, source=pipe.source,
+                         weights_sha256=pipe.weights_sha256)
+    assert distilled.defaults() == ("lcm", 4)
+    with pytest.warns(UserWarning, match="distilled with guidance 3 baked in; guidance 2 is applied on top"):
+        distilled(class_label=1, guidance=2.0, steps=2)
