@@ -98,3 +98,47 @@ def test_shipped_run_configs_are_valid(capsys):
         assert main(["train", "--config", str(path), "--dry-run"]) == 0
         cfg = json.loads(capsys.readouterr().out)
         assert cfg == {**cfg, **json.loads(path.read_text())}  # every value of the file survives validation
+
+
+def _main_one_line_error(capsys, argv, *needles):
+    """``main(argv)`` in this process: exit status 2 and one line ``kakusan: error: ...`` (a traceback would raise)."""
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kakusan: error:"), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_compare_refuses_files_it_cannot_compare_in_one_line(tmp_path, capsys):
+    record = {"extractor": {"name": "classifier", "weights_sha256": "ab" * 32, "resize": "none",
+                            "feature_dtype": "float32"},
+              "reference": {"data": "digits", "split": "test", "n": 1797}, "samples": {"n": 40}}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"scores": {"fid": 12.5, "kid": {"mean": 0.01, "stderr": 0.002}, "recall": None},
+                                "record": record}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"scores": {"fid": 9.0}, "record": {**record, "samples": {"n": 30}}}))
+    no_record = tmp_path / "no-record.json"
+    no_record.write_text(json.dumps({"scores": {"fid": 1.0}}))
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1, 2, 3]")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"scores": {"fid": 1.0}, "record": ')
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+
+    assert main(["compare", str(good), str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "comparable" in out and "fid 12.5" in out and "recall n/a" in out
+    _main_one_line_error(capsys, ["compare", good, other], "not comparable", "samples.n: 40 vs 30")
+    _main_one_line_error(capsys, ["compare", good, no_record], str(no_record), "no 'record'")
+    _main_one_line_error(capsys, ["compare", a_list, good], str(a_list), "no 'record'")
+    _main_one_line_error(capsys, ["compare", good, broken], str(broken), "not JSON", "line 1")
+    _main_one_line_error(capsys, ["compare", binary, good], str(binary))
+    _main_one_line_error(capsys, ["compare", good, tmp_path / "missing.json"], "missing.json", "not found")
+    # --warn-only: the differences become a warning, the scores are shown
+    with pytest.warns(UserWarning, match="samples.n"):
+        assert main(["compare", str(good), str(other), "--warn-only"]) == 0
+    assert "NOT comparable (1 differences above)" in capsys.readouterr().out

@@ -426,14 +426,46 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _read_scores(path: str) -> dict:
+    """A score file written by ``kakusan eval --out``, or a ConfigError saying in one line why it is not one."""
+    from .errors import ConfigError
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("record"), dict):
+        raise ConfigError(f"{path}: not a kakusan score file (no 'record' of how its scores were made; "
+                          f"'kakusan eval --out FILE' writes one)")
+    if not isinstance(d.get("scores", {}), dict):
+        raise ConfigError(f"{path}: its 'scores' are not a JSON object")
+    return d
+
+
+def _score_value(v) -> str | None:
+    if isinstance(v, dict):  # kid, is: mean and spread
+        v = v.get("mean")
+    if v is None:  # NaN / inf are written as null
+        return "n/a"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.4g}"
+    return None
+
+
 def cmd_compare(args) -> int:
     from .metrics.provenance import check_comparable
 
-    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    a, b = _read_scores(args.a), _read_scores(args.b)
     diff = check_comparable(a["record"], b["record"], strict=not args.warn_only)
     for name, r in (("A", a), ("B", b)):
-        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v['mean']:.4g}"
-                                      for k, v in r["scores"].items() if isinstance(v, (float, dict))))
+        shown = ((k, _score_value(v)) for k, v in r.get("scores", {}).items())
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown if v is not None))
     print("comparable" if not diff else f"NOT comparable ({len(diff)} differences above)")
     return 0
 
