@@ -142,3 +142,37 @@ def test_compare_refuses_files_it_cannot_compare_in_one_line(tmp_path, capsys):
     with pytest.warns(UserWarning, match="samples.n"):
         assert main(["compare", str(good), str(other), "--warn-only"]) == 0
     assert "NOT comparable (1 differences above)" in capsys.readouterr().out
+
+
+def test_samplers_listing_says_each_fact_once(capsys):
+    from kakusan.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:len(SAMPLERS) + 1]}
+    assert list(rows) == list(SAMPLERS)
+    assert sum(line.count("default)") for line in lines) == 1 and rows[DEFAULT_SAMPLER].endswith("(default)")
+    assert rows["unipc-2"].split()[1] == "3" and "karras, sigma~ <= 10" in rows["unipc-2"]
+    assert rows["ddpm"].split()[1] == "-"  # stochastic: no ODE order
+    for name, line in rows.items():  # the order is said in its column only
+        assert not any(w in line.lower() for w in ("2nd order", "second-order", "order 3")), line
+    assert "steps^-p" in "\n".join(lines)  # and what the column means
+
+
+def test_presets_state_what_each_count_is_for_and_agree_with_the_readme(capsys):
+    from pathlib import Path
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("unet-", "dit-", "ddpm-"))}
+    assert "2,101,507" in rows["unet-text32"] and "384-wide" in rows["unet-text32"]
+    assert "675,129,632" in rows["dit-xl2"] and "1,000 classes + learned sigma" in rows["dit-xl2"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    para = readme[readme.index("Presets (`kakusan presets`"):]
+    para = " ".join(para[:para.index("\n\n")].split())
+    for name, line in rows.items():  # every preset the README names, with the count the CLI prints for it
+        assert f"`{name}`" in para, name
+        if name not in ("unet-tiny", "dit-tiny"):  # (the test presets have no figure)
+            params, exactly = line.split()[1:3]
+            assert params in para or exactly in para, (name, params, exactly)
+    assert "384-wide" in para and "1,000 classes" in para  # and the configuration it counts
