@@ -59,21 +59,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-target-ema", type=float, help="EMA decay of the target network (default 0.95)")
     p.add_argument("--huber-c", type=float, help="the pseudo-Huber loss's c (default 0.001)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="images per step (the global batch under torchrun)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--ema-decay", type=float, help="decay of the weights' exponential moving average")
     p.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--image-size", type=int, help="resize the data (required for folder:DIR)")
     p.add_argument("--channels", type=int, help="1 or 3, for folder:DIR")
     p.add_argument("--limit", type=int, help="use only the first N training images")
     p.add_argument("--download", action="store_true", default=None, help="download missing data (online)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run folder: log.jsonl, samples/, checkpoints/")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int, help="initial weights, data order, noise")
+    p.add_argument("--out", help="run folder: config.json, log.jsonl, samples/, checkpoints/")
+    p.add_argument("--log-every", type=int, help="a log.jsonl line every N steps")
+    p.add_argument("--sample-every", type=int, help="an EMA sample grid every N steps")
+    p.add_argument("--checkpoint-every", type=int, help="a checkpoint every N steps")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
     p.add_argument("--compile", action="store_true", default=None,
@@ -81,14 +81,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute the U-Net's blocks in the backward pass (less GPU memory, ~1 more forward)")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
-    p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M")
+    p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M (default "
+                                                   "0: none)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint, with the run's own config.json: "
+                        "flags given beside it must match, except run control (--steps, --max-minutes, --*-every, "
+                        "--keep-*, --device, ...) and moved paths (--data, --autoencoder, --latent-cache)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and print the resolved config, time a few steps on random data of the data's shape "
+                        "and print the estimated time per step and for the run; then exit")
+    p.add_argument("--estimate-steps", type=int, default=3,
+                   help="--dry-run: time up to this many steps (at most ~10 s of them); 0: no estimate")
+    for action in p._actions:  # every default in --help: the TrainConfig value an unset flag leaves
+        if action.dest in d.__dataclass_fields__ and action.help and "default" not in action.help:
+            value = getattr(d, action.dest)
+            if value is not None and value is not False and value != {}:
+                action.help += f" (default {value})"
 
 
-def _config_from(args, cls):
-    """A config dataclass from ``--config FILE`` (JSON) overridden by the flags given on the command line."""
+def _config_values(args, cls) -> dict:
+    """The config values given: ``--config FILE`` (JSON) overridden by the flags given on the command line."""
     base = {}
     if args.config:
         try:
@@ -97,8 +110,17 @@ def _config_from(args, cls):
             from .errors import ConfigError
 
             raise ConfigError(f"cannot read config {args.config}: {e}") from None
+        if not isinstance(base, dict):
+            from .errors import ConfigError
+
+            raise ConfigError(f"config {args.config}: expected a JSON object of config values")
     flags = {k: v for k, v in vars(args).items() if v is not None and k in cls.__dataclass_fields__}
-    return cls.from_dict({**base, **flags})
+    return {**base, **flags}
+
+
+def _config_from(args, cls):
+    """A config dataclass from ``--config FILE`` (JSON) overridden by the flags given on the command line."""
+    return cls.from_dict(_config_values(args, cls))
 
 
 def _train_config(args):
@@ -108,15 +130,40 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from .training.trainer import Trainer
+    import os
 
-    cfg = _train_config(args)
+    from .errors import ConfigError
+    from .training.preflight import check_same_data, check_train_config, estimate_or_reason, resume_config, resumed_step
+    from .training.trainer import Trainer, TrainConfig
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    run_config = None
+    if args.resume:  # the run folder's own config; flags beside --resume must match it, or be run control
+        given = _config_values(args, TrainConfig)
+        out = given.get("out") or TrainConfig().out
+        cfg, changed, run_config = resume_config(out, given)
+    else:
+        cfg, changed = _train_config(args), []
+
+    def say_changed():
+        for field, old, new in changed if main_process else ():
+            print(f"changed: {field} {json.dumps(old)} -> {json.dumps(new)}", file=sys.stderr)
+
     if args.dry_run:
+        check_train_config(cfg)
+        say_changed()
         print(json.dumps(cfg.to_dict(), indent=2))
+        if args.estimate_steps < 0:
+            raise ConfigError(f"--estimate-steps must be >= 0, got {args.estimate_steps}")
+        if args.estimate_steps:
+            print(estimate_or_reason(cfg, args.estimate_steps, resumed_step(cfg.out) if args.resume else 0),
+                  file=sys.stderr)
         return 0
     trainer = Trainer(cfg)
     try:
         if args.resume:
+            check_same_data(run_config, trainer.config, cfg.out)
+            say_changed()
             trainer.resume()
             if trainer.dist.is_main:
                 print(f"resumed at step {trainer.step}", file=sys.stderr)
@@ -404,10 +451,10 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
     p.add_argument("--ref-stats", help="a stats file written by 'kakusan stats' instead of --ref")
     p.add_argument("--download", action="store_true", help="allow downloading the Inception weights (online)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the samples' seed")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved arguments and exit")
 
 
 def cmd_eval(args) -> int:
@@ -655,12 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the domain classifier used for offline evaluation")
     p.add_argument("--data", required=True, help="mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:PATH] | folder:DIR")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (each ~1 min for MNIST "
+                                                             "on 2 CPU cores), then the test split is scored")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.2, help="peak of the one-cycle SGD learning rate")
     p.add_argument("--widths", type=_csv(int), default=[32, 64, 128], help="three stage widths, e.g. 32,64,128")
     p.add_argument("--augment", default="auto", help="auto | none | crop | crop-flip")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="use only the first N training images (the test split stays whole)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noisy", metavar="SCHEDULE", help="train on noisy x_t of this schedule, with t as input "
                                                        "(for classifier guidance; e.g. cosine)")
@@ -672,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
     p.add_argument("--sampler", help=f"default {DEFAULT_SAMPLER} (lcm for a distilled model)")
     p.add_argument("--steps", type=int, help="default 20 (4 for a distilled model)")
-    p.add_argument("--spacing")
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--spacing", help="leading | trailing | linspace | karras | logsnr | exponential "
+                                     "(default: the sampler's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: none)")
     p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")
     p.add_argument("--out", help="write scores + provenance record as JSON here")
     p.add_argument("--precision", default="auto", help="the network's forward pass when sampling: auto | fp32 | bf16")
@@ -736,7 +785,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)
+    for command in sub.choices.values():  # every default in every --help
+        _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default X)`` to the help of each option whose help does not already say its default (options
+    whose unset value means 'off' or 'not given' say nothing)."""
+    for action in parser._actions:
+        text, value = action.help or "", action.default
+        if (not action.option_strings or "default" in text or value is None or value is False
+                or value is argparse.SUPPRESS):
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else ("''" if value == "" else value)
+        shown = str(shown).replace("%", "%%")
+        action.help = f"{text} (default {shown})" if text else f"default {shown}"
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

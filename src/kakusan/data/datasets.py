@@ -396,6 +396,23 @@ def load_digits() -> ImageDataset:
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "captions", "emoji")
 
 
+NEEDS_PATH = ("folder", "captions", "emoji")
+
+
+def check_spec(spec: str) -> str:
+    """The data set name of ``spec``, after checking its form (a known name; a path where one is needed) without
+    reading anything: what ``--dry-run`` can say before any data is loaded."""
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"a data spec is a string such as mnist:/path/to/dir, got {spec!r}")
+    name, _, path = spec.partition(":")
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)} (e.g. mnist:/path/to/dir)")
+    if name in NEEDS_PATH and not path:
+        raise DataError(f"{name} data needs a path: {name}:DIR" + (f" or {name}:ARCHIVE.tar.gz" if name != "folder"
+                                                                     else ""))
+    return name
+
+
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None, channels: int | None = None,
                  download_if_missing: bool = False, limit: int | None = None) -> ImageDataset:
     """Load a data set by spec: ``digits``, ``mnist[:DIR]``, ``fashion-mnist[:DIR]``, ``cifar10[:PATH]``,
