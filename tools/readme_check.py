@@ -62,6 +62,9 @@ SIZES = {
 }
 TRAINING = ("train", "train-autoencoder")  # their --steps go through train_steps
 GENERIC = {"cap": {"-n": 10, "--steps": 8}}  # a kakusan subcommand SIZES does not know yet
+# the sample grids a training run draws (one at its end): a few sampler steps, through a --config file given to the
+# train commands that have none (only the keys the installed TrainConfig has)
+GRID_CONFIG = {"sample_steps": 2}
 
 
 # ---- rules -------------------------------------------------------------------------------------------------------
@@ -185,10 +188,12 @@ def set_flag(argv: list[str], flag: str, value: str | None) -> None:
         argv += [flag] if value is None else [flag, value]
 
 
-def resize(argv: list[str]) -> list[str]:
+def resize(argv: list[str], grid_config: str | None = None) -> list[str]:
     """The CPU-sized form of a kakusan command (argv[0] == 'kakusan')."""
     argv = list(argv)
     sub = argv[1] if len(argv) > 1 else ""
+    if sub == "train" and grid_config and "--config" not in argv and "--resume" not in argv:
+        argv += ["--config", grid_config]
     sizes = SIZES.get(sub, GENERIC)
     resume = "--resume" in argv
     if sub in TRAINING and "--steps" in argv:
@@ -214,9 +219,10 @@ def resize(argv: list[str]) -> list[str]:
     return [re.sub(r"step-(\d{8})", lambda m: f"step-{train_steps(int(m.group(1))):08d}", a) for a in argv]
 
 
-def resize_python(source: str, data: Path) -> str:
+def resize_python(source: str, data: Path, grid: dict | None = None) -> str:
     def train(m):
-        return f"steps={train_steps(int(m.group(1)))}, batch_size=16, limit=512"
+        return (f"steps={train_steps(int(m.group(1)))}, batch_size=16, limit=512"
+                + "".join(f", {k}={v!r}" for k, v in (grid or {}).items()))
 
     source = re.sub(r"\bsteps=(\d{4,})", train, source)  # training-sized step counts
     source = re.sub(r"\bsteps=(\d{1,3})\b", lambda m: f"steps={min(int(m.group(1)), 8)}", source)
@@ -224,12 +230,13 @@ def resize_python(source: str, data: Path) -> str:
                   lambda m: '"' + substitute_data(m.group(1), data) + '"', source)
 
 
-def plan(cmd: Command, data: Path, cuda: bool) -> list[Command]:
+def plan(cmd: Command, data: Path, cuda: bool, grid_config: str | None = None, grid: dict | None = None
+         ) -> list[Command]:
     """The command(s) to run for one README command, or the command marked skipped."""
     text = cmd.text
     if cmd.lang == "python":
         try:
-            cmd.run = resize_python(text, data)
+            cmd.run = resize_python(text, data, grid)
         except LookupError as e:
             cmd.skip = str(e)
         return [cmd]
@@ -265,7 +272,7 @@ def plan(cmd: Command, data: Path, cuda: bool) -> list[Command]:
         if argv[0] == "kakusan":
             if len(argv) > 1 and argv[1] not in SIZES:
                 c.note = "no size rule for this subcommand: generic caps"
-            argv = resize(argv)
+            argv = resize(argv, grid_config)
         elif argv[0] in ("python", "python3") and len(argv) > 1 and argv[1].startswith("benchmarks/"):
             argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
             for flag, value in extra.items():
@@ -312,7 +319,15 @@ def main() -> int:
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    planned = [c for cmd in commands_of(read_blocks(Path(args.readme))) for c in plan(cmd, data, cuda)]
+    grid_config = None
+    try:
+        from kakusan.training.trainer import TrainConfig
+
+        grid = {k: v for k, v in GRID_CONFIG.items() if k in TrainConfig.__dataclass_fields__}
+        grid_config = "readme-check-grids.json" if grid else None
+    except ImportError:
+        grid = {}
+    planned = [c for cmd in commands_of(read_blocks(Path(args.readme))) for c in plan(cmd, data, cuda, grid_config, grid)]
     if args.only:
         for c in planned:
             if args.only not in c.text and c.skip is None:
@@ -325,6 +340,10 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "logs").mkdir(exist_ok=True)
     env["KAKUSAN_CACHE"] = str(work / "cache")
+    if grid_config and not args.list:
+        import json
+
+        (work / grid_config).write_text(json.dumps(grid))
     print(f"README commands in {work} (kakusan: {kakusan}, data: {data})", flush=True)
     results, t_all = [], time.perf_counter()
     for i, c in enumerate(planned):
