@@ -53,8 +53,9 @@ SIZES = {
                           "cap": {"--batch-size": 8}},
     "train-classifier": {"add": {"--epochs": "1", "--limit": "2048"}, "cap": {"--epochs": 1}},
     "sample": {"add": {"-n": "10"}, "cap": {"-n": 10, "--steps": 8}},
-    "eval": {"add": {"--ref-limit": "500"}, "cap": {"-n": 40, "--steps": 8}},
-    "sweep": {"add": {"--ref-limit": "500", "-n": "40"}, "cap": {"-n": 40}, "set": {"--steps": "2,4"}},
+    # FID needs more samples than feature dimensions (the domain classifier's 128)
+    "eval": {"add": {"--ref-limit": "500"}, "cap": {"-n": 150, "--steps": 8}},
+    "sweep": {"add": {"--ref-limit": "500", "-n": "150"}, "cap": {"-n": 150}, "set": {"--steps": "4"}},
     "stats": {"add": {"--limit": "500"}},
     "demo": {"cap": {"--steps": 40}},
     "plot": {"cap": {"--steps": 8}},

@@ -150,11 +150,11 @@ def cmd_train(args) -> int:
             print(f"changed: {field} {json.dumps(old)} -> {json.dumps(new)}", file=sys.stderr)
 
     if args.dry_run:
+        if args.estimate_steps < 0:
+            raise ConfigError(f"--estimate-steps must be >= 0, got {args.estimate_steps}")
         check_train_config(cfg)
         say_changed()
         print(json.dumps(cfg.to_dict(), indent=2))
-        if args.estimate_steps < 0:
-            raise ConfigError(f"--estimate-steps must be >= 0, got {args.estimate_steps}")
         if args.estimate_steps:
             print(estimate_or_reason(cfg, args.estimate_steps, resumed_step(cfg.out) if args.resume else 0),
                   file=sys.stderr)
@@ -702,8 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the domain classifier used for offline evaluation")
     p.add_argument("--data", required=True, help="mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:PATH] | folder:DIR")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (each ~1 min for MNIST "
-                                                             "on 2 CPU cores), then the test split is scored")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (one MNIST epoch: ~7 min "
+                                                             "on 2 shared CPU cores), then the test split is scored")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.2, help="peak of the one-cycle SGD learning rate")
     p.add_argument("--widths", type=_csv(int), default=[32, 64, 128], help="three stage widths, e.g. 32,64,128")
