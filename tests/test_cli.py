@@ -247,6 +247,9 @@ def test_resume_accepts_moved_data_only_if_it_is_the_same_data(tmp_path, capsys)
                                   "--resume"], "not the data it was trained on", "size: saved 32, now 40")
     _main_one_line_error(capsys, ["train", "--data", "digits", "--out", run, "--steps", "4", "--resume"],
                          'data: saved "mnist:')
+    # --dry-run builds the run on random data: what needs the weights is checked too
+    _main_one_line_error(capsys, ["train", "--init-from", run, "--cond", "class", "--dry-run", "--batch-size", "4"],
+                         "unconditional", "--cond none")
 
 
 def test_dry_run_validates_without_data_and_estimates_the_cost(tmp_path, capsys):
@@ -256,6 +259,8 @@ def test_dry_run_validates_without_data_and_estimates_the_cost(tmp_path, capsys)
     _main_one_line_error(capsys, ["train", "--data", "mnistt:/x", "--dry-run"], "unknown data set 'mnistt'")
     _main_one_line_error(capsys, ["train", "--data", "folder", "--dry-run"], "folder:DIR")
     _main_one_line_error(capsys, ["train", "--device", "tpu9", "--dry-run"], "unknown device")
+    _main_one_line_error(capsys, ["train", "--init-from", tmp_path / "nope", "--dry-run"], "checkpoint not found")
+    _main_one_line_error(capsys, ["train", "--autoencoder", tmp_path / "ae", "--dry-run"], "autoencoder not found")
     # a data folder that does not exist yet is not read: the spec's form is what --dry-run checks
     assert main(["train", "--data", f"cifar10:{tmp_path}/nowhere", "--preset", "unet-tiny", "--batch-size", "8",
                  "--steps", "1000", "--dry-run"]) == 0

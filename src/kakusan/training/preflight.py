@@ -119,7 +119,8 @@ def resumed_step(out: str | Path) -> int:
 
 def check_train_config(cfg: TrainConfig) -> None:
     """What can be checked without loading data or weights: the preset and its overrides, the schedule, the data
-    spec's form, the grids' sampler, the device's name (TrainConfig itself checks the plain values)."""
+    spec's form, the init_from checkpoint's config, that the autoencoder exists, the grids' sampler, the device's
+    name (TrainConfig itself checks the plain values)."""
     from ..data.datasets import check_spec
     from ..models import get_preset
     from ..samplers import get_sampler
@@ -132,6 +133,12 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ConfigError("--model overrides the architecture, which a fine-tuning run takes from --init-from")
     make_schedule(ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params, cfg.zero_terminal_snr))
     check_spec(cfg.data)
+    if cfg.init_from:  # the checkpoint a fine-tuning run starts from: there, and kakusan's
+        from .checkpoint import read_config, resolve_checkpoint
+
+        read_config(resolve_checkpoint(cfg.init_from))
+    if cfg.autoencoder and not Path(cfg.autoencoder).expanduser().exists():
+        raise CheckpointError(f"autoencoder not found: {cfg.autoencoder}")
     get_sampler(cfg.sample_sampler)
     try:
         torch.device(cfg.device if cfg.device != "auto" else "cpu")
@@ -152,7 +159,7 @@ def _random_data(cfg: TrainConfig, n: int):
         from .checkpoint import read_config, resolve_checkpoint
 
         base = read_config(resolve_checkpoint(cfg.init_from))
-        c, h, _ = base["data"]["shape"]
+        c, h, _ = base.get("data", {}).get("shape") or (base["model"]["in_channels"], base["model"]["image_size"], 0)
         classes = base["model"].get("num_classes") or classes
     else:
         c, h = _NATIVE_SHAPES.get(name, (3, 64))
@@ -226,15 +233,23 @@ def estimate_line(cfg: TrainConfig, est: dict, from_step: int = 0) -> str:
 
 
 def estimate_or_reason(cfg: TrainConfig, steps: int, from_step: int = 0) -> str:
-    """The estimate line, or why there is none (under torchrun, or on a device this machine lacks)."""
+    """The estimate line, or why there is none (under torchrun, on a device this machine lacks, for an imported
+    latent base). Building the run on random data also checks what needs the weights (a fine-tuning base's
+    conditioning, an autoencoder's channels): a run that would fail is refused here too."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "no time estimate under torchrun (run --dry-run in one process)"
+    if cfg.init_from:
+        from .checkpoint import read_config, resolve_checkpoint
+
+        base = read_config(resolve_checkpoint(cfg.init_from))
+        if "imported" in base and "autoencoder" in base:  # its pixel size is not recorded, only the latents'
+            return "no time estimate for fine-tuning an imported latent model"
     try:
         est = estimate_step_seconds(cfg, max_steps=steps)
     except ConfigError as e:
         if "no CUDA GPU" in str(e):
             return f"no time estimate: {e}"
-        raise
+        raise  # a run that would fail: the dry run fails too
     if not math.isfinite(est["seconds_per_step"]):
         return "no time estimate (the timed steps did not finish)"
     return estimate_line(cfg, est, from_step)
