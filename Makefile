@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# `make readme-check` runs every README command in a CPU-sized form (tools/readme_check.py; not part of make test).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH=torch` for the default CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test readme-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+readme-check: install
+	$(PY) tools/readme_check.py
 
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"

@@ -2,6 +2,7 @@ import gzip
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,42 @@ def test_range_conversions_round_trip():
     x = to_model_range(u)
     assert x.min() == -1 and x.max() == 1
     assert torch.equal(to_uint8(x), u)
+
+
+def test_missing_fashion_mnist_names_every_place_and_the_debian_package(tmp_path, monkeypatch):
+    from kakusan.data import datasets
+
+    assert datasets.FASHION_SYSTEM_DIR == Path("/usr/share/datasets/fashion-mnist")
+    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "usr-share-datasets" / "fashion-mnist")
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion-mnist")
+    msg = str(e.value)
+    assert str(tmp_path / "usr-share-datasets" / "fashion-mnist") in msg  # the system folder
+    assert str(datasets.cache_dir() / "fashion-mnist") in msg  # and the cache folder
+    assert "apt-get install dataset-fashion-mnist" in msg and "fashion-mnist:DIR" in msg
+    with pytest.raises(DataError) as e:  # a folder given: it, and where the package would put the data
+        load_dataset(f"fashion-mnist:{tmp_path / 'elsewhere'}")
+    assert str(tmp_path / "elsewhere") in str(e.value) and "dataset-fashion-mnist" in str(e.value)
+    # found in the system folder when the package is installed
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    system = tmp_path / "usr-share-datasets" / "fashion-mnist"
+    system.mkdir(parents=True)
+    _write_idx(system / "t10k-images-idx3-ubyte.gz", imgs)
+    _write_idx(system / "t10k-labels-idx1-ubyte.gz", np.array([9, 0, 1], np.uint8))
+    ds = load_dataset("fashion-mnist", split="test")
+    assert ds.labels.tolist() == [9, 0, 1] and ds.class_names[9] == "Ankle boot"
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):  # its train split is absent
+        load_dataset("fashion-mnist")
+
+
+@pytest.mark.skipif(Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST is installed here")
+def test_missing_fashion_mnist_from_the_cli_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "kakusan.cli", "train", "--data", "fashion-mnist", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/usr/share/datasets/fashion-mnist" in lines[0], r.stderr
+    assert "dataset-fashion-mnist" in lines[0] and "fashion-mnist" in lines[0]

@@ -89,6 +89,18 @@ def test_classifier_learns_real_mnist(shared_data, tmp_path):
     assert ex.record["weights_sha256"] == r["sha256"] and ex.feature_dim == 32
 
 
+
+def test_classifier_says_what_its_final_evaluation_does(tmp_path, capsys):
+    """The evaluation after training (10,000 MNIST test images, again at each noise level: about a minute on two
+    cores) is announced in one line, and shows a progress bar on a terminal."""
+    r = train_classifier("digits", tmp_path / "c.safetensors", epochs=1, widths=(4, 8, 8), batch_size=256,
+                         noisy_schedule="cosine")
+    err = capsys.readouterr().err
+    assert f"evaluating on the {r['test_size']:,} test images of digits, clean and at t = 250, 500, 750" in err
+    train_classifier("digits", tmp_path / "q.safetensors", epochs=1, widths=(4, 8, 8), batch_size=256,
+                     progress=False)
+    assert "evaluating" not in capsys.readouterr().err
+
 # ---- provenance and cached statistics -----------------------------------------------------------------------------
 
 def _extractor(tmp_path, seed=0, name="c"):

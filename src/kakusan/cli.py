@@ -58,21 +58,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-target-ema", type=float, help="EMA decay of the target network (default 0.95)")
     p.add_argument("--huber-c", type=float, help="the pseudo-Huber loss's c (default 0.001)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="images per step (the global batch under torchrun)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--ema-decay", type=float, help="decay of the weights' exponential moving average")
     p.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--image-size", type=int, help="resize the data (required for folder:DIR)")
     p.add_argument("--channels", type=int, help="1 or 3, for folder:DIR")
     p.add_argument("--limit", type=int, help="use only the first N training images")
     p.add_argument("--download", action="store_true", default=None, help="download missing data (online)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run folder: log.jsonl, samples/, checkpoints/")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int, help="initial weights, data order, noise")
+    p.add_argument("--out", help="run folder: config.json, log.jsonl, samples/, checkpoints/")
+    p.add_argument("--log-every", type=int, help="a log.jsonl line every N steps")
+    p.add_argument("--sample-every", type=int, help="an EMA sample grid every N steps")
+    p.add_argument("--checkpoint-every", type=int, help="a checkpoint every N steps")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto | fp32 | bf16")
     p.add_argument("--compile", action="store_true", default=None,
@@ -80,14 +80,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute the U-Net's blocks in the backward pass (less GPU memory, ~1 more forward)")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
-    p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M")
+    p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M (default "
+                                                   "0: none)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint, with the run's own config.json: "
+                        "flags given beside it must match, except run control (--steps, --max-minutes, --*-every, "
+                        "--keep-*, --device, ...) and moved paths (--data, --autoencoder, --latent-cache)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and print the resolved config, time a few steps on random data of the data's shape "
+                        "and print the estimated time per step and for the run; then exit")
+    p.add_argument("--estimate-steps", type=int, default=3,
+                   help="--dry-run: time up to this many steps (at most ~10 s of them); 0: no estimate")
+    for action in p._actions:  # every default in --help: the TrainConfig value an unset flag leaves
+        if action.dest in d.__dataclass_fields__ and action.help and "default" not in action.help:
+            value = getattr(d, action.dest)
+            if value is not None and value is not False and value != {}:
+                action.help += f" (default {value})"
 
 
-def _config_from(args, cls):
-    """A config dataclass from ``--config FILE`` (JSON) overridden by the flags given on the command line."""
+def _config_values(args, cls) -> dict:
+    """The config values given: ``--config FILE`` (JSON) overridden by the flags given on the command line."""
     base = {}
     if args.config:
         try:
@@ -96,8 +109,17 @@ def _config_from(args, cls):
             from .errors import ConfigError
 
             raise ConfigError(f"cannot read config {args.config}: {e}") from None
+        if not isinstance(base, dict):
+            from .errors import ConfigError
+
+            raise ConfigError(f"config {args.config}: expected a JSON object of config values")
     flags = {k: v for k, v in vars(args).items() if v is not None and k in cls.__dataclass_fields__}
-    return cls.from_dict({**base, **flags})
+    return {**base, **flags}
+
+
+def _config_from(args, cls):
+    """A config dataclass from ``--config FILE`` (JSON) overridden by the flags given on the command line."""
+    return cls.from_dict(_config_values(args, cls))
 
 
 def _train_config(args):
@@ -107,15 +129,40 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from .training.trainer import Trainer
+    import os
 
-    cfg = _train_config(args)
+    from .errors import ConfigError
+    from .training.preflight import check_same_data, check_train_config, estimate_or_reason, resume_config, resumed_step
+    from .training.trainer import Trainer, TrainConfig
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    run_config = None
+    if args.resume:  # the run folder's own config; flags beside --resume must match it, or be run control
+        given = _config_values(args, TrainConfig)
+        out = given.get("out") or TrainConfig().out
+        cfg, changed, run_config = resume_config(out, given)
+    else:
+        cfg, changed = _train_config(args), []
+
+    def say_changed():
+        for field, old, new in changed if main_process else ():
+            print(f"changed: {field} {json.dumps(old)} -> {json.dumps(new)}", file=sys.stderr)
+
     if args.dry_run:
+        if args.estimate_steps < 0:
+            raise ConfigError(f"--estimate-steps must be >= 0, got {args.estimate_steps}")
+        check_train_config(cfg)
+        say_changed()
         print(json.dumps(cfg.to_dict(), indent=2))
+        if args.estimate_steps:
+            print(estimate_or_reason(cfg, args.estimate_steps, resumed_step(cfg.out) if args.resume else 0),
+                  file=sys.stderr)
         return 0
     trainer = Trainer(cfg)
     try:
         if args.resume:
+            check_same_data(run_config, trainer.config, cfg.out)
+            say_changed()
             trainer.resume()
             if trainer.dist.is_main:
                 print(f"resumed at step {trainer.step}", file=sys.stderr)
@@ -274,23 +321,49 @@ def cmd_demo(args) -> int:
 def cmd_samplers(args) -> int:
     from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
-    print(f"{'name':<16} {'order':>5} {'evals/step':>10} {'stochastic':>10} {'spacing':>9}  description")
+    print(f"{'name':<16} {'order':>5} {'evals/step':>10} {'stochastic':>10}  {'default grid':<20} description")
     for name, info in SAMPLERS.items():
+        order = "-" if info.stochastic else str(info.order)
+        grid = info.default_spacing + (f", sigma~ <= {info.default_sigma_max:g}" if info.default_sigma_max else "")
         mark = " (default)" if name == DEFAULT_SAMPLER else ""
-        print(f"{name:<16} {info.order:>5} {info.nfe_per_step:>10} {str(info.stochastic):>10} "
-              f"{info.default_spacing:>9}  {info.summary}{mark}")
+        print(f"{name:<16} {order:>5} {info.nfe_per_step:>10} {str(info.stochastic):>10}  {grid:<20} "
+              f"{info.summary}{mark}")
+    print("\norder: p in error ~ steps^-p, the error to the exact probability-flow ODE endpoint, as "
+          "tests/test_samplers.py\nmeasures it on a Gaussian mixture ('-': stochastic, no single endpoint); "
+          "UniPC's corrector adds one to its\npredictor's order. Default grid: the spacing of the steps unless "
+          "--spacing is given; sigma~ = sigma / alpha.")
     return 0
 
 
+# The configuration each preset's parameter count is for: the trainer sizes a preset to its data (channels, size,
+# classes, text width), so a count needs one; these are the ones the README quotes.
+PRESET_COUNTED_AS = {
+    "unet-text32": ({"context_dim": 384}, "text, 384-wide tokens (MiniLM)"),
+    **{name: ({"num_classes": 1000, "learn_sigma": True}, "1,000 classes + learned sigma (paper)")
+       for name in ("dit-s2", "dit-b2", "dit-l2", "dit-xl2")},
+}
+
+
 def cmd_presets(args) -> int:
+    from dataclasses import replace
+
     import torch
 
     from .models import PRESETS, build_model, describe
 
+    print(f"{'preset':<14} {'params':>8} {'exactly':>12}  {'counted for':<37} architecture")
     for name, cfg in PRESETS.items():
+        overrides, counted = PRESET_COUNTED_AS.get(name, ({}, "unconditional"))
+        cfg = replace(cfg, **overrides)
         with torch.device("meta"):  # count without allocating (dit-xl2 has 675M parameters)
-            n = sum(p.numel() for p in build_model(cfg).parameters())
-        print(f"{name:<14} {n / 1e6:8.2f}M params  {describe(cfg)}")
+            model = build_model(cfg)
+            n = sum(p.numel() for p in model.parameters())
+        if "(paper)" in counted:  # the DiT's fixed sin-cos position table, a parameter in the paper's code
+            n += model.pos_embed.numel()
+        print(f"{name:<14} {n / 1e6:7.2f}M {n:>12,}  {counted:<37} {describe(cfg)}")
+    print("\n(paper): as the DiT paper's code counts, its fixed position table included. The trainer sizes a preset "
+          "to its\ndata (channels, image size, classes, text width), so a run's count differs; its checkpoint "
+          "records the architecture.")
     return 0
 
 
@@ -391,10 +464,10 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
     p.add_argument("--ref-stats", help="a stats file written by 'kakusan stats' instead of --ref")
     p.add_argument("--download", action="store_true", help="allow downloading the Inception weights (online)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the samples' seed")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved arguments and exit")
 
 
 def cmd_eval(args) -> int:
@@ -440,14 +513,46 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _read_scores(path: str) -> dict:
+    """A score file written by ``kakusan eval --out``, or a ConfigError saying in one line why it is not one."""
+    from .errors import ConfigError
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("record"), dict):
+        raise ConfigError(f"{path}: not a kakusan score file (no 'record' of how its scores were made; "
+                          f"'kakusan eval --out FILE' writes one)")
+    if not isinstance(d.get("scores", {}), dict):
+        raise ConfigError(f"{path}: its 'scores' are not a JSON object")
+    return d
+
+
+def _score_value(v) -> str | None:
+    if isinstance(v, dict):  # kid, is: mean and spread
+        v = v.get("mean")
+    if v is None:  # NaN / inf are written as null
+        return "n/a"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.4g}"
+    return None
+
+
 def cmd_compare(args) -> int:
     from .metrics.provenance import check_comparable
 
-    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    a, b = _read_scores(args.a), _read_scores(args.b)
     diff = check_comparable(a["record"], b["record"], strict=not args.warn_only)
     for name, r in (("A", a), ("B", b)):
-        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v['mean']:.4g}"
-                                      for k, v in r["scores"].items() if isinstance(v, (float, dict))))
+        shown = ((k, _score_value(v)) for k, v in r.get("scores", {}).items())
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown if v is not None))
     print("comparable" if not diff else f"NOT comparable ({len(diff)} differences above)")
     return 0
 
@@ -643,12 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the domain classifier used for offline evaluation")
     p.add_argument("--data", required=True, help="mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:PATH] | folder:DIR")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (one MNIST epoch: ~7 min "
+                                                             "on 2 shared CPU cores), then the test split is scored")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.2, help="peak of the one-cycle SGD learning rate")
     p.add_argument("--widths", type=_csv(int), default=[32, 64, 128], help="three stage widths, e.g. 32,64,128")
     p.add_argument("--augment", default="auto", help="auto | none | crop | crop-flip")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="use only the first N training images (the test split stays whole)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noisy", metavar="SCHEDULE", help="train on noisy x_t of this schedule, with t as input "
                                                        "(for classifier guidance; e.g. cosine)")
@@ -660,8 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
     p.add_argument("--sampler", help=f"default {DEFAULT_SAMPLER} (lcm for a distilled model)")
     p.add_argument("--steps", type=int, help="default 20 (4 for a distilled model)")
-    p.add_argument("--spacing")
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--spacing", help="leading | trailing | linspace | karras | logsnr | exponential "
+                                     "(default: the sampler's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: none)")
     p.add_argument("--metrics", type=_csv(str), default=["fid", "kid", "is", "pr"], help="subset of fid,kid,is,pr")
     p.add_argument("--out", help="write scores + provenance record as JSON here")
     p.add_argument("--precision", default="auto", help="the network's forward pass when sampling: auto | fp32 | bf16")
@@ -726,7 +833,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)
+    for command in sub.choices.values():  # every default in every --help
+        _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default X)`` to the help of each option whose help does not already say its default (options
+    whose unset value means 'off' or 'not given' say nothing)."""
+    for action in parser._actions:
+        text, value = action.help or "", action.default
+        if (not action.option_strings or "default" in text or value is None or value is False
+                or value is argparse.SUPPRESS):
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else ("''" if value == "" else value)
+        shown = str(shown).replace("%", "%%")
+        action.help = f"{text} (default {shown})" if text else f"default {shown}"
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -349,7 +349,7 @@ def sample_consistency(
 @dataclass(frozen=True)
 class SamplerInfo:
     fn: Callable
-    order: int  # convergence order of the deterministic limit
+    order: int  # global order p of a deterministic sampler (ODE error ~ steps^-p, tests/test_samplers.py)
     nfe_per_step: int  # model evaluations per step
     stochastic: bool
     default_spacing: str
@@ -379,7 +379,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
                          "Euler on the probability-flow ODE in sigma~ = sigma/alpha (the same update as DDIM)"),
     "euler-ancestral": SamplerInfo(_with(sample_ddim, eta=1.0), 1, 1, True, "karras",
                                    "Euler ancestral (= DDIM with eta = 1, DDPM's posterior step)"),
-    "heun": SamplerInfo(sample_heun, 2, 2, False, "karras", "EDM's Heun, 2nd order (s_churn > 0: stochastic)",
+    "heun": SamplerInfo(sample_heun, 2, 2, False, "karras", "EDM's Heun (s_churn > 0: stochastic)",
                         last_step_nfe=1, needs_schedule=True),
     "dpmpp-2m": SamplerInfo(_with(sample_dpmpp, order=2), 2, 1, False, "logsnr", "DPM-Solver++(2M), multistep"),
     "dpmpp-3m": SamplerInfo(_with(sample_dpmpp, order=3), 3, 1, False, "logsnr", "DPM-Solver++(3M), multistep"),
@@ -388,7 +388,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp-3m-sde": SamplerInfo(_with(sample_dpmpp, order=3, eta=1.0), 1, 1, True, "logsnr",
                                 "SDE-DPM-Solver++(3M)"),
     "unipc-2": SamplerInfo(_with(sample_unipc, order=2), 3, 1, False, "karras",
-                           "UniPC, order-2 predictor + corrector (bh2); default: Karras grid below sigma~ = 10",
+                           "UniPC, order-2 predictor + corrector (bh2)",
                            default_sigma_max=10.0),
     "unipc-3": SamplerInfo(_with(sample_unipc, order=3), 4, 1, False, "logsnr",
                            "UniPC, order-3 predictor + corrector (bh2)"),

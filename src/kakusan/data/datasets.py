@@ -143,21 +143,37 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 def load_mnist(root: str | Path | None = None, split: str = "train", kind: str = "mnist",
                download_if_missing: bool = False) -> ImageDataset:
-    """MNIST or Fashion-MNIST from the four standard IDX files in ``root``."""
+    """MNIST or Fashion-MNIST from the four standard IDX files in ``root``; without one, from the cache folder
+    (and for Fashion-MNIST first from Debian's ``dataset-fashion-mnist`` in /usr/share/datasets/fashion-mnist)."""
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    if root is None:
-        root = FASHION_SYSTEM_DIR if kind == "fashion-mnist" and FASHION_SYSTEM_DIR.is_dir() else cache_dir() / kind
-    root = Path(root).expanduser()
     prefix = "train" if split == "train" else "t10k"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    files = [_find_idx(root, s) for s in stems]
-    if None in files:
+    cache = cache_dir() / kind
+    if root is not None:
+        places = [Path(root).expanduser()]
+    else:
+        places = ([FASHION_SYSTEM_DIR] if kind == "fashion-mnist" else []) + [cache]
+    files = None
+    for place in places:
+        found = [_find_idx(place, s) for s in stems]
+        if None not in found:
+            files = found
+            break
+    if files is None:
         if not download_if_missing:
-            raise DataError(f"{kind} {split} files not found in {root} (expected {stems[0]}.gz and "
-                            f"{stems[1]}.gz); pass the folder that holds them, or --download when online")
+            where = " or ".join(f"the cache folder {p}" if root is None and p == cache else str(p) for p in places)
+            hint = ""
+            if kind == "fashion-mnist":
+                hint = ("; install Debian's package (apt-get install dataset-fashion-mnist)"
+                        if FASHION_SYSTEM_DIR in places else
+                        f"; Debian's package (apt-get install dataset-fashion-mnist) puts it in {FASHION_SYSTEM_DIR}")
+            raise DataError(f"{kind} {split} files not found in {where} (expected {stems[0]}.gz and "
+                            f"{stems[1]}.gz){hint}; pass the folder that holds them ({kind}:DIR), or --download "
+                            f"when online")
         base, md5s = MNIST_URLS[kind]
-        files = [download(base + s + ".gz", root / (s + ".gz"), md5s[s + ".gz"]) for s in stems]
+        dest = places[0] if root is not None else cache
+        files = [download(base + s + ".gz", dest / (s + ".gz"), md5s[s + ".gz"]) for s in stems]
     images, labels = read_idx(files[0]), read_idx(files[1])
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"{files[0]}: expected images (N, H, W) and labels (N,), got {images.shape}, "
@@ -378,6 +394,23 @@ def load_digits() -> ImageDataset:
 
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "captions", "emoji")
+
+
+NEEDS_PATH = ("folder", "captions", "emoji")
+
+
+def check_spec(spec: str) -> str:
+    """The data set name of ``spec``, after checking its form (a known name; a path where one is needed) without
+    reading anything: what ``--dry-run`` can say before any data is loaded."""
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"a data spec is a string such as mnist:/path/to/dir, got {spec!r}")
+    name, _, path = spec.partition(":")
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)} (e.g. mnist:/path/to/dir)")
+    if name in NEEDS_PATH and not path:
+        raise DataError(f"{name} data needs a path: {name}:DIR" + (f" or {name}:ARCHIVE.tar.gz" if name != "folder"
+                                                                     else ""))
+    return name
 
 
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None, channels: int | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,11 +130,16 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator
 
 
 @torch.no_grad()
-def predict(model: DomainClassifier, images_u8: Tensor, batch_size: int = 500, what: str = "logits") -> Tensor:
-    """Logits (or features) of uint8 images, in eval mode, batched."""
+def predict(model: DomainClassifier, images_u8: Tensor, batch_size: int = 500, what: str = "logits",
+            on_batch=None) -> Tensor:
+    """Logits (or features) of uint8 images, in eval mode, batched; ``on_batch(n)`` after each batch of n."""
     model.eval()
     fn = model if what == "logits" else model.features
-    out = [fn(to_unit(images_u8[i:i + batch_size])) for i in range(0, len(images_u8), batch_size)]
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        out.append(fn(to_unit(images_u8[i:i + batch_size])))
+        if on_batch is not None:
+            on_batch(len(out[-1]))
     return torch.cat(out)
 
 
@@ -213,19 +219,29 @@ def train_classifier(data: str, out: str | Path, *, epochs: int = 10, batch_size
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     bar.close()
     train_s = time.perf_counter() - t0
-    pred = predict(model, test.images).argmax(1)
+    noisy_ts = (250, 500, 750) if schedule is not None else ()
+    if progress:  # the test set takes a while (10,000 images, and again at each noise level): say so
+        print(f"evaluating on the {len(test):,} test images of {data}"
+              + (f", clean and at t = {', '.join(map(str, noisy_ts))}" if noisy_ts else ""), file=sys.stderr,
+              flush=True)
+    ebar = tqdm(total=len(test) * (1 + len(noisy_ts)), desc="evaluating", unit="img",
+                disable=None if progress else True, dynamic_ncols=True)
+    pred = predict(model, test.images, on_batch=ebar.update).argmax(1)
     acc = float((pred == test.labels).float().mean())
     noisy_acc = {}
     if schedule is not None:
         g = torch.Generator().manual_seed(seed + 1)
         model.eval()
-        for t_eval in (250, 500, 750):
+        for t_eval in noisy_ts:
             alpha, sigma = (float(v) for v in schedule.alpha_sigma(float(t_eval)))
+            chunks = []
             with torch.no_grad():
-                logits = torch.cat([model(alpha * to_unit(test.images[i:i + 500]) + sigma * torch.randn(
-                    test.images[i:i + 500].shape, generator=g), torch.tensor(float(t_eval)))
-                    for i in range(0, len(test), 500)])
-            noisy_acc[str(t_eval)] = float((logits.argmax(1) == test.labels).float().mean())
+                for i in range(0, len(test), 500):
+                    chunks.append(model(alpha * to_unit(test.images[i:i + 500]) + sigma * torch.randn(
+                        test.images[i:i + 500].shape, generator=g), torch.tensor(float(t_eval))))
+                    ebar.update(len(chunks[-1]))
+            noisy_acc[str(t_eval)] = float((torch.cat(chunks).argmax(1) == test.labels).float().mean())
+    ebar.close()
     report = {"data": data, "test_accuracy": acc, "noisy_test_accuracy": noisy_acc,
               "per_class_accuracy": per_class_accuracy(pred, test.labels, cfg.num_classes), "test_size": len(test),
               "train_size": len(train), "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
