@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="sampler steps for inpainting and img2img")
     ap.add_argument("--invert-steps", default="20,50,100")
     ap.add_argument("--iterations", type=int, default=2, help="inversion fixed-point refinements per step")
+    ap.add_argument("--resample-steps", type=int, default=1, help="inpainting: RePaint's resampling")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", default="benchmarks/results/pipeline-mnist.json")
@@ -85,13 +86,14 @@ def main() -> None:
         mask[:, :, h // 2:] = 1  # the lower half
         t0 = time.perf_counter()
         gen = pipe(init_image=xs, mask=mask, class_label=ys.tolist(), guidance=args.guidance, steps=args.steps,
-                   batch_size=args.batch_size, seed=0)
+                   resample_steps=args.resample_steps, batch_size=args.batch_size, seed=0)
         dt = time.perf_counter() - t0
         done = gen.uint8()
         noisy = xs.clone()
         noisy[:, :, h // 2:] = torch.randint(0, 256, noisy[:, :, h // 2:].shape, generator=g, dtype=torch.uint8)
         results["inpaint"] = {
             "n": n, "sampler": gen.record["sampler"], "steps": args.steps, "guidance": args.guidance,
+            "resample_steps": args.resample_steps,
             "seconds": dt,
             "agreement": (judge(clf, done) == ys).float().mean().item(),
             "agreement_noise_filled": (judge(clf, noisy) == ys).float().mean().item(),
@@ -100,7 +102,8 @@ def main() -> None:
             "jump_real_other_rows": sum(border_jump(xs, r) for r in range(h // 2 - 3, h // 2 + 4)) / 7}
         if grids:
             save_grid(torch.cat([xs[:16], (xs[:16] * (1 - mask[:16])).to(torch.uint8), done[:16]]),
-                      grids / "inpaint-mnist-lower-half.png", nrow=16)
+                      grids / f"inpaint-mnist-lower-half{'' if args.resample_steps == 1 else f'-u{args.resample_steps}'}.png",
+                      nrow=16)
 
     if "img2img" in only:
         n = args.n_img2img

@@ -351,3 +351,14 @@ def test_guidance_on_a_distilled_model_says_what_it_does(pipe):
     assert distilled.defaults() == ("lcm", 4)
     with pytest.warns(UserWarning, match="distilled with guidance 3 baked in; guidance 2 is applied on top"):
         distilled(class_label=1, guidance=2.0, steps=2)
+
+
+def test_named_masks_are_the_regions_they_name(pipe):
+    from kakusan.pipeline import named_mask
+
+    m = named_mask("lower-half", 8)
+    assert m[0, 0, 4:].eq(1).all() and m[0, 0, :4].eq(0).all() and named_mask("center", 8).sum() == 16
+    x = _digits(2)
+    a = pipe(init_image=x, mask="lower-half", class_label=[3, 4], steps=3, seed=4)
+    b = pipe(init_image=x, mask=m.expand(2, 1, 8, 8), class_label=[3, 4], steps=3, seed=4)
+    assert torch.equal(a.images, b.images) and a.records[0]["mask"] == {"name": "lower-half"}

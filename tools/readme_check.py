@@ -59,6 +59,7 @@ SIZES = {
     "stats": {"add": {"--limit": "500"}},
     "demo": {"cap": {"--steps": 40}},
     "plot": {"cap": {"--steps": 8}},
+    "invert": {"cap": {"--steps": 8}},
     "samplers": {}, "presets": {}, "compare": {}, "import-dit": {},
 }
 TRAINING = ("train", "train-autoencoder")  # their --steps go through train_steps
@@ -210,7 +211,11 @@ def resize(argv: list[str], grid_config: str | None = None) -> list[str]:
     for flag, value in sizes.get("set", {}).items():
         if flag in argv:
             argv[argv.index(flag) + 1] = value
+    # a sample from a noise file or a PNG's record takes its count from there
+    counted = sub == "sample" and ("--noise" in argv or "--from-png" in argv)
     for flag, value in sizes.get("add", {}).items():
+        if counted and flag == "-n":
+            continue
         if flag not in argv and not (resume and flag != "--steps"):  # a resume takes its run's sizes
             argv += [flag, value]
     if sub == "plot" and "--configs" in argv:  # SAMPLER:STEPS items, steps capped

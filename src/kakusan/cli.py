@@ -659,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", help="img2img / inpainting: start from this image (resized to the model's size)")
     p.add_argument("--strength", type=float, help="img2img: how much to change it, 0 (return it) .. 1 (ignore it) "
                                                   "(default 0.8; 1 with --mask)")
-    p.add_argument("--mask", help="inpainting: a mask image the size of --init-image; white = repaint, black = keep")
+    p.add_argument("--mask", help="inpainting: a mask image (resized to the model's size; white = repaint, black = "
+                                  "keep), or lower-half | upper-half | left-half | right-half | center")
     p.add_argument("--resample-steps", type=int, default=1,
                    help="inpainting: RePaint's resampling, each step done this many times (default 1)")
     p.add_argument("--noise", help="start from this noise file (kakusan invert): its grid unless --sampler/--steps")

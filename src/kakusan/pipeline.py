@@ -173,8 +173,25 @@ def _load_picture(src, channels: int, size: int, what: str) -> tuple[Tensor, dic
     raise ConfigError(f"{what}: give a file path or an image tensor, got {type(src).__name__}")
 
 
+MASKS = ("lower-half", "upper-half", "left-half", "right-half", "center")  # named masks, for quick experiments
+
+
+def named_mask(name: str, size: int) -> Tensor:
+    """(1, 1, size, size) float mask of a named region (1 = repaint): a half, or the central half-size square."""
+    m = torch.zeros(1, 1, size, size)
+    h = size // 2
+    region = {"lower-half": (slice(h, None), slice(None)), "upper-half": (slice(None, h), slice(None)),
+              "left-half": (slice(None), slice(None, h)), "right-half": (slice(None), slice(h, None)),
+              "center": (slice(size // 4, size - size // 4), slice(size // 4, size - size // 4))}[name]
+    m[0, 0][region] = 1
+    return m
+
+
 def _load_mask(src, size: int) -> tuple[Tensor, dict]:
-    """A float mask (N, 1, size, size) in {0, 1}: 1 = repaint (white in a mask image), 0 = keep."""
+    """A float mask (N, 1, size, size) in {0, 1}: 1 = repaint (white in a mask image), 0 = keep; or a name of
+    :data:`MASKS` (when no file of that name exists)."""
+    if isinstance(src, str) and src in MASKS and not Path(src).exists():
+        return named_mask(src, size), {"name": src}
     if torch.is_tensor(src) and src.dtype != torch.uint8:
         m = src.float()
         m = m[None, None] if m.ndim == 2 else (m[None] if m.ndim == 3 else m)
@@ -705,6 +722,9 @@ class Pipeline:
         for key in ("init_image", "mask"):
             if key in record:
                 rec = record[key]
+                if "name" in rec:  # a named mask
+                    kw[key] = rec["name"]
+                    continue
                 if "path" not in rec:
                     raise ConfigError(f"this image was made from a {key.replace('_', ' ')} given as a tensor; "
                                       f"regenerate it through the API with that tensor")
