@@ -38,7 +38,7 @@ MAY_CHANGE_ON_RESUME = RUN_CONTROL + MOVABLE_PATHS  # and out: the run folder re
 
 def saved_run_config(out: str | Path) -> tuple[dict, Path]:
     """The run config of the run folder ``out`` (its ``config.json``, else its newest checkpoint's) and its file."""
-    from .checkpoint import read_config, resolve_checkpoint
+    from ..checkpoints import read_config, resolve_checkpoint
 
     out = Path(out)
     path = out / "config.json"
@@ -104,7 +104,7 @@ def check_same_data(run_config: dict, new_config: dict, out: str | Path) -> None
 
 def resumed_step(out: str | Path) -> int:
     """The step the newest checkpoint of run folder ``out`` holds (0 without one)."""
-    from .checkpoint import resolve_checkpoint
+    from ..checkpoints import resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(out)
@@ -134,12 +134,13 @@ def check_train_config(cfg: TrainConfig) -> None:
     make_schedule(ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params, cfg.zero_terminal_snr))
     check_spec(cfg.data)
     if cfg.init_from:  # the checkpoint a fine-tuning run starts from: there, and kakusan's
-        from .checkpoint import read_config, resolve_checkpoint
+        from ..checkpoints import read_config, resolve_checkpoint
 
         read_config(resolve_checkpoint(cfg.init_from))
     if cfg.autoencoder and not Path(cfg.autoencoder).expanduser().exists():
         raise CheckpointError(f"autoencoder not found: {cfg.autoencoder}")
-    get_sampler(cfg.sample_sampler)
+    if cfg.sample_sampler is not None:  # None: the checkpoint's default sampler
+        get_sampler(cfg.sample_sampler)
     try:
         torch.device(cfg.device if cfg.device != "auto" else "cpu")
     except RuntimeError:
@@ -156,7 +157,7 @@ def _random_data(cfg: TrainConfig, n: int):
     name = cfg.data.partition(":")[0]
     classes = 10
     if cfg.init_from:  # a fine-tuning run: the base model's data shape and classes
-        from .checkpoint import read_config, resolve_checkpoint
+        from ..checkpoints import read_config, resolve_checkpoint
 
         base = read_config(resolve_checkpoint(cfg.init_from))
         c, h, _ = base.get("data", {}).get("shape") or (base["model"]["in_channels"], base["model"]["image_size"], 0)
@@ -228,8 +229,9 @@ def estimate_line(cfg: TrainConfig, est: dict, from_step: int = 0) -> str:
         budget = f"; --max-minutes {cfg.max_minutes:g} stops it after ~{int(60 * cfg.max_minutes / est['seconds_per_step']):,}"
     steps = f"{todo:,} steps" + (f" (from step {from_step:,})" if from_step else "")
     return (f"estimate on this machine ({where}): {est['seconds_per_step']:.3g} s per step of {cfg.batch_size} "
-            f"images ({how}), so {steps} take about {_duration(total)}{budget}; sample grids (every "
-            f"{cfg.sample_every:,} steps and at the end) and checkpoints come on top")
+            f"images ({how}), so {steps} take about {_duration(total)}{budget}; "
+            + (f"sample grids (every {cfg.sample_every:,} steps and at the end) and checkpoints come on top"
+               if cfg.sample_every else "checkpoints come on top"))
 
 
 def estimate_or_reason(cfg: TrainConfig, steps: int, from_step: int = 0) -> str:
@@ -239,7 +241,7 @@ def estimate_or_reason(cfg: TrainConfig, steps: int, from_step: int = 0) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "no time estimate under torchrun (run --dry-run in one process)"
     if cfg.init_from:
-        from .checkpoint import read_config, resolve_checkpoint
+        from ..checkpoints import read_config, resolve_checkpoint
 
         base = read_config(resolve_checkpoint(cfg.init_from))
         if "imported" in base and "autoencoder" in base:  # its pixel size is not recorded, only the latents'
