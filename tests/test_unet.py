@@ -115,13 +115,19 @@ def test_matches_diffusers_unet2dmodel_with_the_same_weights(case):
                          num_res_blocks=1, attention_resolutions=(8,), attention_head_dim=8, norm_groups=8,
                          num_classes=3, time_conditioning="scale-shift")
         x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([3.0, 250.0, 600.0, 999.0]), torch.tensor([0, 1, 2, 3])
-    _randomise(d, std=0.1).eval()
+    _randomise(d, std=0.05).eval()
+    with torch.no_grad():  # normalisation gains near 1, as trained networks have them: attention logits of order 1
+        for name, p in d.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
     ours = _load_unet2d_weights(d, UNet(cfg)).eval()
     with torch.no_grad():
         want = d(x, t, class_labels=y).sample
         got = ours(x, t, y)
-    assert got.shape == want.shape == x.shape and want.abs().max() > 0.1
-    assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+    assert got.shape == want.shape == x.shape and want.abs().max() > 1.0
+    # float32 round-off: measured 3.8e-6 (ddpm-cifar10, outputs up to 2.8) and 1.8e-6 (class-conditional, 1.4);
+    # an attention scaled by 1/d instead of 1/sqrt(d) is off by 0.016 and 0.006
+    assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (got - want).abs().max()
 
 
 def test_timestep_embedding_closed_form():
