@@ -56,6 +56,58 @@ def test_fid_inception_architecture_and_weight_loading(tmp_path):
     assert ex.record["weights_sha256"] == digest and ex.feature_dim == 2048
 
 
+def _pytorch_fid_inception():
+    """pytorch-fid's inception module, or a skip saying why it cannot be imported here. It builds on torchvision's
+    Inception-v3, and torchvision's compiled part must match the installed torch build (PyPI's wheels are built
+    for CUDA torch: next to a CPU-only torch ``import torchvision`` fails)."""
+    try:
+        from pytorch_fid import inception
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError on a mismatched build
+        pytest.skip(f"pytorch-fid is not importable here ({type(e).__name__}: {e}); pip install 'kakusan[fid-check]' "
+                    f"with a torchvision built for this torch")
+    return inception
+
+
+def _random_inception_state(net, seed=0):
+    """He-scaled random weights and random BatchNorm statistics, so that activations keep their scale through the
+    ~100 layers (a wrong pooling or branch order then changes the features by far more than round-off)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = v.clone()
+        elif k.endswith("running_var"):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith("conv.weight") or k == "fc.weight":
+            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+        elif k.endswith("bn.weight"):
+            state[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
+        else:  # BatchNorm bias and running mean, the classifier's bias
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return state
+
+
+def test_fid_inception_equals_pytorch_fid_with_the_same_weights(monkeypatch):
+    """pytorch-fid's InceptionV3 (block 3: the 2,048-D pool3 features FID is computed on), given the same random
+    state dict through its own loader (strictly: every tensor has its counterpart), gives the same features as
+    kakusan's network to float32 round-off. That covers what FID depends on: the padding-excluded average pools
+    of Mixed_5b-d / 6b-e / 7b, the max pool of Mixed_7c, every block's branch order, the final average pool, the
+    bilinear resize to 299x299 and the scaling to [-1, 1]."""
+    pfid = _pytorch_fid_inception()
+    ours = FIDInceptionV3().eval()
+    state = _random_inception_state(ours)
+    ours.load_state_dict(state)
+    monkeypatch.setattr(pfid, "load_state_dict_from_url", lambda *a, **k: dict(state))  # no download
+    theirs = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats, _ = ours(x)
+        want = theirs(x.float() / 255)[0].flatten(1)  # pytorch-fid takes [0, 1] floats
+    assert feats.shape == want.shape == (2, 2048) and want.std() > 0.1
+    # measured: bitwise equal (the same operations in the same order); the bound allows other kernels' round-off
+    assert (feats - want).abs().max() < 1e-5 * want.abs().max(), (feats - want).abs().max()
+
+
 # ---- the domain classifier ---------------------------------------------------------------------------------------
 
 def test_classifier_round_trip_and_augmentation(tmp_path):
