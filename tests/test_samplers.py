@@ -39,6 +39,75 @@ def test_ddpm_step_matches_closed_form_posterior(variance):
     assert out.var().item() == pytest.approx(var.item(), rel=5 * (2 / n) ** 0.5)
 
 
+def _one_step(schedule, t, s):
+    """The levels of a single step t -> s > 0 (not to the clean level, so that the step injects noise)."""
+    lv = noise_levels(schedule, torch.tensor([float(t), float(s)]))
+    return lv._replace(t=lv.t[:2], alpha=lv.alpha[:2], sigma=lv.sigma[:2])
+
+
+def _stochastic_step_closed_form(case, a_t, s_t, a_s, s_s):
+    """(coefficient of x_t, coefficient of x0, variance of the injected noise) of one step with a denoiser that
+    answers x0, written from each paper's formulas in (alpha, sigma)."""
+    lam = math.log(a_s / s_s) - math.log(a_t / s_t)  # h, the step in log-SNR
+    var_ts = s_t**2 - (a_t / a_s) ** 2 * s_s**2  # sigma_{t|s}^2
+    post = var_ts * s_s**2 / s_t**2  # DDPM's beta-tilde
+    kind, _, arg = case.partition(":")
+    if kind in ("ddpm", "ddpm-upper", "ddim"):
+        # DDIM eq. 12 with c^2 = eta^2 beta-tilde; DDPM: the mean of eta = 1, variance beta-tilde ('upper': beta)
+        eta = float(arg) if kind == "ddim" else 1.0
+        c2 = eta**2 * post
+        cx = math.sqrt(s_s**2 - c2) / s_t
+        return cx, a_s - cx * a_t, {"ddpm": post, "ddpm-upper": var_ts}.get(case, c2)
+    if kind == "sde":  # SDE-DPM-Solver++ (first order on the first step): e^{-eta h} decay, (1 - e^{-2 eta h}) noise
+        eta = float(arg)
+        decay, weight = s_s / s_t * math.exp(-eta * lam), a_s * -math.expm1(-(1 + eta) * lam)
+        return decay, weight, s_s**2 * -math.expm1(-2 * eta * lam)
+    if kind == "heun":  # EDM Alg. 2: sigma~ raised by (1 + gamma), noise s_noise sqrt(sigma^2 - sigma~^2), then the
+        gamma, s_noise = (float(v) for v in arg.split(","))  # exact step of the constant denoiser's ODE
+        st, ss = s_t / a_t, s_s / a_s
+        st_hat = st * (1 + gamma)
+        var = (a_s * ss / st_hat) ** 2 * (st_hat**2 - st**2) * s_noise**2
+        return a_s * ss / (st_hat * a_t), a_s * (1 - ss / st_hat), var
+    assert kind == "lcm"  # consistency sampling: x0_hat renoised to the next level
+    return 0.0, a_s, s_s**2
+
+
+STOCHASTIC_STEPS = {  # case -> (sampler, options)
+    "ddpm": ("ddpm", {}), "ddpm-upper": ("ddpm-upper", {}), "ddim:1": ("euler-ancestral", {}),
+    "ddim:0.5": ("ddim", {"eta": 0.5}), "sde:1": ("dpmpp-2m-sde", {}), "sde:1 (3m)": ("dpmpp-3m-sde", {}),
+    "sde:0.5": ("dpmpp-2m", {"eta": 0.5}), "heun:0.3,1": ("heun", {"s_churn": 0.3}),
+    "heun:0.3,0.7": ("heun", {"s_churn": 0.3, "s_noise": 0.7}), "lcm": ("lcm", {}),
+}
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "flow"])
+@pytest.mark.parametrize("case", list(STOCHASTIC_STEPS))
+def test_stochastic_step_injects_exactly_its_noise(case, schedule_name):
+    """One step t = 500 -> 400 from a fixed x_t with a denoiser that always answers x0: the output is the closed
+    form's mean plus sqrt(its variance) times the generator's next standard normal draw, to float64 round-off
+    (the noise replayed from the same seed), and 20,000 such steps have that mean and variance. A noise scale off by
+    1% fails."""
+    from kakusan.diffusion import randn
+
+    s = make_schedule(schedule_name)
+    name, opts = STOCHASTIC_STEPS[case]
+    levels = _one_step(s, 500, 400)
+    a_t, s_t, a_s, s_s = (v.item() for v in (levels.alpha[0], levels.sigma[0], levels.alpha[1], levels.sigma[1]))
+    cx, c0, var = _stochastic_step_closed_form(case.split(" ")[0], a_t, s_t, a_s, s_s)
+    x0, x_t, n = 0.4, 0.9, 20_000
+    x = torch.full((n, 1), x_t, dtype=torch.float64)
+    info = get_sampler(name)
+    if info.needs_schedule:
+        opts = {**opts, "schedule": s}
+    out = info.fn(_Fixed(torch.tensor(x0, dtype=torch.float64)), x, levels, generator=torch.Generator().manual_seed(7),
+                  **opts)
+    z = randn(x.shape, torch.Generator().manual_seed(7), "cpu", torch.float64)
+    mean = cx * x_t + c0 * x0
+    assert var > 1e-3 and torch.allclose(out, mean + var**0.5 * z, rtol=0, atol=1e-10), (out - mean)[:3].flatten()
+    assert out.mean().item() == pytest.approx(mean, abs=5 * (var / n) ** 0.5)
+    assert out.var().item() == pytest.approx(var, rel=5 * (2 / n) ** 0.5)
+
+
 def test_ddim_eta1_is_ddpm_and_eta0_is_deterministic():
     s = make_schedule("linear")
     mix = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.2, 0.3]))
