@@ -267,9 +267,11 @@ def test_multistep_samplers_survive_a_grid_whose_steps_jump(schedule_name):
 @pytest.mark.parametrize("name", [n for n, i in SAMPLERS.items() if i.stochastic]
                          + ["heun-churn", "heun-churn/flow", "ddpm/flow", "dpmpp-2m-sde/flow"])
 def test_stochastic_samplers_match_the_distribution(name):
-    """Stochastic samplers: 4,000 samples against the mixture's mean, covariance and a sliced Wasserstein distance
-    to 4,000 true samples (the same statistic between two true sample sets is ~0.02). '/flow': on rectified flow,
-    whose levels are not variance-preserving (the ancestral and churn noise must follow its alpha, sigma)."""
+    """Stochastic samplers: 4,000 samples against the mixture's exact mean and covariance, and a sliced Wasserstein
+    distance to the quantiles of 100,000 true samples. '/flow': on rectified flow, whose levels are not
+    variance-preserving (the ancestral and churn noise must follow its alpha, sigma). Measured at 60 steps: mean
+    errors <= 0.029, covariance <= 0.037 (Heun churn on flow 0.055) but 0.08-0.10 for DDPM's posterior variance,
+    whose first-order bias shrinks the spread (its noise is pinned by the one-step test above), distance <= 0.035."""
     name, _, schedule = name.partition("/")
     s = make_schedule(schedule or "linear")
     g = torch.Generator().manual_seed(0)
@@ -281,13 +283,18 @@ def test_stochastic_samplers_match_the_distribution(name):
         den, steps = MixtureConsistency(mix, s), 4
     x = sample(den, s, (4000, 2), sampler="heun" if name == "heun-churn" else name, steps=steps, seed=3,
                dtype=torch.float64, spacing="logsnr", **opts)
-    true = mix.sample(4000, generator=g)
-    assert (x.mean(0) - true.mean(0)).abs().max() < 0.08
-    assert (torch.cov(x.T) - torch.cov(true.T)).abs().max() < 0.12
+    w, mu, sd = mix.weights, mix.means, mix.stds
+    mean = (w[:, None] * mu).sum(0)
+    cov = sum(w[k] * (sd[k] ** 2 * torch.eye(2, dtype=torch.float64) + torch.outer(mu[k], mu[k]))
+              for k in range(2)) - torch.outer(mean, mean)
+    assert (x.mean(0) - mean).abs().max() < 0.05
+    assert (torch.cov(x.T) - cov).abs().max() < (0.12 if name in ("ddpm", "euler-ancestral") else 0.07)
+    true = mix.sample(100_000, generator=g)
     dirs = torch.randn(64, 2, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    swd = ((x @ dirs.T).sort(0).values - (true @ dirs.T).sort(0).values).abs().mean()
-    assert swd < 0.06, swd.item()
+    quantiles = (true @ dirs.T).sort(0).values[((torch.arange(4000) + 0.5) / 4000 * len(true)).long()]
+    swd = ((x @ dirs.T).sort(0).values - quantiles).abs().mean()
+    assert swd < 0.045, swd.item()
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
