@@ -95,6 +95,10 @@ def test_autoencoder_resume_is_exact(tmp_path):
 
 
 def test_autoencoder_bad_configs():
+    from kakusan.models.autoencoder import AutoencoderConfig
+
+    with pytest.raises(ConfigError, match="norm_groups must be >= 1"):  # was a ZeroDivisionError
+        AutoencoderConfig(norm_groups=0)
     with pytest.raises(ConfigError, match="factor must be one of"):
         AutoencoderTrainConfig(factor=3)
     with pytest.raises(ConfigError, match="rec_loss"):

@@ -205,6 +205,7 @@ def test_lr_warm_up_slope_cosine_shape_and_constant_mode():
     (dict(cond="image"), "cond"), (dict(text_max_length=1), "text_max_length"), (dict(prediction="score"), "prediction"),
     (dict(zero_terminal_snr=True, prediction="eps"), "zero-terminal-SNR"), (dict(precision="fp8"), "precision"),
     (dict(schedule="flow", prediction="eps"), "rectified flow needs prediction"),
+    (dict(min_snr_gamma=0.0), "min_snr_gamma"), (dict(min_snr_gamma=-5.0), "min_snr_gamma"),  # were negative weights
 ])
 def test_bad_train_configs(kw, match):
     with pytest.raises(ConfigError, match=match):

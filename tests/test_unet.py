@@ -176,6 +176,9 @@ def test_gradients_reach_every_parameter():
     (dict(time_conditioning="film"), "time_conditioning"),
     (dict(num_res_blocks=0), "num_res_blocks"),
     (dict(downsample_padding="same"), "downsample_padding"),
+    (dict(norm_groups=0), "norm_groups must be >= 1"),  # was a ZeroDivisionError
+    (dict(attention_head_dim=0), "attention_head_dim must be >= 1"),  # was taken as one head
+    (dict(attention_head_dim=-8), "attention_head_dim must be >= 1"),  # was a crash in the forward pass
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ConfigError, match=match):

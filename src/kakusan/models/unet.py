@@ -57,6 +57,9 @@ class UNetConfig:
         need(self.channels >= 1 and len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
              "channels and channel_mults must be positive")
         need(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        need(self.norm_groups >= 1, f"norm_groups must be >= 1, got {self.norm_groups}")
+        need(self.attention_head_dim is None or self.attention_head_dim >= 1,
+             f"attention_head_dim must be >= 1 (or None: one head), got {self.attention_head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
         need(self.time_conditioning in ("add", "scale-shift"),
              f"time_conditioning must be 'add' or 'scale-shift', got {self.time_conditioning!r}")
@@ -74,7 +77,7 @@ class UNetConfig:
              f"({len(self.channel_mults)} levels); choose a size divisible by {factor} or fewer levels")
         for c in (self.channels, *(self.channels * m for m in self.channel_mults)):
             need(c % self.norm_groups == 0, f"width {c} is not divisible by norm_groups {self.norm_groups}")
-            if self.attention_head_dim:
+            if self.attention_head_dim is not None:
                 need(c % self.attention_head_dim == 0,
                      f"width {c} is not divisible by attention_head_dim {self.attention_head_dim}")
 
