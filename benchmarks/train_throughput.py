@@ -32,7 +32,8 @@ from kakusan.schedules import make_schedule  # noqa: E402
 
 def diffusers_equivalent(cfg: UNetConfig):
     """diffusers' UNet2DModel with the same architecture as a kakusan UNetConfig (additive time conditioning,
-    one attention head per block when attention_head_dim is None, as the DDPM configuration)."""
+    one attention head per block when attention_head_dim is None, as the DDPM configuration): with the same
+    weights the two give the same outputs (tests/test_unet.py)."""
     from diffusers import UNet2DModel
 
     widths = [cfg.channels * m for m in cfg.channel_mults]
@@ -48,7 +49,8 @@ def diffusers_equivalent(cfg: UNetConfig):
         sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=tuple(widths), layers_per_block=cfg.num_res_blocks, down_block_types=tuple(down),
         up_block_types=tuple(up), dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
-        attention_head_dim=cfg.attention_head_dim,
+        attention_head_dim=cfg.attention_head_dim, attn_norm_num_groups=cfg.norm_groups, norm_eps=1e-6,
+        downsample_padding=0 if cfg.downsample_padding == "bottom-right" else 1, flip_sin_to_cos=False, freq_shift=1,
         resnet_time_scale_shift="scale_shift" if cfg.time_conditioning == "scale-shift" else "default")
 
 

@@ -37,3 +37,13 @@ def save_tiny_autoencoder_kl(folder: Path, channels: int):
         warnings.simplefilter("ignore")
         vae.save_pretrained(folder)
     return vae
+
+
+def names_fields(message: str, fields) -> bool:
+    """Whether a refusal's message names each of ``fields`` as a whole word (as the config spells it, or with
+    spaces or dashes: ``image_size`` / ``image size``, ``init_from`` / ``--init-from``; ``steps`` is not found in
+    ``warmup_steps``)."""
+    import re
+
+    return all(re.search(rf"(?<![A-Za-z0-9_]){f.replace('_', '[_ -]')}(?![A-Za-z0-9_])", message, re.IGNORECASE)
+               for f in fields)

@@ -18,7 +18,7 @@ from kakusan.models.layers import sinusoidal
 from kakusan.samplers import sample_ddim
 from kakusan.schedules import NoiseLevels, make_schedule, noise_levels, timesteps
 from kakusan.testing import GaussianMixture, MixtureConsistency, MixtureDenoiser, exact_endpoint
-from kakusan.checkpoints import load_denoiser
+from kakusan.checkpoints import apply_checkpoint_lora, load_denoiser
 from kakusan.training import Trainer, TrainConfig
 from safetensors.torch import load_file
 
@@ -140,9 +140,10 @@ def test_distillation_through_the_trainer_resumes_exactly_and_samples_with_lcm(t
     tr = Trainer(_distill_cfg(tmp_path / "cut", teacher, steps=10), ds)
     tr.resume()
     cut = tr.fit()
-    for f in ("model.safetensors", "ema.safetensors", "target.safetensors"):
+    for f in ("model.safetensors", "ema.safetensors", "target.safetensors", "optimizer.safetensors"):
         a, b = load_file(full / f), load_file(cut / f)
-        assert all(torch.equal(a[k], b[k]) for k in a), f
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads((full / "state.json").read_text())["generator"] == json.loads((cut / "state.json").read_text())["generator"]
 
 
 def test_distillation_cli_and_mistakes(tmp_path, teacher_run, capsys):
@@ -179,3 +180,26 @@ def test_lcm_lora_distils_into_adapters(tmp_path, teacher_run):
     with torch.no_grad():
         out = den(x, torch.tensor([999.0, 999.0]), torch.tensor([1, 2]))
     assert out.shape == x.shape and torch.isfinite(out).all()
+    # the teacher's weights stay frozen, bitwise, under the adapters (in the trained and the EMA weights)
+    base_w = load_file(teacher / "ema.safetensors")  # the weights init_from starts from
+    for f in ("model.safetensors", "ema.safetensors"):
+        run_w = load_file(ckpt / f)
+        # an adapted layer keeps its weight as <layer>.base_layer.weight
+        names = {k: k if k in run_w else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+                 for k in base_w}
+        assert set(names.values()) == {k for k in run_w if ".lora_" not in k}, f
+        assert any(k != v for k, v in names.items())  # some layers were adapted
+        for k, v in base_w.items():
+            assert torch.equal(run_w[names[k]], v), (f, k)
+    # the adapters learned (lora_B starts at zero), and they alone make the student: teacher + adapter file
+    adapter = load_file(ckpt / "lora.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)
+    teacher_den, _ = load_denoiser(teacher)
+    applied = apply_checkpoint_lora(load_denoiser(teacher)[0], teacher, ckpt / "lora.safetensors")
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([50.0, 300.0, 600.0, 999.0]), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        student, base = den.backbone(x, t, y), teacher_den.backbone(x, t, y)
+        assert torch.allclose(applied.backbone(x, t, y), student, atol=1e-5)
+    # not the teacher: measured 1.6e-3 after the 4 steps (float round-off would be ~1e-7)
+    assert (student - base).abs().max() > 2e-4, (student - base).abs().max()

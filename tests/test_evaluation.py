@@ -2,12 +2,15 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from kakusan.data import load_dataset
+from kakusan.data.datasets import FASHION_SYSTEM_DIR
 from kakusan.errors import CheckpointError, ConfigError, DataError
 from kakusan.metrics.classifier import (ClassifierConfig, DomainClassifier, file_sha256, load_classifier,
                                         random_crop_flip, save_classifier, train_classifier)
@@ -16,6 +19,7 @@ from kakusan.metrics.features import load_extractor
 from kakusan.metrics.inception import FIDInceptionV3, load_fid_inception
 from kakusan.metrics.provenance import check_comparable, differences, sample_count_label
 
+from conftest import SHARED_DATA
 from test_cli import _one_line_error, kakusan
 
 
@@ -54,6 +58,58 @@ def test_fid_inception_architecture_and_weight_loading(tmp_path):
         load_fid_inception(None)  # the published file is not cached and downloading was not allowed
     ex = load_extractor(f"inception:{path}")
     assert ex.record["weights_sha256"] == digest and ex.feature_dim == 2048
+
+
+def _pytorch_fid_inception():
+    """pytorch-fid's inception module, or a skip saying why it cannot be imported here. It builds on torchvision's
+    Inception-v3, and torchvision's compiled part must match the installed torch build (PyPI's wheels are built
+    for CUDA torch: next to a CPU-only torch ``import torchvision`` fails)."""
+    try:
+        from pytorch_fid import inception
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError on a mismatched build
+        pytest.skip(f"pytorch-fid is not importable here ({type(e).__name__}: {e}); pip install 'kakusan[fid-check]' "
+                    f"with a torchvision built for this torch")
+    return inception
+
+
+def _random_inception_state(net, seed=0):
+    """He-scaled random weights and random BatchNorm statistics, so that activations keep their scale through the
+    ~100 layers (a wrong pooling or branch order then changes the features by far more than round-off)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = v.clone()
+        elif k.endswith("running_var"):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith("conv.weight") or k == "fc.weight":
+            state[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+        elif k.endswith("bn.weight"):
+            state[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
+        else:  # BatchNorm bias and running mean, the classifier's bias
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return state
+
+
+def test_fid_inception_equals_pytorch_fid_with_the_same_weights(monkeypatch):
+    """pytorch-fid's InceptionV3 (block 3: the 2,048-D pool3 features FID is computed on), given the same random
+    state dict through its own loader (strictly: every tensor has its counterpart), gives the same features as
+    kakusan's network to float32 round-off. That covers what FID depends on: the padding-excluded average pools
+    of Mixed_5b-d / 6b-e / 7b, the max pool of Mixed_7c, every block's branch order, the final average pool, the
+    bilinear resize to 299x299 and the scaling to [-1, 1]."""
+    pfid = _pytorch_fid_inception()
+    ours = FIDInceptionV3().eval()
+    state = _random_inception_state(ours)
+    ours.load_state_dict(state)
+    monkeypatch.setattr(pfid, "load_state_dict_from_url", lambda *a, **k: dict(state))  # no download
+    theirs = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats, _ = ours(x)
+        want = theirs(x.float() / 255)[0].flatten(1)  # pytorch-fid takes [0, 1] floats
+    assert feats.shape == want.shape == (2, 2048) and want.std() > 0.1
+    # measured: bitwise equal (the same operations in the same order); the bound allows other kernels' round-off
+    assert (feats - want).abs().max() < 1e-5 * want.abs().max(), (feats - want).abs().max()
 
 
 # ---- the domain classifier ---------------------------------------------------------------------------------------
@@ -241,21 +297,55 @@ def test_eval_sweep_compare_and_plots_from_the_cli(tmp_path):
 
 # ---- the shipped domain classifiers, re-measured on the real test splits --------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, data, floor", [("mnist", "mnist:{}/mnist", 0.99),
-                                               ("fashion-mnist", "fashion-mnist", 0.90),
-                                               ("cifar10", "cifar10:{}/cifar10-jpeg/cifar10-jpeg.tar.gz", 0.85)])
-def test_shipped_classifiers_reach_their_accuracy(name, data, floor, shared_data):
-    from pathlib import Path
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+# the test split of each shipped classifier's data set, and the folder or file whose absence means that data set
+# is not on this machine (../shared/data; Fashion-MNIST from Debian's dataset-fashion-mnist package)
+SHIPPED_DATA = {
+    "mnist": (f"mnist:{SHARED_DATA / 'mnist'}", SHARED_DATA / "mnist"),
+    "fashion-mnist": (f"fashion-mnist:{FASHION_SYSTEM_DIR}", FASHION_SYSTEM_DIR),
+    "cifar10": (f"cifar10:{SHARED_DATA / 'cifar10-jpeg' / 'cifar10-jpeg.tar.gz'}",
+                SHARED_DATA / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"),
+}
 
-    from kakusan.data import load_dataset
+
+def _shipped_test_split(name):
+    """The real test split; a skip only where the data set is absent. A loader error is a failure."""
+    spec, where = SHIPPED_DATA[name]
+    if not where.exists():
+        pytest.skip(f"the {name} data set is not on this machine ({where} does not exist)")
+    return load_dataset(spec, "test")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, floor", [("mnist", 0.99), ("fashion-mnist", 0.90), ("cifar10", 0.85)])
+def test_shipped_classifiers_reach_their_accuracy(name, floor):
     from kakusan.metrics.classifier import predict
 
-    path = Path(__file__).resolve().parents[1] / "weights" / f"classifier-{name}.safetensors"
-    model, report = load_classifier(path)
-    try:
-        test = load_dataset(data.format(shared_data), "test")
-    except DataError as e:
-        pytest.skip(str(e))
+    model, report = load_classifier(WEIGHTS / f"classifier-{name}.safetensors")
+    test = _shipped_test_split(name)
+    assert len(test) == report["test_size"] == 10_000
     acc = float((predict(model, test.images).argmax(1) == test.labels).float().mean())
     assert acc >= floor and acc == pytest.approx(report["test_accuracy"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_shipped_noisy_mnist_classifier_reaches_its_recorded_accuracy_at_t500():
+    """The noise-aware MNIST classifier (classifier guidance; cosine schedule) on x_t of the 10,000 test digits at
+    t = 500 (alpha = 0.71): the accuracy recorded in its file, on the very noise train_classifier drew for it (its
+    seed + 1, batches of 500; the t = 250 pass first, whose draws are skipped here)."""
+    from kakusan.metrics.classifier import to_unit
+    from kakusan.schedules import ScheduleConfig, make_schedule
+
+    model, report = load_classifier(WEIGHTS / "classifier-mnist-noisy-cosine.safetensors")
+    schedule = make_schedule(ScheduleConfig.from_dict(model.cfg.schedule))
+    assert schedule.config.name == "cosine" and list(report["noisy_test_accuracy"]) == ["250", "500", "750"]
+    test = _shipped_test_split("mnist")
+    g = torch.Generator().manual_seed(report["seed"] + 1)
+    for i in range(0, len(test), 500):  # the t = 250 pass's draws
+        torch.randn(test.images[i:i + 500].shape, generator=g)
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(500.0))
+    with torch.no_grad():
+        logits = torch.cat([model(alpha * to_unit(x) + sigma * torch.randn(x.shape, generator=g), torch.tensor(500.0))
+                            for x in test.images.split(500)])
+    acc = float((logits.argmax(1) == test.labels).float().mean())
+    assert acc > 0.95 and acc == pytest.approx(report["noisy_test_accuracy"]["500"], abs=1e-4), acc

@@ -85,11 +85,20 @@ def test_autoencoder_resume_is_exact(tmp_path):
     again.resume(tmp_path / "ae" / "checkpoints" / "step-00000002")
     assert again.step == 2
     again.train_step(), again.train_step()
-    for a, b in zip(again.ae.state_dict().values(), full.ae.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6)
+    # bitwise: the autoencoder, the discriminator and the optimizer's state
+    for name, a, b in (("autoencoder", again.ae.state_dict(), full.ae.state_dict()),
+                       ("discriminator", again.disc.state_dict(), full.disc.state_dict())):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    oa, ob = again.optimizer.state_dict()["state"], full.optimizer.state_dict()["state"]
+    assert oa and oa.keys() == ob.keys()
+    assert all(oa[i].keys() == ob[i].keys() and all(torch.equal(oa[i][k], ob[i][k]) for k in oa[i]) for i in oa)
 
 
 def test_autoencoder_bad_configs():
+    from kakusan.models.autoencoder import AutoencoderConfig
+
+    with pytest.raises(ConfigError, match="norm_groups must be >= 1"):  # was a ZeroDivisionError
+        AutoencoderConfig(norm_groups=0)
     with pytest.raises(ConfigError, match="factor must be one of"):
         AutoencoderTrainConfig(factor=3)
     with pytest.raises(ConfigError, match="rec_loss"):

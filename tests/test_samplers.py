@@ -39,6 +39,75 @@ def test_ddpm_step_matches_closed_form_posterior(variance):
     assert out.var().item() == pytest.approx(var.item(), rel=5 * (2 / n) ** 0.5)
 
 
+def _one_step(schedule, t, s):
+    """The levels of a single step t -> s > 0 (not to the clean level, so that the step injects noise)."""
+    lv = noise_levels(schedule, torch.tensor([float(t), float(s)]))
+    return lv._replace(t=lv.t[:2], alpha=lv.alpha[:2], sigma=lv.sigma[:2])
+
+
+def _stochastic_step_closed_form(case, a_t, s_t, a_s, s_s):
+    """(coefficient of x_t, coefficient of x0, variance of the injected noise) of one step with a denoiser that
+    answers x0, written from each paper's formulas in (alpha, sigma)."""
+    lam = math.log(a_s / s_s) - math.log(a_t / s_t)  # h, the step in log-SNR
+    var_ts = s_t**2 - (a_t / a_s) ** 2 * s_s**2  # sigma_{t|s}^2
+    post = var_ts * s_s**2 / s_t**2  # DDPM's beta-tilde
+    kind, _, arg = case.partition(":")
+    if kind in ("ddpm", "ddpm-upper", "ddim"):
+        # DDIM eq. 12 with c^2 = eta^2 beta-tilde; DDPM: the mean of eta = 1, variance beta-tilde ('upper': beta)
+        eta = float(arg) if kind == "ddim" else 1.0
+        c2 = eta**2 * post
+        cx = math.sqrt(s_s**2 - c2) / s_t
+        return cx, a_s - cx * a_t, {"ddpm": post, "ddpm-upper": var_ts}.get(case, c2)
+    if kind == "sde":  # SDE-DPM-Solver++ (first order on the first step): e^{-eta h} decay, (1 - e^{-2 eta h}) noise
+        eta = float(arg)
+        decay, weight = s_s / s_t * math.exp(-eta * lam), a_s * -math.expm1(-(1 + eta) * lam)
+        return decay, weight, s_s**2 * -math.expm1(-2 * eta * lam)
+    if kind == "heun":  # EDM Alg. 2: sigma~ raised by (1 + gamma), noise s_noise sqrt(sigma^2 - sigma~^2), then the
+        gamma, s_noise = (float(v) for v in arg.split(","))  # exact step of the constant denoiser's ODE
+        st, ss = s_t / a_t, s_s / a_s
+        st_hat = st * (1 + gamma)
+        var = (a_s * ss / st_hat) ** 2 * (st_hat**2 - st**2) * s_noise**2
+        return a_s * ss / (st_hat * a_t), a_s * (1 - ss / st_hat), var
+    assert kind == "lcm"  # consistency sampling: x0_hat renoised to the next level
+    return 0.0, a_s, s_s**2
+
+
+STOCHASTIC_STEPS = {  # case -> (sampler, options)
+    "ddpm": ("ddpm", {}), "ddpm-upper": ("ddpm-upper", {}), "ddim:1": ("euler-ancestral", {}),
+    "ddim:0.5": ("ddim", {"eta": 0.5}), "sde:1": ("dpmpp-2m-sde", {}), "sde:1 (3m)": ("dpmpp-3m-sde", {}),
+    "sde:0.5": ("dpmpp-2m", {"eta": 0.5}), "heun:0.3,1": ("heun", {"s_churn": 0.3}),
+    "heun:0.3,0.7": ("heun", {"s_churn": 0.3, "s_noise": 0.7}), "lcm": ("lcm", {}),
+}
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "flow"])
+@pytest.mark.parametrize("case", list(STOCHASTIC_STEPS))
+def test_stochastic_step_injects_exactly_its_noise(case, schedule_name):
+    """One step t = 500 -> 400 from a fixed x_t with a denoiser that always answers x0: the output is the closed
+    form's mean plus sqrt(its variance) times the generator's next standard normal draw, to float64 round-off
+    (the noise replayed from the same seed), and 20,000 such steps have that mean and variance. A noise scale off by
+    1% fails."""
+    from kakusan.diffusion import randn
+
+    s = make_schedule(schedule_name)
+    name, opts = STOCHASTIC_STEPS[case]
+    levels = _one_step(s, 500, 400)
+    a_t, s_t, a_s, s_s = (v.item() for v in (levels.alpha[0], levels.sigma[0], levels.alpha[1], levels.sigma[1]))
+    cx, c0, var = _stochastic_step_closed_form(case.split(" ")[0], a_t, s_t, a_s, s_s)
+    x0, x_t, n = 0.4, 0.9, 20_000
+    x = torch.full((n, 1), x_t, dtype=torch.float64)
+    info = get_sampler(name)
+    if info.needs_schedule:
+        opts = {**opts, "schedule": s}
+    out = info.fn(_Fixed(torch.tensor(x0, dtype=torch.float64)), x, levels, generator=torch.Generator().manual_seed(7),
+                  **opts)
+    z = randn(x.shape, torch.Generator().manual_seed(7), "cpu", torch.float64)
+    mean = cx * x_t + c0 * x0
+    assert var > 1e-3 and torch.allclose(out, mean + var**0.5 * z, rtol=0, atol=1e-10), (out - mean)[:3].flatten()
+    assert out.mean().item() == pytest.approx(mean, abs=5 * (var / n) ** 0.5)
+    assert out.var().item() == pytest.approx(var, rel=5 * (2 / n) ** 0.5)
+
+
 def test_ddim_eta1_is_ddpm_and_eta0_is_deterministic():
     s = make_schedule("linear")
     mix = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.2, 0.3]))
@@ -102,7 +171,8 @@ def test_sampler_contract(name, schedule_name):
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.02, errs
 
 
-THEORETICAL_ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc-2": 3, "unipc-3": 4}
+THEORETICAL_ORDER = {"ddim": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc-2": 3, "unipc-3": 4}
+# ('euler' is sample_ddim under another name and default grid: on the same grid it is DDIM, bitwise)
 
 
 def test_listed_orders_are_the_measured_ones():
@@ -110,26 +180,51 @@ def test_listed_orders_are_the_measured_ones():
     for name, info in SAMPLERS.items():
         if name in THEORETICAL_ORDER:
             assert info.order == THEORETICAL_ORDER[name], name
+        elif name == "euler":  # DDIM bitwise on the same grid (test_euler_is_ddim_on_the_same_grid): DDIM's order
+            assert info.order == THEORETICAL_ORDER["ddim"], name
         else:  # every deterministic sampler is measured; the stochastic ones are listed with '-'
             assert info.stochastic, name
 
 
-@pytest.mark.parametrize("name", list(THEORETICAL_ORDER))
-def test_convergence_order(name):
-    """Measured order log2(err(n) / err(2n)) over 40 -> 80 -> 160 steps (log-SNR spacing) within 0.3 of theory,
-    on a smooth mixture where that range is asymptotic."""
+@functools.lru_cache(maxsize=None)
+def _order_problem(schedule_name):
+    """A smooth two-component mixture in 4-D, 32 starts at the schedule's top level and their exact endpoints."""
     g = torch.Generator().manual_seed(0)
     mix = GaussianMixture(torch.randn(2, 4, generator=g) * 0.7, torch.tensor([0.6, 0.8]))
-    s = make_schedule("linear")
-    x_T = torch.randn(32, 4, generator=g, dtype=torch.float64) * s.alpha_sigma(999)[1].item()
-    a0, s0 = (v.item() for v in s.alpha_sigma(999))
+    s = SCHEDULES[schedule_name]()
+    T = s.num_timesteps
+    a0, s0 = (v.item() for v in s.alpha_sigma(T - 1))
     a1, s1 = (v.item() for v in s.alpha_sigma(0))
-    ref = exact_endpoint(mix, x_T, a0, s0, a1, s1)
+    x_T = torch.randn(32, 4, generator=g, dtype=torch.float64) * s0
+    return mix, s, x_T, exact_endpoint(mix, x_T, a0, s0, a1, s1)
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("name", list(THEORETICAL_ORDER))
+def test_convergence_order(name, schedule_name):
+    """Measured order log2(err(n) / err(2n)) over 40 -> 80 -> 160 steps (log-SNR spacing) within 0.3 of theory,
+    on a smooth mixture where that range is asymptotic, on every schedule: variance-preserving (linear, cosine),
+    zero terminal SNR and rectified flow (both start at alpha = 0: the first step is the exact one from zero SNR,
+    the multistep history starts after it). Measured: DDIM 0.99-1.01, Heun and 2M 2.04-2.16, 3M 2.94-3.01, UniPC-2
+    3.00-3.07, UniPC-3 3.74-3.91 (3.70 / 3.80 on cosine, not yet asymptotic at 40 steps: there 0.35); a method
+    that drops an order on one schedule is off by ~1."""
+    mix, s, x_T, ref = _order_problem(schedule_name)
     den, fn = MixtureDenoiser(mix, s), get_sampler(name).fn
     errs = [(fn(den, x_T, noise_levels(s, timesteps(s, n, "logsnr"))) - ref).pow(2).mean().sqrt().item()
             for n in (40, 80, 160)]
     orders = [math.log2(errs[0] / errs[1]), math.log2(errs[1] / errs[2])]
-    assert all(abs(o - THEORETICAL_ORDER[name]) < 0.3 for o in orders), (errs, orders)
+    tol = 0.35 if (name, schedule_name) == ("unipc-3", "cosine") else 0.3
+    assert all(abs(o - THEORETICAL_ORDER[name]) < tol for o in orders), (errs, orders)
+
+
+def test_euler_is_ddim_on_the_same_grid():
+    """The registry's 'euler' is DDIM's update (Euler in sigma~ = sigma / alpha on the probability-flow ODE) with
+    the Karras grid as its default: on a given grid the two are the same function, so its order is DDIM's."""
+    mix, s, x_T, _ = _order_problem("cosine")
+    levels = noise_levels(s, timesteps(s, 12, "karras"))
+    den = MixtureDenoiser(mix, s)
+    assert torch.equal(get_sampler("euler").fn(den, x_T, levels), sample_ddim(den, x_T, levels))
+    assert get_sampler("euler").order == 1 and get_sampler("euler").default_spacing == "karras"
 
 
 def test_heun_churn_never_raises_the_noise_above_the_schedule():
@@ -183,9 +278,11 @@ def test_multistep_samplers_survive_a_grid_whose_steps_jump(schedule_name):
 @pytest.mark.parametrize("name", [n for n, i in SAMPLERS.items() if i.stochastic]
                          + ["heun-churn", "heun-churn/flow", "ddpm/flow", "dpmpp-2m-sde/flow"])
 def test_stochastic_samplers_match_the_distribution(name):
-    """Stochastic samplers: 4,000 samples against the mixture's mean, covariance and a sliced Wasserstein distance
-    to 4,000 true samples (the same statistic between two true sample sets is ~0.02). '/flow': on rectified flow,
-    whose levels are not variance-preserving (the ancestral and churn noise must follow its alpha, sigma)."""
+    """Stochastic samplers: 4,000 samples against the mixture's exact mean and covariance, and a sliced Wasserstein
+    distance to the quantiles of 100,000 true samples. '/flow': on rectified flow, whose levels are not
+    variance-preserving (the ancestral and churn noise must follow its alpha, sigma). Measured at 60 steps: mean
+    errors <= 0.029, covariance <= 0.037 (Heun churn on flow 0.055) but 0.08-0.10 for DDPM's posterior variance,
+    whose first-order bias shrinks the spread (its noise is pinned by the one-step test above), distance <= 0.035."""
     name, _, schedule = name.partition("/")
     s = make_schedule(schedule or "linear")
     g = torch.Generator().manual_seed(0)
@@ -197,13 +294,18 @@ def test_stochastic_samplers_match_the_distribution(name):
         den, steps = MixtureConsistency(mix, s), 4
     x = sample(den, s, (4000, 2), sampler="heun" if name == "heun-churn" else name, steps=steps, seed=3,
                dtype=torch.float64, spacing="logsnr", **opts)
-    true = mix.sample(4000, generator=g)
-    assert (x.mean(0) - true.mean(0)).abs().max() < 0.08
-    assert (torch.cov(x.T) - torch.cov(true.T)).abs().max() < 0.12
+    w, mu, sd = mix.weights, mix.means, mix.stds
+    mean = (w[:, None] * mu).sum(0)
+    cov = sum(w[k] * (sd[k] ** 2 * torch.eye(2, dtype=torch.float64) + torch.outer(mu[k], mu[k]))
+              for k in range(2)) - torch.outer(mean, mean)
+    assert (x.mean(0) - mean).abs().max() < 0.05
+    assert (torch.cov(x.T) - cov).abs().max() < (0.12 if name in ("ddpm", "euler-ancestral") else 0.07)
+    true = mix.sample(100_000, generator=g)
     dirs = torch.randn(64, 2, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    swd = ((x @ dirs.T).sort(0).values - (true @ dirs.T).sort(0).values).abs().mean()
-    assert swd < 0.06, swd.item()
+    quantiles = (true @ dirs.T).sort(0).values[((torch.arange(4000) + 0.5) / 4000 * len(true)).long()]
+    swd = ((x @ dirs.T).sort(0).values - quantiles).abs().mean()
+    assert swd < 0.045, swd.item()
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])

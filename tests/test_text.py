@@ -311,9 +311,38 @@ def test_text_training_run_samples_and_resumes(tmp_path, clip_dir, monkeypatch):
     tr3.resume(tmp_path / "run" / "checkpoints" / "step-00000002")
     assert tr3.step == 2
     tr3.train_step(), tr3.train_step()
-    for a, b in zip(tr3.model.state_dict().values(), tr.model.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6)
+    for name, a, b in (("model", tr3.model.state_dict(), tr.model.state_dict()),
+                       ("ema", tr3.ema.model.state_dict(), tr.ema.model.state_dict())):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    oa, ob = tr3.optimizer.state_dict()["state"], tr.optimizer.state_dict()["state"]
+    assert oa and oa.keys() == ob.keys()
+    assert all(oa[i].keys() == ob[i].keys() and all(torch.equal(oa[i][k], ob[i][k]) for k in oa[i]) for i in oa)
     del tr2
+
+
+def test_caption_dropout_gives_the_empty_prompts_embedding(tmp_path, clip_dir):
+    """label_dropout on a text model: each caption of a batch is kept (its own cached embedding) or replaced by the
+    embedding of the empty prompt "" (the null condition that classifier-free guidance contrasts with)."""
+    from kakusan.training.trainer import batch_indices
+
+    tr = Trainer(_text_run(tmp_path, clip_dir, label_dropout=0.5))
+    null = tr.text[tr.null_caption]
+    # the null condition is the encoder's embedding of "" (its real tokens; padding is masked out)
+    empty = load_text_encoder(str(clip_dir), tr.cfg.text_max_length).encode([""])
+    n = int(empty.mask.sum())
+    assert null.mask[0].sum() == n and torch.allclose(null.tokens[0, :n], empty.tokens[0, :n], atol=1e-6)
+    kept = dropped = 0
+    for step in range(6):
+        idx = batch_indices(len(tr.images), tr.cfg.batch_size, step, tr.cfg.seed)
+        _, cond, _ = tr.get_batch(step)
+        for i, j in enumerate(idx.tolist()):
+            own = tr.text[int(tr.caption_ids[j])]
+            if torch.equal(cond.tokens[i], own.tokens[0]) and torch.equal(cond.mask[i], own.mask[0]):
+                kept += 1
+            else:
+                assert torch.equal(cond.tokens[i], null.tokens[0]) and torch.equal(cond.mask[i], null.mask[0])
+                dropped += 1
+    assert kept + dropped == 36 and 8 <= dropped <= 28, (kept, dropped)  # p = 0.5 of 36
 
 
 def test_sample_cli_with_prompts_and_its_errors(tmp_path, clip_dir, capsys):

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -183,11 +184,29 @@ def test_schedule_of_data_and_lr():
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 99) == pytest.approx(0.1)
 
 
+def test_lr_warm_up_slope_cosine_shape_and_constant_mode():
+    """lr_at: a linear warm-up from lr / warmup_steps at step 0 to lr at step warmup_steps - 1, then constant, or
+    a cosine from lr to 10% of it at the last step (multiplied by the warm-up while it lasts)."""
+    const = TrainConfig(lr=2.0, warmup_steps=8, steps=50)
+    assert [lr_at(const, k) for k in range(10)] == pytest.approx([2.0 * (k + 1) / 8 for k in range(8)] + [2.0, 2.0])
+    assert all(lr_at(const, k) == 2.0 for k in range(8, 50)) and lr_at(const, 10_000) == 2.0
+    assert lr_at(TrainConfig(lr=2.0, warmup_steps=0, steps=50), 0) == 2.0  # no warm-up: the full rate at once
+    cos = TrainConfig(lr=2.0, warmup_steps=5, steps=101, lr_decay="cosine")  # frac = step / 100
+    for k in (5, 25, 50, 75, 90, 100):
+        assert lr_at(cos, k) == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 100)))), k
+    assert lr_at(cos, 50) == pytest.approx(1.1) and lr_at(cos, 100) == pytest.approx(0.2)
+    assert lr_at(cos, 2) == pytest.approx(2.0 * 3 / 5 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.02))))
+    rates = [lr_at(cos, k) for k in range(5, 101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # decreasing after the warm-up
+    assert lr_at(cos, 500) == pytest.approx(0.2)  # past the end: the floor
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"), (dict(lr=0), "lr"),
     (dict(cond="image"), "cond"), (dict(text_max_length=1), "text_max_length"), (dict(prediction="score"), "prediction"),
     (dict(zero_terminal_snr=True, prediction="eps"), "zero-terminal-SNR"), (dict(precision="fp8"), "precision"),
     (dict(schedule="flow", prediction="eps"), "rectified flow needs prediction"),
+    (dict(min_snr_gamma=0.0), "min_snr_gamma"), (dict(min_snr_gamma=-5.0), "min_snr_gamma"),  # were negative weights
 ])
 def test_bad_train_configs(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -147,6 +147,8 @@ class DiffusionConfig:
             raise ConfigError(f"unknown prediction {self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown loss weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,8 @@ class AutoencoderConfig:
             raise ConfigError("autoencoder channel counts and num_res_blocks must be positive")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ConfigError(f"autoencoder channel_mults must be positive, got {self.channel_mults}")
+        if self.norm_groups < 1:
+            raise ConfigError(f"autoencoder norm_groups must be >= 1, got {self.norm_groups}")
         for c in (self.channels * m for m in self.channel_mults):
             if c % self.norm_groups:
                 raise ConfigError(f"autoencoder width {c} is not divisible by norm_groups {self.norm_groups}")

@@ -52,12 +52,10 @@ class DiTConfig:
         self.validate()
 
     def validate(self) -> None:
-        need(self.image_size >= 1 and self.in_channels >= 1 and self.out_channels >= 1,
-             "image_size and channel counts must be positive")
-        need(self.patch_size >= 1, "patch_size must be >= 1")
+        for name in ("image_size", "in_channels", "out_channels", "patch_size", "depth", "num_heads"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.image_size % self.patch_size == 0,
-             f"image size {self.image_size} is not divisible by the DiT's patch_size {self.patch_size}")
-        need(self.depth >= 1 and self.num_heads >= 1, "depth and num_heads must be >= 1")
+             f"image_size {self.image_size} is not divisible by the DiT's patch_size {self.patch_size}")
         need(self.hidden_size >= 4 and self.hidden_size % 4 == 0,
              f"hidden_size must be a positive multiple of 4 (the 2-D sin-cos positions), got {self.hidden_size}")
         need(self.hidden_size % self.num_heads == 0,
@@ -65,10 +63,12 @@ class DiTConfig:
         need(self.mlp_ratio > 0 and int(self.hidden_size * self.mlp_ratio) >= 1,
              f"mlp_ratio must be positive (an MLP of at least one unit), got {self.mlp_ratio}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
-        need(self.num_classes >= 0 and self.context_dim >= 0, "num_classes and context_dim must be >= 0")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.context_dim >= 0, f"context_dim must be >= 0, got {self.context_dim}")
         need(not (self.num_classes and self.context_dim),
              "a model is conditioned on class labels (num_classes) or on text (context_dim), not both")
-        need(self.frequency_dim >= 2 and self.frequency_dim % 2 == 0, "frequency_dim must be even and >= 2")
+        need(self.frequency_dim >= 2 and self.frequency_dim % 2 == 0,
+             f"frequency_dim must be even and >= 2, got {self.frequency_dim}")
 
     @property
     def num_patches(self) -> int:

@@ -32,11 +32,13 @@ PRESETS: dict[str, ModelConfig] = {
     "unet-text32": UNetConfig(image_size=32, in_channels=3, out_channels=3, channels=32, channel_mults=(1, 2, 2),
                               num_res_blocks=1, attention_resolutions=(16, 8), attention_head_dim=32,
                               dropout=0.0, norm_groups=16, time_conditioning="scale-shift"),
-    # DDPM's CIFAR-10 network (Ho et al. 2020, appendix B); same architecture as diffusers' UNet2DModel in the
-    # google/ddpm-cifar10-32 configuration
+    # DDPM's CIFAR-10 network (Ho et al. 2020, appendix B); the same network as diffusers' UNet2DModel in the
+    # google/ddpm-cifar10-32 configuration (tests/test_unet.py maps its weights in and compares the outputs),
+    # its downsampling padded after the last row and column as DDPM's TensorFlow code pads it
     "ddpm-cifar10": UNetConfig(image_size=32, in_channels=3, out_channels=3, channels=128,
                                channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
-                               dropout=0.1, norm_groups=32, time_conditioning="add"),
+                               dropout=0.1, norm_groups=32, time_conditioning="add",
+                               downsample_padding="bottom-right"),
     # DiTs. For tests: two blocks, 16 tokens
     "dit-tiny": DiTConfig(image_size=8, in_channels=1, out_channels=1, patch_size=2, hidden_size=32, depth=2,
                           num_heads=2),

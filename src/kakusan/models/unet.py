@@ -41,6 +41,10 @@ class UNetConfig:
     num_classes: int = 0  # > 0: class-conditional, with a learned null label at index num_classes
     context_dim: int = 0  # > 0: text-conditional; attention blocks become transformer blocks with cross-attention
     transformer_depth: int = 1  # transformer layers per attention position (text models)
+    # the stride-2 downsampling conv's zero padding: "symmetric" (one pixel on every side), or "bottom-right"
+    # (one pixel after the last row and column only: TensorFlow's 'SAME' for a 3x3 stride-2 conv on an even
+    # size, as DDPM's code and the google/ddpm-* checkpoints (diffusers' downsample_padding=0) have it)
+    downsample_padding: str = "symmetric"
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -48,27 +52,32 @@ class UNetConfig:
         self.validate()
 
     def validate(self) -> None:
-        need(self.image_size >= 1 and self.in_channels >= 1 and self.out_channels >= 1,
-             "image_size and channel counts must be positive")
-        need(self.channels >= 1 and len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
-             "channels and channel_mults must be positive")
-        need(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        for name in ("image_size", "in_channels", "out_channels", "channels", "num_res_blocks"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
+             f"channel_mults must be one or more positive multipliers, got {self.channel_mults}")
+        need(self.norm_groups >= 1, f"norm_groups must be >= 1, got {self.norm_groups}")
+        need(self.attention_head_dim is None or self.attention_head_dim >= 1,
+             f"attention_head_dim must be >= 1 (or None: one head), got {self.attention_head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
         need(self.time_conditioning in ("add", "scale-shift"),
              f"time_conditioning must be 'add' or 'scale-shift', got {self.time_conditioning!r}")
-        need(self.num_classes >= 0, "num_classes must be >= 0")
-        need(self.context_dim >= 0 and self.transformer_depth >= 1, "context_dim must be >= 0, transformer_depth >= 1")
+        need(self.downsample_padding in ("symmetric", "bottom-right"),
+             f"downsample_padding must be 'symmetric' or 'bottom-right', got {self.downsample_padding!r}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.context_dim >= 0, f"context_dim must be >= 0, got {self.context_dim}")
+        need(self.transformer_depth >= 1, f"transformer_depth must be >= 1, got {self.transformer_depth}")
         need(not (self.num_classes and self.context_dim),
              "a model is conditioned on class labels (num_classes) or on text (context_dim), not both")
         need(not self.context_dim or self.attention_resolutions,
              "a text-conditional U-Net needs attention_resolutions (its cross-attention lives there)")
         factor = 2 ** (len(self.channel_mults) - 1)
         need(self.image_size % factor == 0,
-             f"image size {self.image_size} is not divisible by {factor}, the U-Net's total downsampling "
+             f"image_size {self.image_size} is not divisible by {factor}, the U-Net's total downsampling "
              f"({len(self.channel_mults)} levels); choose a size divisible by {factor} or fewer levels")
         for c in (self.channels, *(self.channels * m for m in self.channel_mults)):
             need(c % self.norm_groups == 0, f"width {c} is not divisible by norm_groups {self.norm_groups}")
-            if self.attention_head_dim:
+            if self.attention_head_dim is not None:
                 need(c % self.attention_head_dim == 0,
                      f"width {c} is not divisible by attention_head_dim {self.attention_head_dim}")
 
@@ -185,11 +194,16 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """3x3 conv, stride 2: (B, C, H, W) -> (B, C, H/2, W/2) for even H, W. ``padding``: see UNetConfig."""
+
+    def __init__(self, channels: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.bottom_right = padding == "bottom-right"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -246,7 +260,7 @@ class UNet(nn.Module):
                 skip_channels.append(c)
             self.down.append(Level(blocks, attns))
             if i < n_levels - 1:
-                self.downsamples.append(Downsample(c))
+                self.downsamples.append(Downsample(c, cfg.downsample_padding))
                 skip_channels.append(c)
                 res //= 2
         self.mid_block1, self.mid_attn, self.mid_block2 = res_block(c, c), attn(c), res_block(c, c)
