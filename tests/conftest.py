@@ -47,3 +47,26 @@ def names_fields(message: str, fields) -> bool:
 
     return all(re.search(rf"(?<![A-Za-z0-9_]){f.replace('_', '[_ -]')}(?![A-Za-z0-9_])", message, re.IGNORECASE)
                for f in fields)
+
+
+def check_built_and_refusals(model, cfg, cond, config_cls, kw: dict, breaks, refused: set) -> None:
+    """The property tests' check of one drawn configuration: the built (randomised) ``model`` maps a batch of 2 to a
+    finite, non-zero output of the right shape, ``cfg`` survives a checkpoint record's JSON round trip, and each
+    single-field break (override, fields) of ``kw`` is refused by ``config_cls`` with a message naming its fields
+    (the indices of the refused breaks are added to ``refused``)."""
+    import json
+
+    from kakusan.errors import ConfigError
+    from kakusan.models import model_config_from_dict, model_record
+
+    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0.0, 999.0]), cond)
+    assert out.shape == (2, cfg.out_channels, cfg.image_size, cfg.image_size)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    assert model_config_from_dict(json.loads(json.dumps(model_record(cfg)))) == cfg
+    for i, (override, fields) in enumerate(breaks):
+        with pytest.raises(ConfigError) as e:
+            config_cls(**{**kw, **override})
+        assert names_fields(str(e.value), fields), (override, str(e.value))
+        refused.add(i)

@@ -28,7 +28,8 @@ from ..models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscrimina
 from ..checkpoints import (LoadedAutoencoder, load_autoencoder, load_state_dict_into, load_tensors, read_config,
                            resolve_checkpoint, restore_rng_state,
                            rng_state, save_checkpoint, unflatten_optimizer_state)
-from .trainer import batch_indices, resolve_device
+from ..diffusion import resolve_device
+from .trainer import batch_indices
 
 FACTORS = {4: (1, 2, 2), 8: (1, 2, 2, 4)}
 

@@ -42,7 +42,7 @@ class DistInfo:
         return self.rank == 0
 
     def device(self, name: str) -> torch.device:
-        from .trainer import resolve_device
+        from ..diffusion import resolve_device
 
         dev = resolve_device(name)
         if self.world > 1 and dev.type == "cuda":

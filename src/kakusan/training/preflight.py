@@ -186,7 +186,8 @@ def estimate_step_seconds(cfg: TrainConfig, max_steps: int = 3, budget_s: float 
     text encoder, autoencoder) on random data of the data's shape: one untimed warm-up step, then up to
     ``max_steps`` timed ones (fewer once ``budget_s`` is spent), their median. Nothing is read but the init_from / autoencoder checkpoints, and
     nothing is written outside a temporary folder. Batches over 256 are timed at 256 on a CPU and scaled."""
-    from .trainer import Trainer, resolve_device
+    from ..diffusion import resolve_device
+    from .trainer import Trainer
 
     device = resolve_device(cfg.device)
     batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 256)

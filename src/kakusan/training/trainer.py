@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
 from ..data.datasets import cache_dir
-from ..diffusion import DiffusionConfig, Denoiser, autocast_dtype, resolve_device  # noqa: F401 (resolve_device: for callers)
+from ..diffusion import DiffusionConfig, Denoiser, autocast_dtype
 from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
 from ..models import build_model, get_preset, model_config_from_dict, model_record
