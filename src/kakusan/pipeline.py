@@ -362,14 +362,12 @@ class Pipeline:
         n = _int("n", 1 if n is None else n, 1, MAX_N)
         return n, [None] * n, None
 
-    def _encode(self, conds: list, k: int):
+    def _encode(self, conds: list):
         """The batch condition for a list of per-image conditions."""
         if self.is_text:
-            enc = self.text_encoder
-            distinct = list(dict.fromkeys(conds))
-            encoded = enc.encode(distinct)
-            index = torch.tensor([distinct.index(c) for c in conds], device=encoded.device)
-            return encoded[index]
+            position = {c: i for i, c in enumerate(dict.fromkeys(conds))}  # each distinct prompt encoded once
+            encoded = self.text_encoder.encode(list(position))
+            return encoded[torch.tensor([position[c] for c in conds], device=encoded.device)]
         if conds[0] is None:
             return None
         return torch.tensor(conds, device=self.device)
@@ -546,7 +544,7 @@ class Pipeline:
             if not 0 <= lo < n:
                 raise ConfigError(f"batch {j} is outside the call's {-(-n // batch_size)} batches")
             generator = torch.Generator().manual_seed(seed + j)
-            cond = self._encode(conds[lo:hi], k) if conds[0] is not None else None
+            cond = self._encode(conds[lo:hi])
             x = self._run_batch(d, sampler, levels, (hi - lo, *self.shape), cond, generator, options,
                                 None if noise is None else noise[lo:hi],
                                 None if x0_init is None else x0_init[lo:hi], strength,
@@ -639,8 +637,8 @@ class Pipeline:
         n, conds, _ = self._conditions(len(pics), prompt, class_label, self.num_classes)
         if n != len(pics):
             raise ConfigError(f"{len(pics)} images but {n} conditions")
-        d, k, guide_record = self.guided_denoiser(guidance=guidance, clip=clip)
-        cond = self._encode(conds, k) if conds[0] is not None else None
+        d, _, guide_record = self.guided_denoiser(guidance=guidance, clip=clip)
+        cond = self._encode(conds)
         levels = sampling_levels(self.schedule, "ddim", steps, spacing, sigma_max)
         t0 = time.perf_counter()
         x = to_model_range(pics).to(self.device)
