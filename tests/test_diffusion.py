@@ -136,9 +136,11 @@ def test_denoiser_loss_shape_and_seeded_determinism():
     assert big.mean().item() == pytest.approx(1.0, abs=0.03)
 
 
-def test_denoiser_precision_bf16_autocast_keeps_the_samplers_dtype():
+def test_denoiser_precision_bf16_autocast_keeps_the_samplers_dtype(monkeypatch):
     """bf16 runs the network under autocast (its answer moves by bf16 round-off, ~1e-2 relative) while the
-    x0 the sampler sees stays float32; 'auto' means fp32 on a CPU; an unknown precision is refused."""
+    x0 the sampler sees stays float32; 'auto' means bf16 on a CPU with native bf16 and fp32 on one without;
+    an unknown precision is refused."""
+    import kakusan.diffusion as diffusion
     from kakusan.models import UNet, get_preset
 
     torch.manual_seed(0)
@@ -149,7 +151,13 @@ def test_denoiser_precision_bf16_autocast_keeps_the_samplers_dtype():
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([10.0, 200.0, 500.0, 900.0])
     with torch.no_grad():
         ref = d(x, t)
+        monkeypatch.setattr(diffusion, "cpu_native_bf16", lambda: False)
         assert d.set_precision("auto", "cpu").autocast_dtype is None and torch.equal(d(x, t), ref)
+        assert diffusion.precision_name("auto", "cpu") == "fp32"
+        monkeypatch.setattr(diffusion, "cpu_native_bf16", lambda: True)
+        assert d.set_precision("auto", "cpu").autocast_dtype == torch.bfloat16
+        assert torch.equal(d(x, t), d.set_precision("bf16", "cpu")(x, t))
+        assert d.set_precision("fp32", "cpu").autocast_dtype is None and torch.equal(d(x, t), ref)
         low = d.set_precision("bf16", "cpu")(x, t)
         assert d.set_precision("auto", "cuda").autocast_dtype == torch.bfloat16
     assert low.dtype == torch.float32
@@ -158,3 +166,53 @@ def test_denoiser_precision_bf16_autocast_keeps_the_samplers_dtype():
     assert rel < 3e-2
     with pytest.raises(ConfigError, match="precision"):
         d.set_precision("fp16", "cpu")
+
+
+def test_cpu_native_bf16_reads_the_cpu():
+    """The detection agrees with the kernel's list of CPU features where there is one (x86: avx512_bf16 or
+    amx_bf16 among the flags)."""
+    from pathlib import Path
+
+    from kakusan.diffusion import cpu_native_bf16
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file() or "flags" not in info.read_text():
+        pytest.skip("no x86 /proc/cpuinfo flags to compare with")
+    flags = info.read_text().split()
+    assert cpu_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_compiled_denoiser_matches_eager_and_keeps_the_state_dict(tmp_path, monkeypatch):
+    """Denoiser.compile: the same x0 as the eager forward (to kernel round-off), the backbone's state_dict
+    unchanged (no wrapper keys), first-call time counted once per input shape, graphs cached under
+    $KAKUSAN_CACHE/inductor; gradients still flow through the eager path (training is not compiled here)."""
+    import os
+
+    from kakusan.models import UNet, get_preset
+
+    monkeypatch.setenv("KAKUSAN_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch.manual_seed(0)
+    net = UNet(get_preset("unet-tiny")).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    d = Denoiser(net, make_schedule("linear"), DiffusionConfig("eps")).set_precision("fp32", "cpu")
+    keys = list(d.state_dict())
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10.0, 200.0, 500.0, 900.0])
+    with torch.no_grad():
+        ref = d(x, t)
+        d.compile(frozen=True)
+        out = d(x, t)
+        first = d.compile_seconds
+        again = d(x * 0.5, t)
+        assert torch.allclose(again, Denoiser(net, d.schedule, d.config)(x * 0.5, t), atol=1e-5)
+    assert d.compiled and list(d.state_dict()) == keys
+    assert torch.allclose(out, ref, atol=1e-5) and out.dtype == torch.float32
+    assert first > 0 and d.compile_seconds == first and len(d._compiled_shapes) == 1
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert any((tmp_path / "inductor").iterdir())
+    with pytest.raises(ConfigError, match="before compiling"):
+        d.set_precision("bf16", "cpu")
+    x.requires_grad_(True)
+    d.raw(x, t).sum().backward()  # with gradients on: the eager backbone
+    assert x.grad is not None and torch.isfinite(x.grad).all()

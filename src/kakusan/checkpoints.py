@@ -249,7 +249,7 @@ def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> 
 def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
                   precision: str = "auto") -> tuple[Denoiser, dict]:
     """Rebuild the denoiser (EMA weights by default) from a checkpoint folder, run folder or model file; its
-    forward pass runs in bf16 autocast on CUDA unless ``precision`` says otherwise (see Denoiser.set_precision)."""
+    forward pass runs in bf16 autocast on CUDA and on CPUs with native bf16 unless ``precision`` says otherwise (see Denoiser.set_precision)."""
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))

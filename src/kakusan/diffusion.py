@@ -11,7 +11,11 @@ Everything here takes per-sample ``alpha, sigma`` of shape (B,) and images of sh
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -154,13 +158,43 @@ class DiffusionConfig:
         return asdict(self)
 
 
+@functools.cache
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension), read off
+    the CPU rather than assumed. Without it bf16 is emulated and slower than fp32, so 'auto' stays fp32 there."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    try:  # other architectures (and older PyTorch): the kernel's list of CPU features
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
 def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype a precision setting means on ``device``: 'auto' is bf16 on CUDA and fp32 (None: no
-    autocast) elsewhere, 'fp32' None, 'bf16' bf16. Training and sampling both read their setting here."""
+    """The autocast dtype a precision setting means on ``device``: 'auto' is bf16 on CUDA and on a CPU with
+    native bf16 (:func:`cpu_native_bf16`), fp32 (None: no autocast) elsewhere; 'fp32' None, 'bf16' bf16.
+    Training and sampling both read their setting here."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    kind = torch.device(device).type
+    auto = kind == "cuda" or (kind == "cpu" and cpu_native_bf16())
+    bf16 = precision == "bf16" or (precision == "auto" and auto)
     return torch.bfloat16 if bf16 else None
+
+
+def precision_name(precision: str, device: str | torch.device) -> str:
+    """What a precision setting resolves to on ``device``: 'bf16' or 'fp32' (for records: 'auto' differs by machine)."""
+    return "fp32" if autocast_dtype(precision, device) is None else "bf16"
+
+
+def compile_cache() -> str:
+    """Where torch.compile keeps its compiled graphs across runs: ``$KAKUSAN_CACHE/inductor`` (default
+    ~/.cache/kakusan/inductor; PyTorch's default is under /tmp) unless TORCHINDUCTOR_CACHE_DIR is set."""
+    from .data.datasets import cache_dir
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -190,12 +224,37 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.config = config or DiffusionConfig()
         self.autocast_dtype: torch.dtype | None = None  # the backbone's compute precision at inference
+        # torch.compile'd forward (see compile); kept out of the module tree so state_dict is the backbone's alone
+        object.__setattr__(self, "_compiled", None)
+        self.compile_seconds = 0.0  # time spent in first calls of the compiled forward (tracing + compiling)
+        self._compiled_shapes: set = set()
 
     def set_precision(self, precision: str, device: str | torch.device) -> "Denoiser":
         """The backbone's forward pass in ``precision`` (see :func:`autocast_dtype`); the sampler's own arithmetic
-        (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype."""
-        self.autocast_dtype = autocast_dtype(precision, device)
+        (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype. Set before :meth:`compile`."""
+        dtype = autocast_dtype(precision, device)
+        if self._compiled is not None and dtype != self.autocast_dtype:
+            raise ConfigError("the denoiser was compiled in another precision; set the precision before compiling")
+        self.autocast_dtype = dtype
         return self
+
+    def compile(self, frozen: bool = False) -> "Denoiser":
+        """Run the backbone's inference forward through ``torch.compile`` (inductor: C++/OpenMP kernels on a CPU,
+        Triton on CUDA) in the precision set now. ``frozen``: the weights will not change (a loaded checkpoint,
+        not a training run's EMA), so inductor may fold them into the graph and pre-pack them for its kernels.
+        Compiled graphs are cached on disk (``$KAKUSAN_CACHE/inductor`` unless TORCHINDUCTOR_CACHE_DIR is set),
+        so a later process with the same model and shapes skips most of the compile time; the first call for
+        each input shape still traces, and its time is added to ``compile_seconds``."""
+        compile_cache()
+        fwd = _PrecisionForward(self.backbone, self.autocast_dtype)
+        object.__setattr__(self, "_compiled", torch.compile(fwd, dynamic=False,
+                                                            options={"freezing": True} if frozen else None))
+        self.compile_seconds, self._compiled_shapes = 0.0, set()
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     @property
     def prediction(self) -> str:
@@ -203,10 +262,16 @@ class Denoiser(nn.Module):
 
     def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
-        if self.autocast_dtype is None:
-            return self.backbone(x_t, t, cond)
-        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-            return self.backbone(x_t, t, cond).float()
+        if self._compiled is not None and not torch.is_grad_enabled():
+            key = (tuple(x_t.shape), x_t.dtype, type(cond).__name__)
+            if key in self._compiled_shapes:
+                return self._compiled(x_t, t, cond)
+            t0 = time.perf_counter()
+            out = self._compiled(x_t, t, cond)
+            self.compile_seconds += time.perf_counter() - t0
+            self._compiled_shapes.add(key)
+            return out
+        return _PrecisionForward.run(self.backbone, self.autocast_dtype, x_t, t, cond)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0])
@@ -233,6 +298,25 @@ class Denoiser(nn.Module):
         mse = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
         w = loss_weight(self.config.weighting, self.prediction, alpha, sigma, self.config.min_snr_gamma)
         return mse * w.to(mse.device, mse.dtype)
+
+
+class _PrecisionForward(nn.Module):
+    """backbone(x_t, t, cond) under autocast to ``dtype`` (None: as is), returned in float32: the piece of the
+    denoiser that torch.compile sees (the autocast region inside the compiled graph)."""
+
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None):
+        super().__init__()
+        self.backbone, self.dtype = backbone, dtype
+
+    @staticmethod
+    def run(backbone, dtype, x_t, t, cond):
+        if dtype is None:
+            return backbone(x_t, t, cond)
+        with torch.autocast(x_t.device.type, dtype=dtype):
+            return backbone(x_t, t, cond).float()
+
+    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.run(self.backbone, self.dtype, x_t, t, cond)
 
 
 class ClippedDenoiser(nn.Module):

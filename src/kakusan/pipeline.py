@@ -35,7 +35,7 @@ from . import __version__
 from .checkpoints import (LoadedAutoencoder, apply_checkpoint_lora, autoencoder_for_checkpoint, load_denoiser,
                           resolve_checkpoint, sampling_defaults, weights_file)
 from .data.datasets import load_image, to_model_range, to_uint8
-from .diffusion import ClippedDenoiser, randn, resolve_device
+from .diffusion import ClippedDenoiser, precision_name, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .metrics.provenance import file_sha256, tensor_sha256
@@ -219,18 +219,20 @@ class Pipeline:
         self.source, self.weights_sha256 = source, weights_sha256
         self.autoencoder, self.device = autoencoder, torch.device(device)
         self._text_encoder = text_encoder  # an encoder, or a callable that makes one (loaded on first use)
-        self.use_ema, self.loras, self.precision = use_ema, loras or [], precision
+        # the precision as resolved here ('auto' means bf16 on some machines, fp32 on others): records repeat
+        self.use_ema, self.loras, self.precision = use_ema, loras or [], precision_name(precision, self.device)
         self._null_text = None
 
     # ---- loading -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint: str | Path, *, device="auto", precision: str = "auto", use_ema: bool = True,
              lora: str | Path | list | None = None, lora_scale: float | list = 1.0, text_encoder: str | None = None,
-             autoencoder: str | None = None) -> "Pipeline":
+             autoencoder: str | None = None, compile: bool = False) -> "Pipeline":
         """Any kakusan checkpoint (folder, run folder or model file): pixel or latent, class / text /
         unconditional, a LoRA run, a distilled model. ``lora``: adapter file(s) of a ``--lora-rank`` run to
         merge into this base (``lora_scale`` each); ``text_encoder`` / ``autoencoder``: where the recorded
-        ones are now, if they moved (their weights are checked against the record)."""
+        ones are now, if they moved (their weights are checked against the record). ``compile``: run the network
+        through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls)."""
         device = resolve_device(device)
         ckpt = resolve_checkpoint(checkpoint)
         weights = weights_file(ckpt, use_ema)
@@ -244,6 +246,8 @@ class Pipeline:
             _finite("lora_scale", s)
             apply_checkpoint_lora(denoiser, ckpt, f, use_ema=use_ema, scale=s)
             loras.append({"path": str(f), "sha256": file_sha256(f), "scale": float(s)})
+        if compile:  # after the LoRA merge: the compiled graph holds the final weights
+            getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
         decoder = autoencoder_for_checkpoint(config, autoencoder, device)
         encoder = None
         if config.get("text_encoder"):

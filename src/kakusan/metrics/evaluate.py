@@ -134,7 +134,7 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
 def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
              device="cpu", progress: bool = False, precision: str = "auto", prompt: list[str] | None = None,
-             **options) -> tuple[Tensor, Tensor | None, dict]:
+             compile: bool = False, **options) -> tuple[Tensor, Tensor | None, dict]:
     """``n`` samples (uint8) from a checkpoint (a path or a loaded :class:`~kakusan.pipeline.Pipeline`), balanced
     over classes for a class-conditional model and over ``prompt`` for a text model; ``options``: more pipeline
     arguments (negative prompt / class, guidance rescale / interval, ...). Returns (images, requested labels or
@@ -147,7 +147,7 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device,
-                                                                             precision=precision)
+                                                                             precision=precision, compile=compile)
     labels = None
     if pipe.is_text:
         if not prompt:
@@ -171,7 +171,7 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
               "sampler": rec["sampler"], "steps": rec["steps"], "nfe": rec["nfe"], "spacing": rec["spacing"],
               "sigma_max": rec["sigma_max"], "guidance": guidance, "seed": seed, "n": n, "batch_size": batch_size,
               "device": str(pipe.device), "sample_seconds": gen.seconds,
-              "precision": "bf16" if pipe.denoiser.autocast_dtype is not None else "fp32",
+              "precision": pipe.precision, "compiled": getattr(pipe.denoiser, "denoiser", pipe.denoiser).compiled,
               "classes": "balanced" if labels is not None else None}
     for key in ("negative_prompt", "negative_class", "guidance_rescale", "guidance_interval", "lora"):
         if rec.get(key):

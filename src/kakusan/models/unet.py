@@ -301,7 +301,7 @@ class UNet(nn.Module):
         """x: (B, C_in, H, W); t: (B,) the schedule's time; cond: class labels (B,) ints (num_classes = null)
         for a class model, a ``TextCond`` for a text model, None for an unconditional model."""
         cfg = self.config
-        temb = self.time_mlp(timestep_embedding(t, cfg.channels))  # (B, 4ch)
+        temb = self.time_mlp(timestep_embedding(t, cfg.channels).to(self.conv_in.weight.dtype))  # (B, 4ch)
         labels, context, mask = split_condition(cond, cfg.num_classes, cfg.context_dim, x.shape[0], x.device)
         if labels is not None:
             temb = temb + self.label_emb(labels)

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, LR warm-up, gradient clipping, EMA, bf16 autocast on CUDA, a JSONL log, sample
+"""The training loop: AdamW, LR warm-up, gradient clipping, EMA, bf16 autocast where the hardware has it, a JSONL log, sample
 grids and atomic checkpoints, and exact resume.
 
 Everything random is a function of (seed, step) or of saved generator state: the batch at step k is read from
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..conditioning import cached_embeddings, load_text_encoder
 from ..data import ImageDataset, load_dataset, to_model_range
 from ..data.datasets import cache_dir
-from ..diffusion import DiffusionConfig, Denoiser, autocast_dtype
+from ..diffusion import DiffusionConfig, Denoiser, autocast_dtype, compile_cache
 from ..errors import CheckpointError, ConfigError, KakusanError, config_from_dict
 from ..guidance import ClassifierFreeGuidance
 from ..models import build_model, get_preset, model_config_from_dict, model_record
@@ -83,7 +83,7 @@ class TrainConfig:
     sample_steps: int | None = None
     guidance: float = 2.0  # for the grids of class-conditional runs
     device: str = "auto"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere), "fp32", "bf16"
     gradient_checkpointing: bool = False  # recompute U-Net blocks in the backward pass: less memory, ~+1 forward
     compile: bool = False  # torch.compile the training forward (pays on GPUs over long runs; compiling takes minutes)
     nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at once
@@ -384,6 +384,7 @@ class Trainer:
         backbone = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
+            compile_cache()
             backbone = torch.compile(backbone)
         self.train_denoiser = self.denoiser if backbone is self.model else Denoiser(
             backbone, self.schedule, self.denoiser.config)
