@@ -88,7 +88,8 @@ class Page:
                 steps_total = total
                 every = self.preview_every or max(1, total // 10)
                 now = time.perf_counter()
-                if done == total or (done % every == 0 and now - last_shown > 0.1):
+                due = done % every == 0 and (self.preview_every or now - last_shown > 0.1)  # auto: <= 10/s
+                if done == total or due:
                     last_shown = now
                     yield (preview_picture(x0), progress_html(done, total, now - t0), gr.skip(), gr.skip(),
                            gr.skip(), gr.skip())
@@ -111,10 +112,37 @@ def _caption(r: dict) -> str:
     return f"{what} · seed {r.get('seed')} · {r.get('sampler')} {r.get('steps')} steps · #{r.get('index')}"
 
 
+def _unopened_components(gr):
+    """gr.Image and gr.ImageEditor that hand on the uploaded files unopened, so that every upload is checked by
+    :func:`kakusan.serve.service.open_upload` (bytes, pixels, format) before anything decodes it (Gradio's own
+    editor decodes and re-encodes each layer, with PIL's decompression-bomb warnings silenced)."""
+    from gradio.data_classes import FileData
+
+    class UploadedImage(gr.Image):
+        is_template = True  # drawn by the page as gr.Image
+
+        def preprocess(self, payload):
+            return None if payload is None or payload.path is None else str(payload.path)
+
+    class UploadedEditor(gr.ImageEditor):
+        is_template = True
+
+        def convert_and_format_image(self, file, flatten_on_white: bool = False):
+            if file is None:
+                return None
+            if not isinstance(file, FileData):
+                raise gr.Error("inpaint: the image came in a form this page does not take; upload it again")
+            return str(file.path)
+
+    return UploadedImage, UploadedEditor
+
+
 def build_app(service: Service, preview_every: int = 0):
     """The gr.Blocks page (not launched)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
+
+    UploadedImage, UploadedEditor = _unopened_components(gr)
 
     from ..pipeline import MASKS
     from ..samplers import SAMPLERS
@@ -168,13 +196,13 @@ def build_app(service: Service, preview_every: int = 0):
                     with gr.Tab("generate", id="tab-generate"):
                         go = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Tab("img2img", id="tab-img2img"):
-                        init = gr.Image(type="filepath", label="start image", sources=["upload", "clipboard"],
+                        init = UploadedImage(type="filepath", image_mode=None, label="start image", sources=["upload", "clipboard"],
                                         elem_id="init-image")
                         strength = gr.Slider(0, 1, value=0.6, step=0.05,
                                              label="strength (0: keep the image, 1: ignore it)")
                         go_img2img = gr.Button("Generate from image", variant="primary", elem_id="generate-img2img")
                     with gr.Tab("inpaint", id="tab-inpaint"):
-                        editor = gr.ImageEditor(type="filepath", label="image: paint the region to repaint",
+                        editor = UploadedEditor(type="filepath", label="image: paint the region to repaint",
                                                 sources=["upload", "clipboard"], format="png", layers=False,
                                                 brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"),
                                                 elem_id="inpaint-editor")
