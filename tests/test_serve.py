@@ -235,23 +235,23 @@ def test_bad_uploads_and_over_cap_values_are_refused_and_the_server_goes_on(clie
     assert png_record(files[0])["seed"] == 1
 
 
-def test_the_service_refuses_a_path_for_a_model():
+def test_the_service_refuses_a_path_for_a_model(tmp_path):
     """The check behind the page (Gradio's own choice check aside): only the names the server gave."""
     from kakusan.errors import ConfigError
     from kakusan.serve import Limits, ModelPool, Request, Service
 
-    svc = Service(ModelPool([TINY]), Limits(), ROOT / "runs" / "test-artifacts" / "service")
+    svc = Service(ModelPool([TINY]), Limits(), tmp_path)
     for name in (str(TINY), str(TINY.parent), "tiny-class.safetensors"):
         with pytest.raises(ConfigError, match="unknown model .* serves only tiny-class"):
             svc.generate(Request(model=name, class_label=1, steps=2))
     assert svc.pool.loaded == []  # nothing was loaded for them
 
 
-def test_the_service_caps_requests_naming_the_field_and_flag():
+def test_the_service_caps_requests_naming_the_field_and_flag(tmp_path):
     from kakusan.errors import ConfigError
     from kakusan.serve import Limits, ModelPool, Request, Service
 
-    svc = Service(ModelPool([TINY]), Limits(max_n=4, max_steps=40, max_batch=2), ROOT / "runs" / "test-artifacts")
+    svc = Service(ModelPool([TINY]), Limits(max_n=4, max_steps=40, max_batch=2), tmp_path)
     for kw, message in ((dict(steps=41), r"steps = 41 is over this server's cap of 40 \(--max-steps\)"),
                         (dict(n=5), r"n = 5 is over this server's cap of 4 \(--max-n\)"),
                         (dict(steps=2.5), "steps must be a whole number"),
