@@ -160,6 +160,8 @@ def test_restore_from_a_dropped_png(client):
     model, prompt, neg_prompt, cls, neg_cls, sampler, steps, guidance, seed, n, msg = out
     assert (model, cls, sampler, steps, guidance, seed, n) == ("tiny-class", 6, "ddim", 5, 2.0, 123, 1)
     assert "seed 123" in msg and "tiny-class" in msg
+    seeds = {client.predict(api_name="/random_seed") for _ in range(3)}  # the "random" button
+    assert all(isinstance(v, int) and 0 <= v < 2**31 for v in seeds) and len(seeds) > 1
 
 
 def test_img2img_and_inpaint(client, tmp_path):
@@ -262,6 +264,10 @@ def test_the_service_caps_requests_naming_the_field_and_flag(tmp_path):
             svc.generate(Request(model="tiny-class", **{"class_label": 1, **kw}))
     r = svc.generate(Request(model="tiny-class", class_label=1, steps=3.0, n=3))  # a slider's 3.0 is 3
     assert len(r.paths) == 3 and r.records[0]["batch_size"] == 2  # --max-batch: 3 images in batches of 2
+    svc.KEEP = 2  # the disk stays bounded: only the newest request folders are kept
+    for seed in range(3):
+        svc.generate(Request(model="tiny-class", class_label=1, steps=1, seed=seed))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
 def test_upload_checks_before_decoding(tmp_path):

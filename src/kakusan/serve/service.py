@@ -361,6 +361,7 @@ class Service:
             kw = self.pipeline_kwargs(req, pipe)
             callback = None if on_step is None else self._step_callback(pipe, kw, on_step)
             gen = pipe(**kw, callback=callback)
+        self._prune()
         folder = self.out_dir / uuid.uuid4().hex[:12]
         paths = [gen.save_image(folder / f"kakusan-{req.model}-seed{kw['seed']}-{i:02d}.png", i)
                  for i in range(len(gen))]
@@ -385,6 +386,16 @@ class Service:
             on_step(min(done[0], total), total, x0.float().clamp(-1, 1).cpu())
 
         return cb
+
+    KEEP = 500  # request folders kept under out_dir (the page has copied each into its own cache by then)
+
+    def _prune(self) -> None:
+        """Bound the disk used: only the newest :attr:`KEEP` request folders stay."""
+        import shutil
+
+        folders = sorted((p for p in self.out_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for p in folders[:max(0, len(folders) - self.KEEP + 1)]:
+            shutil.rmtree(p, ignore_errors=True)
 
     def restore(self, png) -> tuple[dict, str]:
         """(settings, message) of a kakusan PNG dropped on the page: the record's settings as the page's
