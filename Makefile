@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH=torch` for the default CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test readme-check bench clean
+.PHONY: install demo serve test readme-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m kakusan.cli demo
+
+# the local web page over the pipeline, on http://127.0.0.1:7860/ (the model `make demo` trained, or CHECKPOINT=PATH)
+serve: install
+	$(PY) -m kakusan.cli serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 test: install
 	$(PY) -m pytest -q

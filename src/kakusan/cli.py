@@ -3,6 +3,7 @@
     kakusan train   --data mnist:DIR --preset unet-mnist --steps 20000 --out runs/mnist
     kakusan sample  --checkpoint runs/mnist --sampler ddim --steps 50 -n 64 --out grid.png
     kakusan demo
+    kakusan serve  --checkpoint runs/mnist --checkpoint runs/cifar --port 7860
     kakusan samplers | presets
     kakusan train-classifier --data mnist --out runs/cls/mnist.safetensors
     kakusan eval   --checkpoint runs/mnist --extractor classifier:runs/cls/mnist.safetensors --ref mnist -n 10000
@@ -327,6 +328,30 @@ def cmd_demo(args) -> int:
     print(f"an independent classifier (SVM, {100 * r['classifier_held_out_accuracy']:.1f}% on held-out real "
           f"digits) reads {100 * r['agreement']:.0f}% of the samples as the digit asked for")
     print(f"grid (one row per digit 0-9): {r['grid']}\ncheckpoint: {r['checkpoint']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import Limits, default_checkpoint
+
+    limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_batch=args.max_batch,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_upload_pixels,
+                    max_models=args.max_models, queue_size=args.queue_size)
+    checkpoints = args.checkpoint or [default_checkpoint()]
+    if args.dry_run:
+        print(json.dumps({"checkpoints": [str(c) for c in checkpoints], "host": args.host, "port": args.port,
+                          "lora": args.lora or [], **vars(limits)}, indent=2))
+        return 0
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        from .errors import ConfigError
+
+        raise ConfigError("kakusan serve needs Gradio: pip install 'kakusan[ui]'") from None
+    from .serve import serve
+
+    serve(checkpoints, host=args.host, port=args.port, limits=limits, device=args.device, loras=args.lora,
+          preview_every=args.preview_every)
     return 0
 
 
@@ -848,6 +873,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, help="attention heads (default: the paper's for the model's width)")
     p.add_argument("--class-names", help="a text file with one class name per line")
     p.set_defaults(func=cmd_import_dit)
+
+    p = sub.add_parser("serve", help="a local web page over the pipeline (Gradio; pip install 'kakusan[ui]')")
+    p.add_argument("--checkpoint", action="append", help="a checkpoint the page may use (repeat for several; the "
+                                                         "page chooses among these only; default runs/demo, "
+                                                         "the model make demo trains)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback prints a warning")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--lora", action="append", help="a LoRA adapter file the page may apply (repeat for several)")
+    p.add_argument("--max-models", type=int, default=2, help="checkpoints kept loaded at once")
+    p.add_argument("--max-n", type=int, default=16, help="images per request")
+    p.add_argument("--max-steps", type=int, default=200, help="sampling steps per request")
+    p.add_argument("--max-batch", type=int, default=16, help="images per sampler batch")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="size of an uploaded file")
+    p.add_argument("--max-upload-pixels", type=int, default=16 * 1024 * 1024,
+                   help="width x height of an uploaded image")
+    p.add_argument("--queue-size", type=int, default=8, help="requests waiting at once; more are told the "
+                                                             "queue is full")
+    p.add_argument("--preview-every", type=int, default=0, help="show the predicted x0 every N steps (0: about "
+                                                                "ten times per request)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)
