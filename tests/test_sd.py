@@ -321,3 +321,143 @@ def test_txt2img_equals_diffusers_ddim_cfg_negative_prompt(sd, family):
     assert img.shape == want.shape == (1, 3, 16, 16)
     assert want.std().item() > 0.02  # an image, not a flat field
     assert (img - want).abs().max().item() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything downstream: samplers, img2img / inpainting / inversion, the CLI, import-sd
+
+
+def test_every_sampler_and_the_other_starts(sd):
+    from kakusan.samplers import SAMPLERS
+
+    pipe = _load(sd, "sd1", "folder")
+    for name in SAMPLERS:
+        out = pipe(PROMPT, sampler=name, steps=3, seed=1)  # (guidance: the equality test above)
+        assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all(), name
+        assert out.images.std().item() > 0.01, name
+    init = pipe(PROMPT, sampler="ddim", steps=4).images
+    same = pipe(PROMPT, init_image=init, strength=0.0, steps=4)  # strength 0: the image itself
+    assert (same.images - init).abs().max().item() < 1 / 127
+    changed = pipe(PROMPT, init_image=init, strength=0.5, sampler="ddim", steps=4, guidance=3.0,
+                   negative_prompt=NEGATIVE)
+    assert (changed.images - init).abs().mean().item() > 1e-3
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:, :] = 1
+    painted = pipe(PROMPT, init_image=init, mask=mask, sampler="ddim", steps=4)
+    keep = (1 - mask).bool().expand_as(init)
+    assert (painted.images - init)[keep].abs().max().item() < 1 / 127  # the kept half is the init image's
+    inv = pipe.invert(init, prompt=PROMPT, steps=4)
+    assert inv.noise.shape == (1, 4, 8, 8) and torch.isfinite(inv.noise).all()
+    again = pipe(noise=inv.noise, **inv.regenerate)
+    assert again.images.shape == init.shape
+
+
+def test_gradient_checkpointing_bf16_and_offload(sd):
+    pipe = _load(sd, "sd2", "folder")
+    unet = pipe.denoiser.backbone
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])
+    cond = pipe._encode([PROMPT, NEGATIVE])
+    unet.train().requires_grad_(True)
+    grads = []
+    for on in (False, True):
+        unet.zero_grad()
+        unet.enable_gradient_checkpointing(on)
+        unet(x, t, cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    assert grads[0].abs().max().item() > 0
+    assert (grads[0] - grads[1]).abs().max().item() < 1e-5 * grads[0].abs().max().item() + 1e-7
+    fp32 = pipe(PROMPT, sampler="ddim", steps=4, guidance=3.0).images
+    bf16 = _load(sd, "sd2", "folder", precision="bf16", offload=True)(PROMPT, sampler="ddim", steps=4,
+                                                                      guidance=3.0).images
+    assert 0 < (bf16 - fp32).abs().mean().item() < 0.05  # bf16 forward passes: close, not bitwise
+
+
+def test_cli_sample_and_import_sd(sd, tmp_path, capsys):
+    folder, single, tok = sd["sd1"]
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                 "--guidance", "7.5", "--sampler", "ddim", "--steps", "5", "--spacing", "leading", "-n", "2",
+                 "--device", "cpu", "--out", str(grid)]) == 0
+    assert grid.is_file() and "2 samples, ddim, 5 steps" in capsys.readouterr().out
+    from kakusan.pipeline import read_png_record
+
+    assert read_png_record(grid)["negative_prompt"] == NEGATIVE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["import-sd", str(single), "--tokenizer", str(tok), "--prediction", "eps", "--image-size", "16",
+                     "--out", str(tmp_path / "imported")]) == 0
+    kw = dict(negative_prompt=NEGATIVE, guidance=7.5, sampler="ddim", steps=5, spacing="leading", seed=4)
+    imported = Pipeline.load(tmp_path / "imported", device="cpu")(PROMPT, **kw).images
+    direct = _load(sd, "sd1", "folder")(PROMPT, **kw).images
+    assert (imported - direct).abs().max().item() < 1e-5
+
+
+def _error_line(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("kakusan: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_exit_2(sd, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, single, tok = sd["sd1"]
+    sample = ["sample", "--prompt", PROMPT, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    # a folder missing a component
+    broken = tmp_path / "no-vae"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "vae")
+    assert main([*sample, "--checkpoint", str(broken)]) == 2
+    assert "without its vae/ component" in _error_line(capsys)
+    # a single file of an unknown family (no SD 1.x / 2.x text tower)
+    state = {k: v for k, v in load_file(str(single)).items() if not k.startswith("cond_stage_model.")}
+    state["conditioner.foo.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "unknown.safetensors"))
+    assert main([*sample, "--checkpoint", str(tmp_path / "unknown.safetensors"), "--tokenizer", str(tok)]) == 2
+    assert "unknown family" in _error_line(capsys)
+    # a truncated safetensors
+    data = single.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert main([*sample, "--checkpoint", str(tmp_path / "cut.safetensors")]) == 2
+    assert "damaged or truncated" in _error_line(capsys)
+    # an SD checkpoint where a kakusan one is needed (fine-tuning), and a kakusan one where an SD one is
+    assert main(["train", "--init-from", str(folder), "--data", "digits", "--steps", "1", "--lora-rank", "8",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "Stable Diffusion pipeline folder, not a kakusan checkpoint" in _error_line(capsys)
+    assert main(["train", "--init-from", str(single), "--data", "digits", "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "Stable Diffusion single-file checkpoint, not a kakusan checkpoint" in _error_line(capsys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["import-sd", str(folder), "--out", str(tmp_path / "imp")])
+    capsys.readouterr()
+    assert main(["import-sd", str(tmp_path / "imp"), "--out", str(tmp_path / "imp2")]) == 2
+    assert "is a kakusan checkpoint, not a Stable Diffusion one" in _error_line(capsys)
+    assert main(["train", "--init-from", str(tmp_path / "imp"), "--data", "digits", "--steps", "1", "--lora-rank",
+                 "8", "--out", str(tmp_path / "run")]) == 2
+    assert "fine-tuning it (--init-from, --lora-rank) is not supported yet" in _error_line(capsys)
+    # a single file without a tokenizer
+    assert main([*sample, "--checkpoint", str(single)]) == 2
+    assert "--tokenizer" in _error_line(capsys)
+
+
+def test_scheduler_mapping_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    from kakusan.samplers import sampling_levels
+    from kakusan.schedules import make_schedule
+    from kakusan.sd import family_scheduler, schedule_from_scheduler
+
+    for zero_snr in (False, True):
+        cfg = {**family_scheduler("v"), "rescale_betas_zero_snr": zero_snr}
+        sc, pred = schedule_from_scheduler(cfg, "test")
+        assert pred == "v" and sc.steps_offset == 1 and sc.final_level == "first"
+        ours = make_schedule(sc)
+        ref = DDIMScheduler(**{k: v for k, v in cfg.items()}, clip_sample=False)
+        assert (ours.alpha_bar - ref.alphas_cumprod.double()).abs().max().item() < 1e-6
+        ref.set_timesteps(20)
+        levels = sampling_levels(ours, "ddim", 20, "leading")
+        assert levels.t[:-1].tolist() == ref.timesteps.tolist()
+        assert abs(levels.alpha[-1].item() ** 2 - ref.final_alpha_cumprod.item()) < 1e-6  # set_alpha_to_one False

@@ -225,7 +225,9 @@ def cmd_sample(args) -> int:
                 kw[key] = made_for[key]
         kw["n"] = len(noise) if args.n is None else kw["n"]
     if args.dry_run:  # the values that would be used, checkpoint defaults included
-        config = read_config(resolve_checkpoint(args.checkpoint))
+        from .sd import sd_layout
+
+        config = {} if sd_layout(args.checkpoint) else read_config(resolve_checkpoint(args.checkpoint))
         default_sampler, default_steps = sampling_defaults(config)
         kw["sampler"], kw["steps"] = kw["sampler"] or default_sampler, kw["steps"] or default_steps
         info = get_sampler(kw["sampler"])
@@ -240,11 +242,33 @@ def cmd_sample(args) -> int:
         raise ConfigError("--lora-scale needs --lora FILE")
     pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
                          lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
-                         autoencoder=args.autoencoder)
+                         autoencoder=args.autoencoder, offload=args.offload, **_sd_args(args))
     kw["n"] = 64 if kw["n"] is None else kw["n"]
     gen = pipe(**kw, noise=noise, progress=True)
     out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
     return _write_samples(gen, out, args.out_dir, args.nrow)
+
+
+def _sd_args(args) -> dict:
+    """The Stable Diffusion single-file options given (tokenizer, prediction, image size)."""
+    return {k: getattr(args, k) for k in ("tokenizer", "prediction", "image_size") if getattr(args, k, None)}
+
+
+def _add_sd_args(p) -> None:
+    p.add_argument("--tokenizer", help="Stable Diffusion single files: a CLIP tokenizer folder (an SD pipeline's "
+                                       "tokenizer/)")
+    p.add_argument("--prediction", choices=("eps", "v"), help="Stable Diffusion single files: what the U-Net "
+                                                              "predicts (default: 1.x eps, 2.x v)")
+    p.add_argument("--image-size", type=int, help="Stable Diffusion single files: the image size in pixels "
+                                                  "(default: 1.x 512, 2.x 768)")
+
+
+def cmd_import_sd(args) -> int:
+    from .sd import import_sd
+
+    ckpt = import_sd(args.path, args.out, **_sd_args(args))
+    print(f"checkpoint: {ckpt}")
+    return 0
 
 
 def _has_scale(item: str) -> bool:
@@ -687,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto",
                    help="the network's forward pass: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
+    p.add_argument("--offload", action="store_true", help="keep the text encoder and autoencoder on the CPU while "
+                                                          "the network runs on --device")
+    _add_sd_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -831,6 +858,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, help="attention heads (default: the paper's for the model's width)")
     p.add_argument("--class-names", help="a text file with one class name per line")
     p.set_defaults(func=cmd_import_dit)
+
+    p = sub.add_parser("import-sd", help="convert a Stable Diffusion 1.x / 2.x checkpoint (a diffusers pipeline "
+                                         "folder or the original single .safetensors file) into a kakusan one")
+    p.add_argument("path", help="the SD folder (model_index.json, unet/, ...) or single file")
+    p.add_argument("--out", required=True, help="the run folder to write (sample with --checkpoint OUT)")
+    _add_sd_args(p)
+    p.set_defaults(func=cmd_import_sd)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)

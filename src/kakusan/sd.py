@@ -73,6 +73,13 @@ def sd_layout(path: str | Path) -> str | None:
     return None
 
 
+def _is_kakusan(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".safetensors" and "kakusan_config" in _safetensors_keys(path)[1]
+    return ((path / "config.json").is_file() and (path / "model.safetensors").is_file()) or \
+        (path / "checkpoints").is_dir() or (path / "latest").is_file()
+
+
 def not_kakusan_message(path: Path, layout: str) -> str:
     what = "a Stable Diffusion pipeline folder" if layout == "folder" else "a Stable Diffusion single-file checkpoint"
     return (f"{path} is {what}, not a kakusan checkpoint: sample / eval / sweep read it directly; convert it "
@@ -421,8 +428,7 @@ def read_sd(path: str | Path, *, tokenizer: str | None = None, prediction: str |
         raise CheckpointError(f"Stable Diffusion checkpoint not found: {path}")
     layout = sd_layout(path)
     if layout is None:
-        if path.is_dir() and (path / "config.json").is_file() or (path / "checkpoints").is_dir() or \
-                path.suffix == ".safetensors":
+        if _is_kakusan(path):
             raise CheckpointError(f"{path} is a kakusan checkpoint, not a Stable Diffusion one: sample it with "
                                   f"--checkpoint {path}")
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (a diffusers folder with "
