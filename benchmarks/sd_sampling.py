@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--image-size", type=int, help="pixels (default 512; 32 with --tiny)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/sd_sampling.json")
+    ap.add_argument("--json", default="benchmarks/results/sd_sampling.json")
     args = ap.parse_args()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -146,7 +146,7 @@ def main() -> None:
     for name, u, im in rows:
         print(f"{name:<10} {u:>26.1f} {im:>12.1f}")
     print(f"largest image difference: {diff:.2e}")
-    out = Path(args.out)
+    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"tiny": args.tiny, "image_size": size, "steps": args.steps, "device": str(device),
                                "torch": torch.__version__, "repeats": args.repeats,
