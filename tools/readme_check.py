@@ -99,6 +99,10 @@ RULES = [
                                        "Stable Diffusion's sd-vae-ft-ema: downloads (tests/test_dit.py checks the "
                                        "formats with small models)"),
     Rule(r"--checkpoint runs/dit-xl2\b", skip="samples the imported DiT-XL/2 (import-dit is skipped)"),
+    Rule(r"~/models/", skip="needs real Stable Diffusion 1.5 / 2.1 weights (downloads); tests/test_sd.py checks "
+                            "both layouts with small SD-shaped models"),
+    Rule(r"--checkpoint runs/sd15\b", skip="samples the imported SD 1.5 (import-sd is skipped)"),
+    Rule(r"^python benchmarks/sd_sampling\.py", extra={"--tiny": "", "--device": "cpu", "--repeats": "1"}),
     Rule(r"\bfashion-mnist\b", needs_fashion=True),
     Rule(r"^torchrun ", skip="8 processes and a global batch of 1024 on GPUs; tests/test_distributed.py runs "
                              "2 CPU processes against 1"),

@@ -157,6 +157,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / "model_index.json").is_file():
+        from .sd import not_kakusan_message
+
+        raise CheckpointError(not_kakusan_message(path, "folder"))
     if path.is_file():
         return path
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -181,6 +185,10 @@ def read_config(path: Path) -> dict:
             with safe_open(str(path), "pt") as f:
                 raw = (f.metadata() or {}).get("kakusan_config")
             if raw is None:
+                from .sd import not_kakusan_message, sd_layout
+
+                if sd_layout(path) == "single-file":
+                    raise CheckpointError(not_kakusan_message(path, "single-file"))
                 raise CheckpointError(f"{path}: a safetensors file without kakusan's config in its metadata")
             config = json.loads(raw)
         else:
@@ -307,6 +315,10 @@ class LoadedAutoencoder(nn.Module):
         self.factor, self.latent_channels, self.in_channels = factor, latent_channels, in_channels
         self.scale, self.sha256, self.source = scale, sha256, source
 
+    @property
+    def module_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     def record(self) -> dict:
         return {"path": self.source, "kind": self.kind, "sha256": self.sha256, "factor": self.factor,
                 "latent_channels": self.latent_channels, "in_channels": self.in_channels, "scale_factor": self.scale}
@@ -325,16 +337,16 @@ class LoadedAutoencoder(nn.Module):
     def to_latent(self, x: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None):
         if self.scale is None:
             raise ConfigError(f"{self.source}: the autoencoder has no latent scale (measure it first)")
-        q = self._posterior(x)
+        q = self._posterior(x.to(self.module_device))  # the autoencoder may live elsewhere (offloaded)
         z = q.mean if mode == "mean" else q.mean + q.std * torch.randn(q.mean.shape, generator=generator,
                                                                        device=q.mean.device)
-        return z * self.scale
+        return (z * self.scale).to(x.device)
 
     @torch.no_grad()
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] != self.latent_channels:
             raise ConfigError(f"the decoder takes {self.latent_channels}-channel latents, got {z.shape[1]}")
-        return self.decode(z / self.scale)
+        return self.decode((z / self.scale).to(self.module_device)).to(z.device)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

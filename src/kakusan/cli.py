@@ -226,7 +226,9 @@ def cmd_sample(args) -> int:
                 kw[key] = made_for[key]
         kw["n"] = len(noise) if args.n is None else kw["n"]
     if args.dry_run:  # the values that would be used, checkpoint defaults included
-        config = read_config(resolve_checkpoint(args.checkpoint))
+        from .sd import sd_layout
+
+        config = {} if sd_layout(args.checkpoint) else read_config(resolve_checkpoint(args.checkpoint))
         default_sampler, default_steps = sampling_defaults(config)
         kw["sampler"], kw["steps"] = kw["sampler"] or default_sampler, kw["steps"] or default_steps
         info = get_sampler(kw["sampler"])
@@ -241,7 +243,8 @@ def cmd_sample(args) -> int:
         raise ConfigError("--lora-scale needs --lora FILE")
     pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
                          lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
-                         autoencoder=args.autoencoder, compile=args.compile)
+                         autoencoder=args.autoencoder, offload=args.offload, compile=args.compile,
+                         **_sd_args(args))
     kw["n"] = 64 if kw["n"] is None else kw["n"]
     gen = pipe(**kw, noise=noise, progress=True)
     out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
@@ -258,6 +261,28 @@ def _report_compile(pipe) -> None:
         print(f"torch.compile: {d.compile_seconds:.1f} s of that in first calls (tracing and compiling, "
               f"{len(d._compiled_shapes)} input shape(s)); compiled graphs are cached in "
               f"{compile_cache()} for later runs")
+
+
+def _sd_args(args) -> dict:
+    """The Stable Diffusion single-file options given (tokenizer, prediction, image size)."""
+    return {k: getattr(args, k) for k in ("tokenizer", "prediction", "image_size") if getattr(args, k, None)}
+
+
+def _add_sd_args(p) -> None:
+    p.add_argument("--tokenizer", help="Stable Diffusion single files: a CLIP tokenizer folder (an SD pipeline's "
+                                       "tokenizer/)")
+    p.add_argument("--prediction", choices=("eps", "v"), help="Stable Diffusion single files: what the U-Net "
+                                                              "predicts (default: 1.x eps, 2.x v)")
+    p.add_argument("--image-size", type=int, help="Stable Diffusion single files: the image size in pixels "
+                                                  "(default: 1.x 512, 2.x 768)")
+
+
+def cmd_import_sd(args) -> int:
+    from .sd import import_sd
+
+    ckpt = import_sd(args.path, args.out, **_sd_args(args))
+    print(f"checkpoint: {ckpt}")
+    return 0
 
 
 def _has_scale(item: str) -> bool:
@@ -728,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the network (pays for many images: compiling takes tens of seconds on a "
                         "CPU the first time, less once cached)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
+    p.add_argument("--offload", action="store_true", help="keep the text encoder and autoencoder on the CPU while "
+                                                          "the network runs on --device")
+    _add_sd_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -895,6 +923,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import-sd", help="convert a Stable Diffusion 1.x / 2.x checkpoint (a diffusers pipeline "
+                                         "folder or the original single .safetensors file) into a kakusan one")
+    p.add_argument("path", help="the SD folder (model_index.json, unet/, ...) or single file")
+    p.add_argument("--out", required=True, help="the run folder to write (sample with --checkpoint OUT)")
+    _add_sd_args(p)
+    p.set_defaults(func=cmd_import_sd)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)

@@ -227,13 +227,32 @@ class Pipeline:
     @classmethod
     def load(cls, checkpoint: str | Path, *, device="auto", precision: str = "auto", use_ema: bool = True,
              lora: str | Path | list | None = None, lora_scale: float | list = 1.0, text_encoder: str | None = None,
-             autoencoder: str | None = None, compile: bool = False) -> "Pipeline":
+             autoencoder: str | None = None, offload: bool = False, tokenizer: str | None = None,
+             prediction: str | None = None, image_size: int | None = None, compile: bool = False) -> "Pipeline":
         """Any kakusan checkpoint (folder, run folder or model file): pixel or latent, class / text /
-        unconditional, a LoRA run, a distilled model. ``lora``: adapter file(s) of a ``--lora-rank`` run to
+        unconditional, a LoRA run, a distilled model; or a Stable Diffusion 1.x / 2.x checkpoint (a diffusers
+        pipeline folder or the original single file; see :mod:`kakusan.sd`: ``tokenizer``, ``prediction`` and
+        ``image_size`` are for single files). ``lora``: adapter file(s) of a ``--lora-rank`` run to
         merge into this base (``lora_scale`` each); ``text_encoder`` / ``autoencoder``: where the recorded
-        ones are now, if they moved (their weights are checked against the record). ``compile``: run the network
+        ones are now, if they moved (their weights are checked against the record). ``offload``: keep the text
+        encoder and the autoencoder on the CPU while the network runs on ``device``. ``compile``: run the network
         through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls)."""
         device = resolve_device(device)
+        from .sd import load_pipeline_parts, sd_layout
+
+        if sd_layout(checkpoint) is not None:
+            if lora or text_encoder or autoencoder or not use_ema:
+                raise ConfigError("--lora / --text-encoder / --autoencoder / --no-ema do not apply to a Stable "
+                                  "Diffusion checkpoint read directly (import it with kakusan import-sd first)")
+            denoiser, config, encoder, ae, sha = load_pipeline_parts(
+                checkpoint, device=device, precision=precision, offload=offload, tokenizer=tokenizer,
+                prediction=prediction, image_size=image_size)
+            if compile:
+                denoiser.compile(frozen=True)
+            return cls(denoiser, config, source=str(checkpoint), weights_sha256=sha, autoencoder=ae,
+                       text_encoder=encoder, device=device, use_ema=True, precision=precision)
+        if tokenizer or prediction or image_size:
+            raise ConfigError("--tokenizer / --prediction / --image-size are for Stable Diffusion single files")
         ckpt = resolve_checkpoint(checkpoint)
         weights = weights_file(ckpt, use_ema)
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
@@ -248,13 +267,14 @@ class Pipeline:
             loras.append({"path": str(f), "sha256": file_sha256(f), "scale": float(s)})
         if compile:  # after the LoRA merge: the compiled graph holds the final weights
             getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
-        decoder = autoencoder_for_checkpoint(config, autoencoder, device)
+        side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
+        decoder = autoencoder_for_checkpoint(config, autoencoder, side)
         encoder = None
         if config.get("text_encoder"):
             from .conditioning import encoder_for_checkpoint
 
             record = config["text_encoder"]
-            encoder = lambda: encoder_for_checkpoint(record, text_encoder, device)  # noqa: E731
+            encoder = lambda: encoder_for_checkpoint(record, text_encoder, side)  # noqa: E731
         elif text_encoder:
             raise ConfigError("--text-encoder given, but this checkpoint is not text-conditional")
         return cls(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights), autoencoder=decoder,
@@ -371,7 +391,8 @@ class Pipeline:
         if self.is_text:
             position = {c: i for i, c in enumerate(dict.fromkeys(conds))}  # each distinct prompt encoded once
             encoded = self.text_encoder.encode(list(position))
-            return encoded[torch.tensor([position[c] for c in conds], device=encoded.device)]
+            encoded = encoded[torch.tensor([position[c] for c in conds], device=encoded.device)]
+            return encoded.to(self.device)  # (the encoder may be offloaded to the CPU)
         if conds[0] is None:
             return None
         return torch.tensor(conds, device=self.device)

@@ -409,7 +409,9 @@ def sampling_levels(schedule: Schedule, sampler: str, steps: int, spacing: str |
     info = get_sampler(sampler)
     if spacing is None:
         spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
-    return noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max))
+    # DDIM on a schedule imported with diffusers' set_alpha_to_one = False ends, as diffusers' does, at t = 0's level
+    final = schedule.config.final_level if info.fn is sample_ddim and schedule.config is not None else "clean"
+    return noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max), final)
 
 
 def model_calls(sampler: str, schedule: Schedule, steps: int, spacing: str | None = None,

@@ -161,9 +161,25 @@ class ScheduleConfig:
     num_timesteps: int = 1000
     params: dict = field(default_factory=dict)
     zero_terminal_snr: bool = False  # ('flow' has it by construction)
+    # How diffusers' schedulers lay a sampling grid on this table (imported Stable Diffusion checkpoints carry
+    # their scheduler's): ``steps_offset`` is added to every timestep of 'leading' spacing (SD: 1, giving
+    # 951, 901, ..., 1 for 20 steps); ``final_level`` 'first' ends DDIM's last step at t = 0's level instead of
+    # the clean image (diffusers' set_alpha_to_one = False: alpha_bar[0] as the level after the last step).
+    steps_offset: int = 0
+    final_level: str = "clean"
+
+    def __post_init__(self):
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ConfigError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if self.final_level not in ("clean", "first"):
+            raise ConfigError(f"final_level must be 'clean' or 'first', got {self.final_level!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key, default in (("steps_offset", 0), ("final_level", "clean")):  # the records of older checkpoints
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
@@ -288,7 +304,8 @@ class NoiseLevels(NamedTuple):
     """The N+1 noise levels a sampler walks through, noisiest first, each a float64 tensor of shape (N+1,).
 
     ``t[i]`` is the network's time input; ``alpha[i], sigma[i]`` define x_i = alpha x0 + sigma eps.
-    The last level is the clean image (alpha 1, sigma 0, t = -1: never passed to the network)."""
+    The last level is the clean image (alpha 1, sigma 0, t = -1: never passed to the network); the one exception
+    is DDIM on a schedule with ``final_level`` 'first', whose grid ends at t = 0's level, as diffusers' DDIM."""
 
     t: Tensor
     alpha: Tensor
@@ -321,7 +338,11 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
     if spacing == "linspace":
         ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round()
     elif spacing == "leading":
-        ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps)
+        offset = schedule.config.steps_offset if schedule.config is not None else 0
+        ts = torch.arange(num_steps, dtype=torch.float64) * (T // num_steps) + offset
+        if ts[-1] > T - 1:
+            raise ConfigError(f"{num_steps} steps with 'leading' spacing and steps_offset {offset} pass the "
+                              f"schedule's last timestep {T - 1}")
     elif spacing == "trailing":
         ts = (torch.arange(T, 0, -T / num_steps, dtype=torch.float64).round() - 1).flip(0)
     elif spacing in ("karras", "logsnr", "exponential"):
@@ -357,8 +378,9 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
     return ts
 
 
-def noise_levels(schedule: Schedule, ts: Tensor) -> NoiseLevels:
-    """Noise levels for descending timesteps ``ts``, with the clean level appended."""
+def noise_levels(schedule: Schedule, ts: Tensor, final: str = "clean") -> NoiseLevels:
+    """Noise levels for descending timesteps ``ts``, with the clean level appended, or with ``final`` 'first'
+    t = 0's level (diffusers' DDIM with set_alpha_to_one = False; where ``ts`` already ends at 0, the clean one)."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     if ts.ndim != 1 or len(ts) < 1:
         raise ConfigError("timesteps must be a non-empty 1-D tensor")
@@ -366,4 +388,7 @@ def noise_levels(schedule: Schedule, ts: Tensor) -> NoiseLevels:
         raise ConfigError("timesteps must be strictly decreasing (noisiest first)")
     alpha, sigma = schedule.alpha_sigma(ts)
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    if final == "first" and ts[-1] > 0:
+        a0, s0 = schedule.alpha_sigma(zero)
+        return NoiseLevels(torch.cat([ts, zero]), torch.cat([alpha, a0]), torch.cat([sigma, s0]))
     return NoiseLevels(torch.cat([ts, -one]), torch.cat([alpha, one]), torch.cat([sigma, zero]))

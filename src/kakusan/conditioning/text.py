@@ -32,6 +32,10 @@ from ..errors import ConfigError, DataError
 Tensor = torch.Tensor
 
 DEFAULT_TEXT_ENCODER = "minilm"
+# 'longest': prompts padded to the longest of the batch, the padding masked out (kakusan's text models);
+# 'max_length': padded to max_length and the encoder run without a mask, every position a token the network reads
+# (Stable Diffusion: its U-Net cross-attends to all 77 positions of CLIP's output)
+PADDINGS = ("longest", "max_length")
 
 
 @dataclass
@@ -123,8 +127,11 @@ class TextEncoder(torch.nn.Module):
     checkpoints and embedding caches, so a different encoder is noticed); ``max_length`` caps the tokens per
     prompt (longer prompts are truncated with a warning)."""
 
-    def __init__(self, spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 77, device: str | torch.device = "cpu"):
+    def __init__(self, spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 77, device: str | torch.device = "cpu",
+                 tokenizer: str | None = None, padding: str = "longest"):
         super().__init__()
+        if padding not in PADDINGS:
+            raise ConfigError(f"text padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         try:
             from transformers import AutoConfig
             from transformers.utils import logging as hf_logging
@@ -151,6 +158,10 @@ class TextEncoder(torch.nn.Module):
         text_cfg = getattr(hf_config, "text_config", None) if kind == "clip" else None
         text_cfg = text_cfg or hf_config
         self.spec, self.kind, self.path, self.device = spec, kind, path, torch.device(device)
+        self.padding = padding
+        self.tokenizer_path = Path(tokenizer).expanduser() if tokenizer else path
+        if not self.tokenizer_path.is_dir():
+            raise ConfigError(f"tokenizer folder not found: {self.tokenizer_path}")
         model_max = getattr(text_cfg, "max_position_embeddings", None) or 10**9
         self.max_length = int(min(max_length, model_max))
         from ..metrics.provenance import file_sha256
@@ -160,6 +171,23 @@ class TextEncoder(torch.nn.Module):
         # the network and tokenizer load on the first encode(): a run whose embeddings are cached needs only
         # the hash and the width above
         self._model = self._tokenizer = None
+
+    @classmethod
+    def from_loaded(cls, model: torch.nn.Module, tokenizer, *, spec: str, sha256: str, max_length: int,
+                    padding: str = "longest", device: str | torch.device = "cpu") -> "TextEncoder":
+        """An encoder over a model and tokenizer already built (e.g. read from a Stable Diffusion single file)."""
+        if padding not in PADDINGS:
+            raise ConfigError(f"text padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        cfg = model.config
+        self.spec, self.kind, self.path, self.device = spec, cfg.model_type, Path(spec), torch.device(device)
+        self.tokenizer_path, self.padding, self.sha256 = self.path, padding, sha256
+        self.max_length = int(min(max_length, getattr(cfg, "max_position_embeddings", None) or 10**9))
+        self.dim = int(cfg.hidden_size)
+        self._model = model.eval().requires_grad_(False).to(self.device)
+        self._tokenizer = tokenizer
+        return self
 
     def _load(self) -> None:
         from transformers import AutoTokenizer
@@ -172,7 +200,9 @@ class TextEncoder(torch.nn.Module):
             else:
                 from transformers import AutoModel as cls
             self._model = cls.from_pretrained(self.path).eval().requires_grad_(False).to(self.device)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            # Stable Diffusion's pipelines tokenize with the slow CLIPTokenizer their folders name
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path,
+                                                            use_fast=self.padding != "max_length")
         except (OSError, ValueError) as e:
             raise ConfigError(f"{self.path}: cannot load the text encoder ({e})") from None
 
@@ -189,8 +219,13 @@ class TextEncoder(torch.nn.Module):
         return self._tokenizer
 
     def record(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "max_length": self.max_length,
-                "dim": self.dim}
+        rec = {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "max_length": self.max_length,
+               "dim": self.dim}
+        if self.padding != "longest":  # (older records have neither key)
+            rec["padding"] = self.padding
+        if self.tokenizer_path != self.path:
+            rec["tokenizer"] = str(self.tokenizer_path)
+        return rec
 
     def encode(self, prompts: list[str] | str, batch_size: int = 256) -> TextCond:
         """Token embeddings (last hidden state) and mask of each prompt, padded to the longest in the batch."""
@@ -203,11 +238,16 @@ class TextEncoder(torch.nn.Module):
             chunk = list(prompts[i:i + batch_size])
             full = self.tokenizer(chunk, add_special_tokens=True)["input_ids"]
             long += [p for p, ids in zip(chunk, full) if len(ids) > self.max_length]
-            batch = self.tokenizer(chunk, padding="longest", truncation=True, max_length=self.max_length,
+            batch = self.tokenizer(chunk, padding=self.padding, truncation=True, max_length=self.max_length,
                                    return_tensors="pt").to(device)
             with torch.no_grad():
-                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            parts.append(TextCond(out.last_hidden_state.float(), batch["attention_mask"].bool()))
+                if self.padding == "max_length":  # Stable Diffusion: every position read, as in its training
+                    out = self.model(input_ids=batch["input_ids"])
+                    mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+                else:
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    mask = batch["attention_mask"].bool()
+            parts.append(TextCond(out.last_hidden_state.float(), mask))
         if long:
             warnings.warn(f"{len(long)} prompt(s) longer than {self.max_length} tokens were truncated, e.g. "
                           f"{long[0][:80]!r}", stacklevel=2)
@@ -262,7 +302,9 @@ def encoder_for_checkpoint(record: dict, override: str | None = None,
     from ..errors import CheckpointError
 
     spec = override or record["spec"]
-    encoder = TextEncoder(spec, record["max_length"], device)
+    tokenizer = None if override else record.get("tokenizer")
+    encoder = TextEncoder(spec, record["max_length"], device, tokenizer=tokenizer,
+                          padding=record.get("padding", "longest"))
     if encoder.sha256 != record["sha256"]:
         raise CheckpointError(f"text encoder {spec!r} (weights sha256 {encoder.sha256[:12]}) is not the one this "
                               f"model was trained with ({record['spec']!r}, sha256 {record['sha256'][:12]}); "

@@ -10,9 +10,10 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .dit import DiT, DiTConfig
+from .sd_unet import SDUNet, SDUNetConfig
 from .unet import UNet, UNetConfig
 
-ModelConfig = UNetConfig | DiTConfig
+ModelConfig = UNetConfig | DiTConfig | SDUNetConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # for tests: ~0.2M parameters, any size divisible by 2
@@ -53,7 +54,7 @@ PRESETS: dict[str, ModelConfig] = {
     "dit-xl2": DiTConfig(image_size=32, in_channels=4, out_channels=4, hidden_size=1152, depth=28, num_heads=16),
 }
 
-_TYPES = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
+_TYPES = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT), "sd-unet": (SDUNetConfig, SDUNet)}
 
 
 def get_preset(name: str, **overrides) -> UNetConfig:

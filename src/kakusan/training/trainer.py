@@ -214,6 +214,19 @@ class NonFiniteLoss(KakusanError):
     pass
 
 
+SD_TRAINING_MISSING = ("training the SD U-Net needs its latents cached through the SD autoencoder with the "
+                       "0.18215 scale, captions through its CLIP padded to 77 tokens, and LoRA targets on diffusers' "
+                       "attention")
+
+
+def refuse_sd_base(path, config: dict | None = None) -> None:
+    """Fine-tuning (LoRA included) starts from kakusan-trained checkpoints only, for now: an imported Stable
+    Diffusion model is refused, naming what is missing."""
+    if config is not None and config.get("model", {}).get("type") == "sd-unet":
+        raise CheckpointError(f"{path}: an imported Stable Diffusion model; fine-tuning it (--init-from, "
+                              f"--lora-rank) is not supported yet ({SD_TRAINING_MISSING})")
+
+
 class BaseModel:
     """The trained checkpoint a fine-tuning run starts from (``init_from``): its config, and the EMA weights
     (or the model file given) with their hash."""
@@ -222,6 +235,7 @@ class BaseModel:
         from ..metrics.provenance import file_sha256
 
         self.ckpt, self.config, self.weights = ckpt, config, weights
+        refuse_sd_base(ckpt, config)
         self.sha256 = file_sha256(weights)
         if "lora" in config:
             raise CheckpointError(f"{ckpt}: a LoRA run; fine-tune from its base ({config['init_from']['path']}) "

@@ -1,0 +1,160 @@
+"""Stable Diffusion sampling speed: kakusan's pipeline against diffusers' StableDiffusionPipeline, in the same run,
+on the same SD-1.5-shaped model with random weights (U-Net 320-640-1280-1280, CLIP ViT-L/14 text tower, f = 8
+autoencoder), the same DDIM scheduler (SD's: leading spacing, steps_offset 1), guidance 7.5 with a negative prompt.
+
+    python benchmarks/sd_sampling.py --device cuda                 # 512x512, 20 steps (the full benchmark)
+    python benchmarks/sd_sampling.py --tiny --device cpu           # a tiny SD-shaped model: checks the script
+
+Reports ms per U-Net evaluation (a guided batch of 2, as each sampling step makes) and ms per 512x512 image at 20
+steps (text encoding, 20 steps, decoding), median of --repeats after a warm-up, and the largest difference between
+the two pipelines' images (the same starting latents). Writes JSON to benchmarks/results/sd_sampling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1)
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1)
+
+
+def write_tokenizer(folder: Path):
+    """A CLIP tokenizer over the byte alphabet (no download): the speed does not depend on the vocabulary."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build(folder: Path, tiny: bool, image_size: int) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    ucfg, tcfg, vcfg = (TINY_UNET, TINY_TEXT, TINY_VAE) if tiny else (SD15_UNET, SD15_TEXT, SD15_VAE)
+    factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    unet = UNet2DConditionModel(sample_size=image_size // factor, in_channels=4, out_channels=4, **ucfg)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                                        projection_dim=tcfg["hidden_size"], **tcfg))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+                        down_block_types=("DownEncoderBlock2D",) * len(vcfg["block_out_channels"]),
+                        up_block_types=("UpDecoderBlock2D",) * len(vcfg["block_out_channels"]), **vcfg)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          set_alpha_to_one=False, clip_sample=False)
+    tok = write_tokenizer(folder.parent / "tokenizer-src")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of fn() over ``repeats`` runs, after one warm-up."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model (checks the script in seconds)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--image-size", type=int, help="pixels (default 512; 32 with --tiny)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="benchmarks/results/sd_sampling.json")
+    args = ap.parse_args()
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from kakusan.pipeline import Pipeline
+
+    device = torch.device(args.device)
+    size = args.image_size or (32 if args.tiny else 512)
+    prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = Path(tmp) / "sd"
+        build(folder, args.tiny, size)
+        ours = Pipeline.load(folder, device=device, precision="fp32")
+        ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+        ref = ref.to(device)
+        ref.set_progress_bar_config(disable=True)
+        c, h, w = ours.shape
+        noise = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
+        from kakusan.samplers import sampling_levels
+
+        sigma0 = sampling_levels(ours.schedule, "ddim", args.steps, "leading").sigma[0].item()  # diffusers' x_T
+
+        # one U-Net evaluation: a guided batch of 2 at one timestep, each through its own entry point
+        x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+        t = torch.full((2,), 501.0, device=device)
+        with torch.no_grad():
+            cond = ours._encode([prompt, negative])
+            emb = cond.tokens.to(device)
+            unet_ours = timed(lambda: ours.denoiser.raw(x, t, cond), args.repeats, device)
+            unet_ref = timed(lambda: ref.unet(x, t.long(), encoder_hidden_states=emb).sample, args.repeats, device)
+
+        kw = dict(negative_prompt=negative, sampler="ddim", steps=args.steps, spacing="leading", guidance=7.5, n=1)
+        image_ours = timed(lambda: ours(prompt, noise=noise, **kw), args.repeats, device)
+        ref_call = lambda: ref(prompt, negative_prompt=negative, num_inference_steps=args.steps,  # noqa: E731
+                               guidance_scale=7.5, height=size, width=size, output_type="pt",
+                               latents=(noise * sigma0).to(device)).images
+        image_ref = timed(ref_call, args.repeats, device)
+        diff = ((ours(prompt, noise=noise, **kw).images + 1) / 2 - ref_call().cpu()).abs().max().item()
+
+    rows = [("kakusan", unet_ours, image_ours), ("diffusers", unet_ref, image_ref)]
+    print(f"SD-1.5-shaped{' (tiny)' if args.tiny else ''}, {size}x{size}, DDIM {args.steps} steps, guidance 7.5, "
+          f"{device}")
+    print(f"{'':<10} {'ms / U-Net eval (batch 2)':>26} {'ms / image':>12}")
+    for name, u, im in rows:
+        print(f"{name:<10} {u:>26.1f} {im:>12.1f}")
+    print(f"largest image difference: {diff:.2e}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"tiny": args.tiny, "image_size": size, "steps": args.steps, "device": str(device),
+                               "torch": torch.__version__, "repeats": args.repeats,
+                               "kakusan": {"ms_per_unet_eval": unet_ours, "ms_per_image": image_ours},
+                               "diffusers": {"ms_per_unet_eval": unet_ref, "ms_per_image": image_ref},
+                               "max_image_difference": diff}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

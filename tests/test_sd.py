@@ -1,0 +1,463 @@
+"""Stable Diffusion checkpoints: small random SD-shaped models in diffusers' folder layout and the original
+single-file layout (written here from the folder with the LDM key names), loaded by kakusan and compared with
+diffusers' own StableDiffusionPipeline."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from kakusan.cli import main  # noqa: E402
+from kakusan.pipeline import Pipeline  # noqa: E402
+
+PROMPT, NEGATIVE = "a cat", "a blurry cat"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building tiny SD-shaped models offline
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP's byte -> printable character table (the base alphabet of their BPE)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A CLIP tokenizer with the byte alphabet, a few merges and CLIP's special tokens (516 tokens)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "ca", "cat</w>", "<|startoftext|>",
+                                         "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return folder
+
+
+FAMILY = {  # SD1-like: CLIP (quick_gelu), 8 heads, conv projections, eps, PNDM; SD2-like: 64-wide heads, v, DDIM
+    "sd1": dict(channels=(32, 64), heads=8, linear=False, hidden=32, act="quick_gelu", prediction="epsilon"),
+    "sd2": dict(channels=(64, 128), heads=[1, 2], linear=True, hidden=64, act="gelu", prediction="v_prediction"),
+}
+
+
+def build_sd_folder(folder: Path, family: str) -> Path:
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    f = FAMILY[family]
+    torch.manual_seed({"sd1": 1, "sd2": 2}[family])
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=f["channels"], layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=f["hidden"], attention_head_dim=f["heads"], use_linear_projection=f["linear"],
+        upcast_attention=family == "sd2")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=516, hidden_size=f["hidden"], intermediate_size=2 * f["hidden"],
+                                        num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
+                                        hidden_act=f["act"], projection_dim=f["hidden"], bos_token_id=514,
+                                        eos_token_id=515, pad_token_id=515))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        layers_per_block=1, norm_num_groups=32, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+              set_alpha_to_one=False, prediction_type=f["prediction"])
+    scheduler = (PNDMScheduler(skip_prk_steps=True, **kw) if family == "sd1" else
+                 DDIMScheduler(clip_sample=False, **kw))
+    tok = CLIPTokenizer.from_pretrained(write_tokenizer(folder.parent / f"tok-{family}"))
+    if family == "sd2":
+        tok.pad_token = "!"  # as SD 2.x's tokenizer pads (the single file's reader knows it from the family)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(folder)
+    cfg_file = folder / "scheduler" / "scheduler_config.json"  # as SD 1.5's PNDM config says it, for DDIM's sake
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "clip_sample": False}))
+    return folder
+
+
+# ---- the original single-file layout, written from the diffusers one (LDM / CompVis key names) ------------------
+
+RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+       "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_to_ldm(sd: dict, layers: int) -> dict:
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "time_embedding":
+            n = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[p[1]] + "." + p[2]
+        elif p[0] == "conv_in":
+            n = "input_blocks.0.0." + p[1]
+        elif p[0] == "conv_norm_out":
+            n = "out.0." + p[1]
+        elif p[0] == "conv_out":
+            n = "out.2." + p[1]
+        elif p[0] in ("down_blocks", "up_blocks"):
+            i, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+            down = p[0] == "down_blocks"
+            base = 1 + i * (layers + 1) if down else i * (layers + 1)
+            if kind == "resnets":
+                sub, name = rest.split(".", 1)[0], rest.split(".", 1)[1]
+                n = f"{'input' if down else 'output'}_blocks.{base + j}.0.{RES[sub]}.{name}"
+            elif kind == "attentions":
+                n = f"{'input' if down else 'output'}_blocks.{base + j}.1.{rest}"
+            elif down:  # downsamplers.0.conv
+                n = f"input_blocks.{(i + 1) * (layers + 1)}.0.op.{rest.split('.', 1)[1]}"
+            else:  # upsamplers.0.conv: after the level's last res block (and its attention, if any)
+                has_attn = any(q.startswith(f"up_blocks.{i}.attentions.") for q in sd)
+                n = f"output_blocks.{base + layers}.{2 if has_attn else 1}.conv.{rest.split('.', 1)[1]}"
+        elif p[0] == "mid_block":
+            idx = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+            rest = ".".join(p[3:])
+            if p[1] == "resnets":
+                rest = RES[p[3]] + "." + ".".join(p[4:])
+            n = f"middle_block.{idx}.{rest}"
+        else:
+            raise AssertionError(k)
+        out["model.diffusion_model." + n] = v
+    return out
+
+
+def _vae_to_ldm(sd: dict, levels: int) -> dict:
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        n = k
+        if p[0] in ("encoder", "decoder"):
+            side, rest = p[0], p[1:]
+            if rest[0] == "conv_norm_out":
+                n = f"{side}.norm_out.{rest[1]}"
+            elif rest[0] in ("down_blocks", "up_blocks"):
+                i = int(rest[1]) if side == "encoder" else levels - 1 - int(rest[1])
+                ud = "down" if side == "encoder" else "up"
+                if rest[2] == "resnets":
+                    name = ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+                    n = f"{side}.{ud}.{i}.block.{rest[3]}.{name}"
+                else:
+                    n = f"{side}.{ud}.{i}.{'downsample' if ud == 'down' else 'upsample'}.conv.{rest[-1]}"
+            elif rest[0] == "mid_block":
+                if rest[1] == "resnets":
+                    n = f"{side}.mid.block_{int(rest[2]) + 1}.{'.'.join(rest[3:])}"
+                else:
+                    sub = ".".join(rest[3:-1])
+                    n = f"{side}.mid.attn_1.{VAE_ATTN[sub]}.{rest[-1]}"
+                    if v.ndim == 2:
+                        v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out["first_stage_model." + n] = v
+    return out
+
+
+def _clip_to_ldm(sd: dict, family: str, hidden: int) -> dict:
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}  # (transformers 5: flat)
+    if family == "sd1":
+        return {"cond_stage_model.transformer." + k: v for k, v in sd.items()}
+    p, out = "cond_stage_model.model.", {}
+    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    n_layers = 0
+    for k, v in sd.items():
+        if k == "text_model.embeddings.token_embedding.weight":
+            out[p + "token_embedding.weight"] = v
+        elif k == "text_model.embeddings.position_embedding.weight":
+            out[p + "positional_embedding"] = v
+        elif k.startswith("text_model.final_layer_norm."):
+            out[p + "ln_final." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("text_model.encoder.layers."):
+            layer, rest = k.split(".")[3], ".".join(k.split(".")[4:])
+            n_layers = max(n_layers, int(layer) + 1)
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rsplit(".", 1)[1]
+                qkv = [sd[f"text_model.encoder.layers.{layer}.self_attn.{c}_proj.{kind}"] for c in "qkv"]
+                out[f"{p}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(qkv)
+            elif rest.split(".")[1] in ("k_proj", "v_proj"):
+                continue
+            else:
+                sub, kind = rest.rsplit(".", 1)
+                out[f"{p}transformer.resblocks.{layer}.{names[sub]}.{kind}"] = v
+    # the last OpenCLIP layer, which SD 2.x does not use, and the projection it does not use either
+    g = torch.Generator().manual_seed(5)
+    for name, shape in (("ln_1.weight", (hidden,)), ("ln_1.bias", (hidden,)), ("attn.in_proj_weight", (3 * hidden, hidden)),
+                        ("attn.in_proj_bias", (3 * hidden,)), ("attn.out_proj.weight", (hidden, hidden)),
+                        ("attn.out_proj.bias", (hidden,)), ("ln_2.weight", (hidden,)), ("ln_2.bias", (hidden,)),
+                        ("mlp.c_fc.weight", (2 * hidden, hidden)), ("mlp.c_fc.bias", (2 * hidden,)),
+                        ("mlp.c_proj.weight", (hidden, 2 * hidden)), ("mlp.c_proj.bias", (hidden,))):
+        out[f"{p}transformer.resblocks.{n_layers}.{name}"] = torch.randn(shape, generator=g)
+    out[p + "text_projection"] = torch.randn(hidden, hidden, generator=g)
+    out[p + "logit_scale"] = torch.tensor(4.6)
+    return out
+
+
+def write_single_file(folder: Path, path: Path, family: str) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    state = {**_unet_to_ldm(unet.state_dict(), unet.config.layers_per_block),
+             **_vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)),
+             **_clip_to_ldm(text.state_dict(), family, text.config.hidden_size)}
+    state["alphas_cumprod"] = torch.ones(1000)  # the LDM file's diffusion buffers (ignored)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """{family: (folder, single file, tokenizer folder)} for an SD1-like (eps) and an SD2-like (v) model."""
+    root = tmp_path_factory.mktemp("sd")
+    out = {}
+    for family in FAMILY:
+        folder = build_sd_folder(root / family, family)
+        out[family] = (folder, write_single_file(folder, root / f"{family}.safetensors", family),
+                       root / f"tok-{family}")
+    return out
+
+
+def _load(sd, family, layout, **kw):
+    folder, single, tok = sd[family]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if layout == "folder":
+            return Pipeline.load(folder, device="cpu", **kw)
+        return Pipeline.load(single, device="cpu", tokenizer=str(tok), prediction="eps" if family == "sd1" else "v",
+                             image_size=16, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Equality with diffusers
+
+
+def _diffusers_pipe(folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # SD's config: leading, offset 1
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_output_equals_diffusers_in_both_layouts(sd, family):
+    """The denoiser's network output (eps or v) on the encoded prompt equals diffusers' U-Net on diffusers'
+    encoding of the same prompt, loaded from the folder and from the single file."""
+    from diffusers import UNet2DConditionModel
+
+    folder = sd[family][0]
+    ref = _diffusers_pipe(folder)
+    with torch.no_grad():
+        emb, _ = ref.encode_prompt([PROMPT, NEGATIVE], "cpu", 1, False)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([951.0, 301.0])
+    with torch.no_grad():
+        want = unet(x, t.long(), encoder_hidden_states=emb).sample
+    for layout in ("folder", "single-file"):
+        pipe = _load(sd, family, layout)
+        assert pipe.denoiser.prediction == ("eps" if family == "sd1" else "v")
+        with torch.no_grad():
+            cond = pipe._encode([PROMPT, NEGATIVE])
+            got = pipe.denoiser.raw(x, t, cond)
+        assert cond.tokens.shape == (2, 77, FAMILY[family]["hidden"])
+        assert (cond.tokens - emb).abs().max().item() < 1e-5, layout
+        assert want.abs().mean().item() > 0.05  # a real output, not zeros
+        assert (got - want).abs().max().item() < 1e-4, layout
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_single_file_holds_the_folders_weights(sd, family):
+    from kakusan.sd import read_sd
+
+    folder, single, tok = sd[family]
+    a = read_sd(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = read_sd(single, tokenizer=str(tok), prediction="eps" if family == "sd1" else "v", image_size=16)
+    for part in ("unet", "vae", "text_model"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert set(sa) == set(sb), part
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+    assert a.schedule == b.schedule and a.prediction == b.prediction
+    assert dict(a.unet.config)["attention_head_dim"] == dict(b.unet.config)["attention_head_dim"]
+    assert a.tokenizer("a cat", padding="max_length")["input_ids"] == b.tokenizer("a cat", padding="max_length")[
+        "input_ids"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_txt2img_equals_diffusers_ddim_cfg_negative_prompt(sd, family):
+    """DDIM 20 steps, guidance 7.5, a negative prompt, the same starting latents: the same image as diffusers'
+    StableDiffusionPipeline with SD's DDIM (kakusan's noise argument is in units of the first level's sigma)."""
+    folder = sd[family][0]
+    pipe = _load(sd, family, "folder")
+    levels_t = [951 - 50 * i for i in range(20)]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma0 = pipe.schedule.alpha_sigma(torch.tensor(951.0))[1].item()
+    got = pipe(PROMPT, negative_prompt=NEGATIVE, sampler="ddim", steps=20, spacing="leading", guidance=7.5,
+               noise=noise, n=1)
+    ref = _diffusers_pipe(folder)
+    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=7.5, height=16, width=16,
+               latents=noise * sigma0, output_type="pt").images
+    assert ref.scheduler.timesteps.tolist() == levels_t
+    img = (got.images + 1) / 2
+    assert img.shape == want.shape == (1, 3, 16, 16)
+    assert want.std().item() > 0.02  # an image, not a flat field
+    assert (img - want).abs().max().item() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything downstream: samplers, img2img / inpainting / inversion, the CLI, import-sd
+
+
+def test_every_sampler_and_the_other_starts(sd):
+    from kakusan.samplers import SAMPLERS
+
+    pipe = _load(sd, "sd1", "folder")
+    for name in SAMPLERS:
+        out = pipe(PROMPT, sampler=name, steps=3, seed=1)  # (guidance: the equality test above)
+        assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all(), name
+        assert out.images.std().item() > 0.01, name
+    init = pipe(PROMPT, sampler="ddim", steps=4).images
+    same = pipe(PROMPT, init_image=init, strength=0.0, steps=4)  # strength 0: the image itself
+    assert (same.images - init).abs().max().item() < 1 / 127
+    changed = pipe(PROMPT, init_image=init, strength=0.5, sampler="ddim", steps=4, guidance=3.0,
+                   negative_prompt=NEGATIVE)
+    assert (changed.images - init).abs().mean().item() > 1e-3
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:, :] = 1
+    painted = pipe(PROMPT, init_image=init, mask=mask, sampler="ddim", steps=4)
+    keep = (1 - mask).bool().expand_as(init)
+    assert (painted.images - init)[keep].abs().max().item() < 1 / 127  # the kept half is the init image's
+    inv = pipe.invert(init, prompt=PROMPT, steps=4)
+    assert inv.noise.shape == (1, 4, 8, 8) and torch.isfinite(inv.noise).all()
+    again = pipe(noise=inv.noise, **inv.regenerate)
+    assert again.images.shape == init.shape
+
+
+def test_gradient_checkpointing_bf16_and_offload(sd):
+    pipe = _load(sd, "sd2", "folder")
+    unet = pipe.denoiser.backbone
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])
+    cond = pipe._encode([PROMPT, NEGATIVE])
+    unet.train().requires_grad_(True)
+    grads = []
+    for on in (False, True):
+        unet.zero_grad()
+        unet.enable_gradient_checkpointing(on)
+        unet(x, t, cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    assert grads[0].abs().max().item() > 0
+    assert (grads[0] - grads[1]).abs().max().item() < 1e-5 * grads[0].abs().max().item() + 1e-7
+    fp32 = pipe(PROMPT, sampler="ddim", steps=4, guidance=3.0).images
+    bf16 = _load(sd, "sd2", "folder", precision="bf16", offload=True)(PROMPT, sampler="ddim", steps=4,
+                                                                      guidance=3.0).images
+    assert 0 < (bf16 - fp32).abs().mean().item() < 0.05  # bf16 forward passes: close, not bitwise
+
+
+def test_cli_sample_and_import_sd(sd, tmp_path, capsys):
+    folder, single, tok = sd["sd1"]
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                 "--guidance", "7.5", "--sampler", "ddim", "--steps", "5", "--spacing", "leading", "-n", "2",
+                 "--device", "cpu", "--out", str(grid)]) == 0
+    assert grid.is_file() and "2 samples, ddim, 5 steps" in capsys.readouterr().out
+    from kakusan.pipeline import read_png_record
+
+    assert read_png_record(grid)["negative_prompt"] == NEGATIVE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["import-sd", str(single), "--tokenizer", str(tok), "--prediction", "eps", "--image-size", "16",
+                     "--out", str(tmp_path / "imported")]) == 0
+    kw = dict(negative_prompt=NEGATIVE, guidance=7.5, sampler="ddim", steps=5, spacing="leading", seed=4)
+    imported = Pipeline.load(tmp_path / "imported", device="cpu")(PROMPT, **kw).images
+    direct = _load(sd, "sd1", "folder")(PROMPT, **kw).images
+    assert (imported - direct).abs().max().item() < 1e-5
+
+
+def _error_line(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("kakusan: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_exit_2(sd, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, single, tok = sd["sd1"]
+    sample = ["sample", "--prompt", PROMPT, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    # a folder missing a component
+    broken = tmp_path / "no-vae"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "vae")
+    assert main([*sample, "--checkpoint", str(broken)]) == 2
+    assert "without its vae/ component" in _error_line(capsys)
+    # a single file of an unknown family (no SD 1.x / 2.x text tower)
+    state = {k: v for k, v in load_file(str(single)).items() if not k.startswith("cond_stage_model.")}
+    state["conditioner.foo.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "unknown.safetensors"))
+    assert main([*sample, "--checkpoint", str(tmp_path / "unknown.safetensors"), "--tokenizer", str(tok)]) == 2
+    assert "unknown family" in _error_line(capsys)
+    # a truncated safetensors
+    data = single.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert main([*sample, "--checkpoint", str(tmp_path / "cut.safetensors")]) == 2
+    assert "damaged or truncated" in _error_line(capsys)
+    # an SD checkpoint where a kakusan one is needed (fine-tuning), and a kakusan one where an SD one is
+    assert main(["train", "--init-from", str(folder), "--data", "digits", "--steps", "1", "--lora-rank", "8",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "Stable Diffusion pipeline folder, not a kakusan checkpoint" in _error_line(capsys)
+    assert main(["train", "--init-from", str(single), "--data", "digits", "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "Stable Diffusion single-file checkpoint, not a kakusan checkpoint" in _error_line(capsys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["import-sd", str(folder), "--out", str(tmp_path / "imp")])
+    capsys.readouterr()
+    assert main(["import-sd", str(tmp_path / "imp"), "--out", str(tmp_path / "imp2")]) == 2
+    assert "is a kakusan checkpoint, not a Stable Diffusion one" in _error_line(capsys)
+    assert main(["train", "--init-from", str(tmp_path / "imp"), "--data", "digits", "--steps", "1", "--lora-rank",
+                 "8", "--out", str(tmp_path / "run")]) == 2
+    assert "fine-tuning it (--init-from, --lora-rank) is not supported yet" in _error_line(capsys)
+    # a single file without a tokenizer
+    assert main([*sample, "--checkpoint", str(single)]) == 2
+    assert "--tokenizer" in _error_line(capsys)
+
+
+def test_scheduler_mapping_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    from kakusan.samplers import sampling_levels
+    from kakusan.schedules import make_schedule
+    from kakusan.sd import family_scheduler, schedule_from_scheduler
+
+    for zero_snr in (False, True):
+        cfg = {**family_scheduler("v"), "rescale_betas_zero_snr": zero_snr}
+        sc, pred = schedule_from_scheduler(cfg, "test")
+        assert pred == "v" and sc.steps_offset == 1 and sc.final_level == "first"
+        ours = make_schedule(sc)
+        ref = DDIMScheduler(**{k: v for k, v in cfg.items()}, clip_sample=False)
+        assert (ours.alpha_bar - ref.alphas_cumprod.double()).abs().max().item() < 1e-6
+        ref.set_timesteps(20)
+        levels = sampling_levels(ours, "ddim", 20, "leading")
+        assert levels.t[:-1].tolist() == ref.timesteps.tolist()
+        assert abs(levels.alpha[-1].item() ** 2 - ref.final_alpha_cumprod.item()) < 1e-6  # set_alpha_to_one False
