@@ -243,7 +243,7 @@ def test_import_released_dit_and_sample_it_through_the_cli(tmp_path, capsys):
     out = tmp_path / "imported"
     assert main(["import-dit", str(tmp_path / "DiT-tiny.pt"), "--out", str(out), "--num-heads", "2",
                  "--autoencoder", str(tmp_path / "vae")]) == 0
-    den, config = load_denoiser(out)
+    den, config = load_denoiser(out, precision="fp32")
     assert model_config_from_dict(config["model"]) == cfg
     assert config["autoencoder"]["scale_factor"] == 0.18215 and config["diffusion"]["prediction"] == "eps"
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 900.0]), torch.tensor([0, 2])

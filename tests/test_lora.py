@@ -46,7 +46,7 @@ def test_lora_starts_at_the_base_and_trains_only_the_adapters(tmp_path, digits, 
                              lora_targets="all", **{**TINY, "lr": 1e-2}), digits)
     # the run takes the base's diffusion, whatever its own flags said
     assert tr.config["schedule"]["name"] == "linear" and tr.config["diffusion"]["prediction"] == "eps"
-    base_den, _ = load_denoiser(base)
+    base_den, _ = load_denoiser(base, precision="fp32")
     assert torch.equal(_probe(tr.denoiser), _probe(base_den))  # adapters start at zero
     trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
@@ -62,16 +62,16 @@ def test_lora_starts_at_the_base_and_trains_only_the_adapters(tmp_path, digits, 
     assert sum(v.numel() for v in adapter.values()) < 0.5 * sum(v.numel() for v in base_w.values())
 
     # the run's checkpoint (adapters merged) == the base + its adapter file; and differs from the base
-    run_den, config = load_denoiser(ckpt)
+    run_den, config = load_denoiser(ckpt, precision="fp32")
     assert config["lora"]["rank"] == 4 and config["init_from"]["sha256"]
     assert isinstance(run_den.backbone, UNet) and not any(".lora_" in k for k in run_den.backbone.state_dict())
-    applied = apply_checkpoint_lora(load_denoiser(base)[0], base, ckpt / "lora.safetensors")
+    applied = apply_checkpoint_lora(load_denoiser(base, precision="fp32")[0], base, ckpt / "lora.safetensors")
     assert torch.allclose(_probe(run_den), _probe(applied), atol=1e-5)
     assert (_probe(run_den) - _probe(base_den)).abs().max() > 1e-3
     # strength 0 is the base, strength 0.5 lies between
-    zero = apply_checkpoint_lora(load_denoiser(base)[0], base, ckpt / "lora.safetensors", scale=0.0)
+    zero = apply_checkpoint_lora(load_denoiser(base, precision="fp32")[0], base, ckpt / "lora.safetensors", scale=0.0)
     assert torch.allclose(_probe(zero), _probe(base_den), atol=1e-6)
-    half = apply_checkpoint_lora(load_denoiser(base)[0], base, ckpt / "lora.safetensors", scale=0.5)
+    half = apply_checkpoint_lora(load_denoiser(base, precision="fp32")[0], base, ckpt / "lora.safetensors", scale=0.5)
     mid = (_probe(run_den) + _probe(base_den)) / 2  # the adapter's delta is linear in its scale (per layer)
     full = (_probe(run_den) - _probe(base_den)).abs().max()
     assert (_probe(half) - mid).abs().max() < 0.25 * full < (_probe(half) - _probe(run_den)).abs().max()
@@ -91,11 +91,11 @@ def test_lora_resume_is_exact(tmp_path, digits, base):
 
 def test_full_fine_tuning_starts_from_the_base_weights(tmp_path, digits, base):
     tr = Trainer(TrainConfig(out=str(tmp_path / "ft"), steps=5, init_from=str(base), **TINY), digits)
-    assert torch.equal(_probe(tr.denoiser), _probe(load_denoiser(base)[0]))
+    assert torch.equal(_probe(tr.denoiser), _probe(load_denoiser(base, precision="fp32")[0]))
     ckpt = tr.fit()
     config = json.loads((ckpt / "config.json").read_text())
     assert config["init_from"]["path"] == str(base) and "lora" not in config
-    assert (_probe(load_denoiser(ckpt)[0]) - _probe(load_denoiser(base)[0])).abs().max() > 0
+    assert (_probe(load_denoiser(ckpt, precision="fp32")[0]) - _probe(load_denoiser(base, precision="fp32")[0])).abs().max() > 0
 
 
 def test_fine_tuning_mistakes_are_named(tmp_path, digits, base):
@@ -122,7 +122,7 @@ def test_fine_tuning_mistakes_are_named(tmp_path, digits, base):
     with pytest.raises(CheckpointError, match="another base model"):
         apply_checkpoint_lora(load_denoiser(other)[0], other, lora_ckpt / "lora.safetensors")
     with pytest.raises(CheckpointError, match="not a kakusan LoRA adapter"):
-        apply_checkpoint_lora(load_denoiser(base)[0], base, base / "ema.safetensors")
+        apply_checkpoint_lora(load_denoiser(base, precision="fp32")[0], base, base / "ema.safetensors")
     with pytest.raises(ConfigError, match="no attention layers"):
         target_layers(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 1, 3)), "attention")
 

@@ -234,6 +234,8 @@ def sd(tmp_path_factory):
 
 
 def _load(sd, family, layout, **kw):
+    """The pipeline over a test SD model; fp32 unless asked (the equality checks are against diffusers' fp32)."""
+    kw.setdefault("precision", "fp32")
     folder, single, tok = sd[family]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -387,7 +389,7 @@ def test_cli_sample_and_import_sd(sd, tmp_path, capsys):
         assert main(["import-sd", str(single), "--tokenizer", str(tok), "--prediction", "eps", "--image-size", "16",
                      "--out", str(tmp_path / "imported")]) == 0
     kw = dict(negative_prompt=NEGATIVE, guidance=7.5, sampler="ddim", steps=5, spacing="leading", seed=4)
-    imported = Pipeline.load(tmp_path / "imported", device="cpu")(PROMPT, **kw).images
+    imported = Pipeline.load(tmp_path / "imported", device="cpu", precision="fp32")(PROMPT, **kw).images
     direct = _load(sd, "sd1", "folder")(PROMPT, **kw).images
     assert (imported - direct).abs().max().item() < 1e-5
 

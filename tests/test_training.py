@@ -108,7 +108,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, digits):
 def test_compiled_training_matches_eager(tmp_path, digits):
     """--compile runs the training forward through torch.compile: the same losses as eager (to the round-off of
     fused kernels), and checkpoints hold the plain module's weights (no '_orig_mod.' prefix)."""
-    kw = dict(steps=3, log_every=1, model={"dropout": 0.0})
+    kw = dict(steps=3, log_every=1, model={"dropout": 0.0}, precision="fp32")  # bf16 round-off is another matter
     _, a = _run(tmp_path, digits, "eager", **kw)
     tr, b = _run(tmp_path, digits, "compiled", compile=True, **kw)
     assert tr.train_denoiser.backbone is not tr.model  # the compiled wrapper

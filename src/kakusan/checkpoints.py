@@ -194,7 +194,8 @@ def read_config(path: Path) -> dict:
         else:
             config = json.loads((path / "config.json").read_text())
     except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable kakusan checkpoint ({type(e).__name__}: {e})") from None
+        damaged = "damaged or truncated? " if isinstance(e, SafetensorError) else ""
+        raise CheckpointError(f"{path}: not a readable kakusan checkpoint ({damaged}{type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(f"{path}: not a kakusan checkpoint (config has no model section)")
     fmt = config.get("format")

@@ -64,7 +64,10 @@ def sd_layout(path: str | Path) -> str | None:
     if path.is_dir():
         return "folder" if (path / "model_index.json").is_file() else None
     if path.is_file() and path.suffix == ".safetensors":
-        keys, meta = _safetensors_keys(path)
+        try:
+            keys, meta = _safetensors_keys(path)
+        except CheckpointError:  # no readable header: nothing says SD; the kakusan loader names the damage
+            return None
         if "kakusan_config" in meta:
             return None
         return "single-file" if any(k.startswith(UNET) for k in keys) else None
