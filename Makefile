@@ -8,15 +8,20 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo serve test readme-check bench clean
 
-$(VENV)/.installed: pyproject.toml
+# the core (what `make demo` needs), then the test extras (diffusers, transformers, gradio, ... for the cross-checks)
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.core
 	$(PY) -m kakusan.cli demo
 
 # the local web page over the pipeline, on http://127.0.0.1:7860/ (the model `make demo` trained, or CHECKPOINT=PATH)

@@ -59,12 +59,13 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def _precision(lib: str, mode: str) -> tuple[bool, bool, bool]:
-    """(bf16, compile, channels_last) of a mode; kakusan's 'default' is what --precision auto resolves to here."""
+def _precision(lib: str, mode: str, net) -> tuple[bool, bool, bool]:
+    """(bf16, compile, channels_last) of a mode; kakusan's 'default' is what --precision auto resolves to here
+    for this network."""
     from kakusan.diffusion import autocast_dtype
 
     parts = mode.split("+")
-    bf16 = parts[0] == "bf16" or (parts[0] == "default" and autocast_dtype("auto", "cpu") is not None)
+    bf16 = parts[0] == "bf16" or (parts[0] == "default" and autocast_dtype("auto", "cpu", net) is not None)
     return bf16, "compile" in parts, "cl" in parts
 
 
@@ -88,8 +89,8 @@ def one_sample(preset: str, batch: int, library: str, mode: str, calls: int, ste
     from kakusan.schedules import make_schedule
     from sampling_throughput import _Forward, diffusers_sampler_loop
 
-    bf16, compiled, cl = _precision(lib, mode)
     cfg, net = _build(lib, preset)
+    bf16, compiled, cl = _precision(lib, mode, net)
     net = net.eval()
     if cl:
         net = net.to(memory_format=torch.channels_last)
@@ -135,8 +136,8 @@ def one_train(preset: str, batch: int, library: str, mode: str, calls: int) -> d
     from kakusan.schedules import make_schedule
     from train_throughput import count_flops, make_step
 
-    bf16, compiled, _ = _precision(lib, mode)
     cfg, net = _build(lib, preset)
+    bf16, compiled, _ = _precision(lib, mode, net)
     net = net.train()
     call = (lambda m, x, t: m(x, t.float())) if lib == "kakusan" else (lambda m, x, t: m(x, t).sample)
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
@@ -175,71 +176,8 @@ def best(rows, **match):
     return min(cand, key=lambda r: r[key], default=None)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="unet-digits,unet-mnist,ddpm-cifar10,dit-mnist")
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--compile-batches", default="16,64", help="batches at which the +compile modes run")
-    p.add_argument("--compile-presets", default="unet-mnist,ddpm-cifar10")
-    p.add_argument("--train-compile-presets", default="unet-mnist")
-    p.add_argument("--calls", type=int, default=5, help="timed evaluations / steps per configuration (median)")
-    p.add_argument("--sampler-steps", type=int, default=20)
-    p.add_argument("--sampler-batches", default="1,16", help="batches at which a whole sampler run is timed")
-    p.add_argument("--train-batch", type=int, default=64)
-    p.add_argument("--train-batch-large", type=int, default=16, help="the training batch for ddpm-cifar10")
-    p.add_argument("--no-train", action="store_true")
-    p.add_argument("--no-sample", action="store_true")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    p.add_argument("--json", default=str(HERE / "results" / "cpu_speed.json"))
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.one:
-        spec = json.loads(args.one)
-        task = spec.pop("task")
-        row = one_sample(**spec) if task == "sample" else one_train(**spec)
-        print(json.dumps(row))
-        return
-
-    from train_throughput import run_meta
-
-    presets, batches = args.presets.split(","), [int(b) for b in args.batches.split(",")]
-    cbatches = {int(b) for b in args.compile_batches.split(",")}
-    cpresets = set(args.compile_presets.split(","))
-    tcpresets = set(args.train_compile_presets.split(","))
-    sbatches = {int(b) for b in args.sampler_batches.split(",")}
-    peak = matmul_peak()
-    print(f"matmul peak here: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    specs = []
-    for preset in presets:
-        libs = ["kakusan"] if preset.startswith("dit") else ["kakusan", "diffusers"]
-        for b in batches if not args.no_sample else []:
-            for lib in libs:
-                for mode in SAMPLE_MODES[lib]:
-                    if "compile" in mode and (b not in cbatches or preset not in cpresets):
-                        continue
-                    specs.append({"task": "sample", "preset": preset, "batch": b, "library": lib, "mode": mode,
-                                  "calls": args.calls, "steps": args.sampler_steps if b in sbatches else 0})
-        if not args.no_train:
-            b = args.train_batch_large if preset == "ddpm-cifar10" else args.train_batch
-            for lib in libs:
-                for mode in TRAIN_MODES[lib]:
-                    if "compile" in mode and preset not in tcpresets:
-                        continue
-                    specs.append({"task": "train", "preset": preset, "batch": b, "library": lib, "mode": mode,
-                                  "calls": args.calls})
-    rows, t0 = [], time.perf_counter()
-    for i, spec in enumerate(specs):
-        row = run_child(spec, args.timeout)
-        if row is None:
-            continue
-        row["of_peak"] = row["gflops"] / peak[row["precision"]]
-        rows.append(row)
-        what = (f"{row['ms_per_eval']:8.1f} ms/eval" if row["task"] == "sample" else
-                f"{row['images_per_s']:8.1f} img/s")
-        print(f"[{i + 1}/{len(specs)} {time.perf_counter() - t0:6.0f} s] {row['task']:<6} {row['preset']:<13} "
-              f"b{row['batch']:<3} {row['library']:<9} {row['mode']:<16} {what}  {100 * row['of_peak']:5.1f}% of peak"
-              f"  {row['peak_rss_mib']:6.0f} MiB", flush=True)
-
+def summarize(rows: list[dict], presets: list[str], batches: list[int]) -> list[dict]:
+    """kakusan's default and best rows against diffusers' best, per preset and batch; prints the table."""
     summary = []
     for preset in presets:
         for b in batches:
@@ -282,6 +220,83 @@ def main() -> None:
                   if s["diffusers_best_img_s"] else "")
             print(f"train  {s['preset']:<13} b{s['batch']:<3} default {s['kakusan_default_img_s']:7.1f} img/s "
                   f"best {s['kakusan_best_img_s']:7.1f} ({s['kakusan_best_mode']})  {vs}")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="unet-digits,unet-mnist,ddpm-cifar10,dit-mnist")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--compile-batches", default="16,64", help="batches at which the +compile modes run")
+    p.add_argument("--compile-presets", default="unet-mnist,ddpm-cifar10")
+    p.add_argument("--train-compile-presets", default="unet-mnist")
+    p.add_argument("--calls", type=int, default=5, help="timed evaluations / steps per configuration (median)")
+    p.add_argument("--sampler-steps", type=int, default=20)
+    p.add_argument("--sampler-batches", default="1,16", help="batches at which a whole sampler run is timed")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-batch-large", type=int, default=16, help="the training batch for ddpm-cifar10")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-sample", action="store_true")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    p.add_argument("--json", default=str(HERE / "results" / "cpu_speed.json"))
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--summarize", metavar="JSON", help="print the summary of an earlier run's JSON again")
+    args = p.parse_args()
+    if args.one:
+        spec = json.loads(args.one)
+        task = spec.pop("task")
+        row = one_sample(**spec) if task == "sample" else one_train(**spec)
+        print(json.dumps(row))
+        return
+
+    from train_throughput import run_meta
+
+    if args.summarize:
+        d = json.loads(Path(args.summarize).read_text())
+        d["summary"] = summarize(d["rows"], sorted({r["preset"] for r in d["rows"]}, key=d["preset"].split(",").index),
+                                 sorted({r["batch"] for r in d["rows"] if r["task"] == "sample"}))
+        Path(args.summarize).write_text(json.dumps(d, indent=2))
+        return
+
+    presets, batches = args.presets.split(","), [int(b) for b in args.batches.split(",")]
+    cbatches = {int(b) for b in args.compile_batches.split(",")}
+    cpresets = set(args.compile_presets.split(","))
+    tcpresets = set(args.train_compile_presets.split(","))
+    sbatches = {int(b) for b in args.sampler_batches.split(",")}
+    peak = matmul_peak()
+    print(f"matmul peak here: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    specs = []
+    for preset in presets:
+        libs = ["kakusan"] if preset.startswith("dit") else ["kakusan", "diffusers"]
+        for b in batches if not args.no_sample else []:
+            for lib in libs:
+                for mode in SAMPLE_MODES[lib]:
+                    if "compile" in mode and (b not in cbatches or preset not in cpresets):
+                        continue
+                    specs.append({"task": "sample", "preset": preset, "batch": b, "library": lib, "mode": mode,
+                                  "calls": args.calls, "steps": args.sampler_steps if b in sbatches else 0})
+        if not args.no_train:
+            b = args.train_batch_large if preset == "ddpm-cifar10" else args.train_batch
+            for lib in libs:
+                for mode in TRAIN_MODES[lib]:
+                    if "compile" in mode and preset not in tcpresets:
+                        continue
+                    specs.append({"task": "train", "preset": preset, "batch": b, "library": lib, "mode": mode,
+                                  "calls": args.calls})
+    rows, t0 = [], time.perf_counter()
+    for i, spec in enumerate(specs):
+        row = run_child(spec, args.timeout)
+        if row is None:
+            continue
+        row["of_peak"] = row["gflops"] / peak[row["precision"]]
+        rows.append(row)
+        what = (f"{row['ms_per_eval']:8.1f} ms/eval" if row["task"] == "sample" else
+                f"{row['images_per_s']:8.1f} img/s")
+        print(f"[{i + 1}/{len(specs)} {time.perf_counter() - t0:6.0f} s] {row['task']:<6} {row['preset']:<13} "
+              f"b{row['batch']:<3} {row['library']:<9} {row['mode']:<16} {what}  {100 * row['of_peak']:5.1f}% of peak"
+              f"  {row['peak_rss_mib']:6.0f} MiB", flush=True)
+
+    summary = summarize(rows, presets, batches)
     meta = run_meta("cpu_speed", ",".join(presets), torch.device("cpu"), calls=args.calls,
                     wall_s=time.perf_counter() - t0)
     out = Path(args.json)

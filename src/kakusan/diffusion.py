@@ -172,21 +172,53 @@ def cpu_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype a precision setting means on ``device``: 'auto' is bf16 on CUDA and on a CPU with
-    native bf16 (:func:`cpu_native_bf16`), fp32 (None: no autocast) elsewhere; 'fp32' None, 'bf16' bf16.
-    Training and sampling both read their setting here."""
+# On a CPU, bf16 pays only when one image's forward pass is enough work: below this, the conversions and oneDNN's
+# small-shape kernels cost more than the faster multiplies save. Measured on 2 AVX512-BF16 cores
+# (benchmarks/cpu_speed.py, docs/RESULTS.md): unet-digits (0.05 GFLOP an image) is faster in fp32 for training
+# and for sampling up to batch 16; unet-mnist (0.38), the DiT and ddpm-cifar10 (12) are faster in bf16.
+CPU_BF16_MIN_GFLOP = 0.2
+
+
+def forward_gflop(backbone: nn.Module) -> float | None:
+    """GFLOP of one image's forward pass (torch's FlopCounterMode over a batch of one at the network's own size
+    and a null condition), or None where the network does not say its input size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = getattr(backbone, "config", None)
+    c, size = getattr(cfg, "in_channels", None), getattr(cfg, "image_size", None)
+    if not (isinstance(c, int) and isinstance(size, int)):
+        return None
+    dev = next(backbone.parameters()).device
+    cond = None
+    if getattr(cfg, "context_dim", 0):
+        from .conditioning.text import TextCond
+
+        cond = TextCond(torch.zeros(1, 1, cfg.context_dim, device=dev), torch.ones(1, 1, dtype=torch.bool, device=dev))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        backbone(torch.zeros(1, c, size, size, device=dev), torch.full((1,), 500.0, device=dev), cond)
+    return fc.get_total_flops() / 1e9
+
+
+def autocast_dtype(precision: str, device: str | torch.device, backbone: nn.Module | None = None
+                   ) -> torch.dtype | None:
+    """The autocast dtype a precision setting means on ``device``: 'auto' is bf16 on CUDA, and on a CPU with
+    native bf16 (:func:`cpu_native_bf16`) for a ``backbone`` whose forward pass per image is at least
+    ``CPU_BF16_MIN_GFLOP`` (or any, when no backbone is named); fp32 (None: no autocast) elsewhere. 'fp32' is
+    None, 'bf16' bf16. Training and sampling both read their setting here."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return torch.bfloat16 if precision == "bf16" else None
     kind = torch.device(device).type
-    auto = kind == "cuda" or (kind == "cpu" and cpu_native_bf16())
-    bf16 = precision == "bf16" or (precision == "auto" and auto)
-    return torch.bfloat16 if bf16 else None
-
-
-def precision_name(precision: str, device: str | torch.device) -> str:
-    """What a precision setting resolves to on ``device``: 'bf16' or 'fp32' (for records: 'auto' differs by machine)."""
-    return "fp32" if autocast_dtype(precision, device) is None else "bf16"
+    if kind == "cuda":
+        return torch.bfloat16
+    if kind != "cpu" or not cpu_native_bf16():
+        return None
+    if backbone is not None:
+        gflop = forward_gflop(backbone)
+        if gflop is not None and gflop < CPU_BF16_MIN_GFLOP:
+            return None
+    return torch.bfloat16
 
 
 def compile_cache() -> str:
@@ -232,7 +264,7 @@ class Denoiser(nn.Module):
     def set_precision(self, precision: str, device: str | torch.device) -> "Denoiser":
         """The backbone's forward pass in ``precision`` (see :func:`autocast_dtype`); the sampler's own arithmetic
         (the x_t updates, the eps/v -> x0 conversion) stays in x_t's dtype. Set before :meth:`compile`."""
-        dtype = autocast_dtype(precision, device)
+        dtype = autocast_dtype(precision, device, self.backbone)
         if self._compiled is not None and dtype != self.autocast_dtype:
             raise ConfigError("the denoiser was compiled in another precision; set the precision before compiling")
         self.autocast_dtype = dtype

@@ -35,7 +35,7 @@ from . import __version__
 from .checkpoints import (LoadedAutoencoder, apply_checkpoint_lora, autoencoder_for_checkpoint, load_denoiser,
                           resolve_checkpoint, sampling_defaults, weights_file)
 from .data.datasets import load_image, to_model_range, to_uint8
-from .diffusion import ClippedDenoiser, precision_name, randn, resolve_device
+from .diffusion import ClippedDenoiser, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .metrics.provenance import file_sha256, tensor_sha256
@@ -213,14 +213,16 @@ class Pipeline:
 
     def __init__(self, denoiser, config: dict, *, source: str | None = None, weights_sha256: str | None = None,
                  autoencoder: LoadedAutoencoder | None = None, text_encoder=None, device="cpu",
-                 use_ema: bool = True, loras: list[dict] | None = None, precision: str = "auto"):
+                 use_ema: bool = True, loras: list[dict] | None = None):
         self.denoiser, self.config = denoiser, config
         self.schedule = denoiser.schedule
         self.source, self.weights_sha256 = source, weights_sha256
         self.autoencoder, self.device = autoencoder, torch.device(device)
         self._text_encoder = text_encoder  # an encoder, or a callable that makes one (loaded on first use)
-        # the precision as resolved here ('auto' means bf16 on some machines, fp32 on others): records repeat
-        self.use_ema, self.loras, self.precision = use_ema, loras or [], precision_name(precision, self.device)
+        # the precision the denoiser resolved ('auto' means bf16 on some machines and models, fp32 on others):
+        # records say which ran, so they repeat
+        self.use_ema, self.loras = use_ema, loras or []
+        self.precision = "fp32" if denoiser.autocast_dtype is None else "bf16"
         self._null_text = None
 
     # ---- loading -----------------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ class Pipeline:
             if compile:
                 denoiser.compile(frozen=True)
             return cls(denoiser, config, source=str(checkpoint), weights_sha256=sha, autoencoder=ae,
-                       text_encoder=encoder, device=device, use_ema=True, precision=precision)
+                       text_encoder=encoder, device=device, use_ema=True)
         if tokenizer or prediction or image_size:
             raise ConfigError("--tokenizer / --prediction / --image-size are for Stable Diffusion single files")
         ckpt = resolve_checkpoint(checkpoint)
@@ -278,7 +280,7 @@ class Pipeline:
         elif text_encoder:
             raise ConfigError("--text-encoder given, but this checkpoint is not text-conditional")
         return cls(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights), autoencoder=decoder,
-                   text_encoder=encoder, device=device, use_ema=use_ema, loras=loras, precision=precision)
+                   text_encoder=encoder, device=device, use_ema=use_ema, loras=loras)
 
     @classmethod
     def from_png(cls, png: str | Path, checkpoint: str | Path | None = None, *, device="cpu",

@@ -412,7 +412,7 @@ class Trainer:
         self.labels = self.data.labels
         self.step = 0
         self.out = Path(cfg.out)
-        self.bf16 = autocast_dtype(cfg.precision, self.device) is not None
+        self.bf16 = autocast_dtype(cfg.precision, self.device, self.model) is not None
         self.skipped_steps = 0
 
     def _encode_captions(self) -> None:
@@ -556,13 +556,14 @@ class Trainer:
         from ..pipeline import Pipeline
 
         denoiser = Denoiser(self.ema.model, self.schedule, self.denoiser.config)
+        denoiser.autocast_dtype = torch.bfloat16 if self.bf16 else None  # as the training forward runs
         if self.distiller is not None:  # a few-step model, guidance baked in
             from ..consistency import ConsistencyDenoiser
 
             denoiser = ConsistencyDenoiser(denoiser)
         encoder = _CachedCaptions(self.text, self.text_index) if self.text is not None else None
         return Pipeline(denoiser, self.config, source=str(self.out), autoencoder=self.autoencoder,
-                        text_encoder=encoder, device=self.device, precision=self.cfg.precision)
+                        text_encoder=encoder, device=self.device)
 
     @torch.no_grad()
     def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
