@@ -49,7 +49,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         feats, logits = ext(images, what=name)
         fs = FeatureSet(feats, logits, source, labels)
-        s = score(ext, fs, ref, ("fid", "kid"))
+        s = score(ext, fs, ref, ("fid", "kid"))["scores"]
         agree = (torch.as_tensor(logits).argmax(1) == labels).float().mean().item()
         runs[name] = {"fid": s["fid"], "kid": s["kid"]["mean"], "class_agreement": agree, "seconds": seconds,
                       "images": images, "pred": torch.as_tensor(logits).argmax(1), "fs": fs, "source": source}
