@@ -34,25 +34,6 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1)
 
 
-def write_tokenizer(folder: Path):
-    """A CLIP tokenizer over the byte alphabet (no download): the speed does not depend on the vocabulary."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 def build(folder: Path, tiny: bool, image_size: int) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -68,7 +49,12 @@ def build(folder: Path, tiny: bool, image_size: int) -> None:
                         up_block_types=("UpDecoderBlock2D",) * len(vcfg["block_out_channels"]), **vcfg)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                           set_alpha_to_one=False, clip_sample=False)
-    tok = write_tokenizer(folder.parent / "tokenizer-src")
+    from transformers import CLIPTokenizer
+
+    from kakusan.testing import write_clip_tokenizer
+
+    # a tokenizer over the byte alphabet (no download): the speed does not depend on the vocabulary
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "tokenizer-src"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)

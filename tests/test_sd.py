@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kakusan.testing import write_clip_tokenizer
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -22,31 +24,9 @@ PROMPT, NEGATIVE = "a cat", "a blurry cat"
 # Building tiny SD-shaped models offline
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP's byte -> printable character table (the base alphabet of their BPE)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: Path) -> Path:
     """A CLIP tokenizer with the byte alphabet, a few merges and CLIP's special tokens (516 tokens)."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "ca", "cat</w>", "<|startoftext|>",
-                                         "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(folder)
-    return folder
+    return write_clip_tokenizer(folder, merges=(("c", "a"), ("ca", "t</w>")))
 
 
 FAMILY = {  # SD1-like: CLIP (quick_gelu), 8 heads, conv projections, eps, PNDM; SD2-like: 64-wide heads, v, DDIM

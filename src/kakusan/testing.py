@@ -144,3 +144,31 @@ class MixtureClassifier(torch.nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64).reshape(-1))
         return self.mixture.log_posterior(x_t, alpha, sigma)
+
+
+def write_clip_tokenizer(folder, merges: tuple[tuple[str, str], ...] = ()):
+    """A CLIP tokenizer written offline into ``folder`` (vocab.json, merges.txt, save_pretrained's files): the
+    byte alphabet of GPT-2 / CLIP's BPE with and without the end-of-word mark, the tokens the ``merges`` make, and
+    CLIP's two special tokens. For tests and benchmarks that need an SD-format text tower without a download."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    merged = [a + b for a, b in merges]
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), *merged, "<|startoftext|>",
+                                         "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
+    return folder
