@@ -91,14 +91,24 @@ class TextCond:
 
 
 def cat_conds(a, b):
-    """Batch two conditions of the same kind (class-label tensors or TextCond) for one forward pass."""
+    """Batch two conditions of the same kind (class-label tensors, TextCond or ControlCond) for one forward pass."""
+    from .control import ControlCond
+
+    if isinstance(a, ControlCond):
+        return ControlCond.cat(a, b, cat_conds)
     if isinstance(a, TextCond):
         return TextCond.cat([a, b])
     return torch.cat([a, b])
 
 
 def broadcast_cond(other, like):
-    """The other branch of guidance (a null / negative label or prompt) shaped like the batch ``like``."""
+    """The other branch of guidance (a null / negative label or prompt) shaped like the batch ``like``. Under a
+    ``ControlCond`` the other branch keeps the control images (and is left uncontrolled with ``cond_only``)."""
+    from .control import ControlCond
+
+    if isinstance(like, ControlCond):
+        keep = torch.zeros_like(like.keep) if like.cond_only else like.keep
+        return like.with_inner(None if like.inner is None else broadcast_cond(other, like.inner), keep)
     if isinstance(like, TextCond):
         if not isinstance(other, TextCond):
             raise ConfigError("a text-conditional model needs an encoded prompt as its null / negative condition")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import config_from_dict, need
+from ..errors import ConfigError, config_from_dict, need
 from .layers import CrossAttention, masked_mean, split_condition, timestep_embedding
 
 Tensor = torch.Tensor
@@ -226,7 +226,11 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, config: UNetConfig):
+    """The denoiser (x_t, t, cond) -> prediction. ``decoder=False`` builds the way down and the middle only (time /
+    label / text embeddings, conv_in, the down levels, the middle block): the trainable copy a ControlNet makes
+    of its base (models.controlnet), whose parameter names are the base's own."""
+
+    def __init__(self, config: UNetConfig, decoder: bool = True):
         super().__init__()
         self.config = cfg = config
         ch = cfg.channels
@@ -264,6 +268,10 @@ class UNet(nn.Module):
                 skip_channels.append(c)
                 res //= 2
         self.mid_block1, self.mid_attn, self.mid_block2 = res_block(c, c), attn(c), res_block(c, c)
+        self.skip_channels = list(skip_channels)  # the width of each skip, in the order the way down makes them
+        self.gradient_checkpointing = False  # a training-time choice (not in the config, not in checkpoints)
+        if not decoder:
+            return
 
         self.up, self.upsamples = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
@@ -280,8 +288,6 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        # a training-time choice, not part of the architecture (not in the config, not in checkpoints)
-        self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, on: bool = True) -> "UNet":
         """Recompute each residual block + attention pair in the backward pass instead of keeping its
@@ -297,9 +303,8 @@ class UNet(nn.Module):
                               use_reentrant=False)
         return attn(block(h, temb), context, mask)
 
-    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        """x: (B, C_in, H, W); t: (B,) the schedule's time; cond: class labels (B,) ints (num_classes = null)
-        for a class model, a ``TextCond`` for a text model, None for an unconditional model."""
+    def embed(self, x: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(time embedding (+ label or pooled text), text tokens, text mask) for a batch like ``x``."""
         cfg = self.config
         temb = self.time_mlp(timestep_embedding(t, cfg.channels).to(self.conv_in.weight.dtype))  # (B, 4ch)
         labels, context, mask = split_condition(cond, cfg.num_classes, cfg.context_dim, x.shape[0], x.device)
@@ -308,8 +313,10 @@ class UNet(nn.Module):
         if context is not None:
             context = context.to(temb.dtype)
             temb = temb + self.text_pool(masked_mean(context, mask))
+        return temb, context, mask
 
-        h = self.conv_in(x)
+    def encode(self, h: Tensor, temb: Tensor, context, mask) -> tuple[Tensor, list[Tensor]]:
+        """The way down and the middle from the features after ``conv_in``: (middle output, skips)."""
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
@@ -319,6 +326,22 @@ class UNet(nn.Module):
                 h = self.downsamples[i](h)
                 skips.append(h)
         h = self.mid_block2(self._block(self.mid_block1, self.mid_attn, h, temb, context, mask), temb)
+        return h, skips
+
+    def forward(self, x: Tensor, t: Tensor, cond=None, control: tuple[list[Tensor], Tensor] | None = None
+                ) -> Tensor:
+        """x: (B, C_in, H, W); t: (B,) the schedule's time; cond: class labels (B,) ints (num_classes = null)
+        for a class model, a ``TextCond`` for a text model, None for an unconditional model. ``control``: a
+        ControlNet's residuals (one per skip, in the skips' order, and one for the middle output), added to
+        them before the way up (Zhang et al. 2023, fig. 3)."""
+        temb, context, mask = self.embed(x, t, cond)
+        h, skips = self.encode(self.conv_in(x), temb, context, mask)
+        if control is not None:
+            residuals, mid = control
+            if len(residuals) != len(skips):
+                raise ConfigError(f"the control has {len(residuals)} skip residuals, this U-Net {len(skips)} skips")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, residuals)]
+            h = h + mid.to(h.dtype)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attns):
                 h = self._block(block, attn, torch.cat([h, skips.pop()], dim=1), temb, context, mask)
