@@ -261,6 +261,9 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     forward pass runs in bf16 autocast on CUDA and on CPUs with native bf16 unless ``precision`` says otherwise (see Denoiser.set_precision)."""
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
+    if "controlnet" in config:
+        raise CheckpointError(f"{ckpt}: a ControlNet, not a model: load it with Pipeline.load / --checkpoint (which "
+                              f"brings its base, {config['controlnet']['base']['path']}) or --controlnet")
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))
     weights_path = weights_file(ckpt, use_ema)
     if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling

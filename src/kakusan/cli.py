@@ -58,6 +58,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-points", type=int, help="points of the teacher's skipping grid (default 50)")
     p.add_argument("--distill-target-ema", type=float, help="EMA decay of the target network (default 0.95)")
     p.add_argument("--huber-c", type=float, help="the pseudo-Huber loss's c (default 0.001)")
+    p.add_argument("--controlnet", action="store_true", default=None,
+                   help="with --init-from (the frozen base): train a ControlNet that steers it by control maps")
+    p.add_argument("--control", help="--controlnet: canny | sobel | scribble (maps computed from the training "
+                                     "images) | folder:DIR (control images paired with the data in sorted order)")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, help="images per step (the global batch under torchrun)")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
@@ -183,7 +187,21 @@ def _pipeline_kwargs(args) -> dict:
             "guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval,
             "classifier": args.classifier, "classifier_scale": args.classifier_scale, "seed": args.seed,
             "batch_size": args.batch_size, "init_image": args.init_image, "strength": args.strength,
-            "mask": args.mask, "resample_steps": args.resample_steps, "clip": not args.no_clip}
+            "mask": args.mask, "resample_steps": args.resample_steps, "clip": not args.no_clip,
+            **_control_kwargs(args)}
+
+
+def _control_kwargs(args) -> dict:
+    if not args.control:
+        if args.control_type or args.control_scale or args.control_cond_only:
+            from .errors import ConfigError
+
+            raise ConfigError("--control-type / --control-scale / --control-cond-only need --control IMAGE")
+        return {}
+    scales = args.control_scale or [1.0]
+    return {"control": args.control if len(args.control) > 1 else args.control[0],
+            "control_type": None if args.control_type in (None, "none") else args.control_type,
+            "control_scale": scales if len(scales) > 1 else scales[0], "control_cond_only": args.control_cond_only}
 
 
 def _read_noise(path: str):
@@ -209,7 +227,7 @@ def cmd_sample(args) -> int:
             print(json.dumps(read_png_record(args.from_png), indent=2))
             return 0
         gen = Pipeline.from_png(args.from_png, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                                autoencoder=args.autoencoder)
+                                autoencoder=args.autoencoder, controlnet=args.controlnet)
         out = args.out or (None if args.out_dir else "regenerated.png")
         if len(gen) == 1 and out:  # one image of a call: written as it was, at its own size
             print(f"image: {gen.save_image(out)}")
@@ -244,7 +262,7 @@ def cmd_sample(args) -> int:
     pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
                          lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
                          autoencoder=args.autoencoder, offload=args.offload, compile=args.compile,
-                         **_sd_args(args))
+                         controlnet=args.controlnet, **_sd_args(args))
     kw["n"] = 64 if kw["n"] is None else kw["n"]
     gen = pipe(**kw, noise=noise, progress=True)
     out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
@@ -753,6 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the network (pays for many images: compiling takes tens of seconds on a "
                         "CPU the first time, less once cached)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp x0_hat to [-1, 1]")
+    p.add_argument("--controlnet", action="append",
+                   help="a ControlNet to steer the model (a kakusan --controlnet run trained on this checkpoint, or "
+                        "for Stable Diffusion a diffusers ControlNetModel folder / single file); repeat for several. "
+                        "A ControlNet run given as --checkpoint brings its base")
+    p.add_argument("--control", action="append",
+                   help="the control image (one per ControlNet, in order): the map itself, or a picture with "
+                        "--control-type")
+    p.add_argument("--control-type", help="compute the map from --control: canny | sobel | scribble (default none: "
+                                          "the image is the map)")
+    p.add_argument("--control-scale", type=float, action="append",
+                   help="weight of each ControlNet's residuals (default 1; repeat per ControlNet)")
+    p.add_argument("--control-cond-only", action="store_true",
+                   help="with --guidance: steer only the conditional branch (diffusers' guess mode)")
     p.add_argument("--offload", action="store_true", help="keep the text encoder and autoencoder on the CPU while "
                                                           "the network runs on --device")
     _add_sd_args(p)

@@ -215,6 +215,7 @@ class Pipeline:
                  autoencoder: LoadedAutoencoder | None = None, text_encoder=None, device="cpu",
                  use_ema: bool = True, loras: list[dict] | None = None):
         self.denoiser, self.config = denoiser, config
+        self.controlnets: list[dict] = []  # the records of the attached ControlNets (attach_controlnet)
         self.schedule = denoiser.schedule
         self.source, self.weights_sha256 = source, weights_sha256
         self.autoencoder, self.device = autoencoder, torch.device(device)
@@ -230,7 +231,8 @@ class Pipeline:
     def load(cls, checkpoint: str | Path, *, device="auto", precision: str = "auto", use_ema: bool = True,
              lora: str | Path | list | None = None, lora_scale: float | list = 1.0, text_encoder: str | None = None,
              autoencoder: str | None = None, offload: bool = False, tokenizer: str | None = None,
-             prediction: str | None = None, image_size: int | None = None, compile: bool = False) -> "Pipeline":
+             prediction: str | None = None, image_size: int | None = None, compile: bool = False,
+             controlnet: str | Path | list | None = None) -> "Pipeline":
         """Any kakusan checkpoint (folder, run folder or model file): pixel or latent, class / text /
         unconditional, a LoRA run, a distilled model; or a Stable Diffusion 1.x / 2.x checkpoint (a diffusers
         pipeline folder or the original single file; see :mod:`kakusan.sd`: ``tokenizer``, ``prediction`` and
@@ -238,8 +240,25 @@ class Pipeline:
         merge into this base (``lora_scale`` each); ``text_encoder`` / ``autoencoder``: where the recorded
         ones are now, if they moved (their weights are checked against the record). ``offload``: keep the text
         encoder and the autoencoder on the CPU while the network runs on ``device``. ``compile``: run the network
-        through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls)."""
+        through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls).
+        ``controlnet``: ControlNet checkpoint(s) to attach (see :meth:`attach_controlnet`); a ControlNet run given as
+        ``checkpoint`` loads the base it was trained on, with that ControlNet attached."""
         device = resolve_device(device)
+        controlnets = [] if controlnet is None else (list(controlnet) if isinstance(controlnet, (list, tuple))
+                                                     else [controlnet])
+        options = dict(device=device, precision=precision, use_ema=use_ema, lora=lora, lora_scale=lora_scale,
+                       text_encoder=text_encoder, autoencoder=autoencoder, offload=offload, tokenizer=tokenizer,
+                       prediction=prediction, image_size=image_size, compile=compile)
+        base = _controlnet_base(checkpoint)
+        if base is not None:  # a ControlNet run: its base, with it attached
+            return cls.load(base, **{**options, "controlnet": [checkpoint, *controlnets]})
+        if controlnets:
+            pipe = cls.load(checkpoint, **{**options, "compile": False})
+            for c in controlnets:
+                pipe.attach_controlnet(c)
+            if compile:
+                getattr(pipe.denoiser, "denoiser", pipe.denoiser).compile(frozen=True)
+            return pipe
         from .sd import load_pipeline_parts, sd_layout
 
         if sd_layout(checkpoint) is not None:
@@ -288,11 +307,68 @@ class Pipeline:
         """Make the image (or grid) of a kakusan PNG again from the record it carries: from ``checkpoint`` or
         the one recorded, which must be the same weights (else an error naming what differs)."""
         record = read_png_record(png)
+        if not load_options.get("controlnet") and record.get("control"):
+            load_options["controlnet"] = [c["controlnet"] for c in record["control"]]
         pipe = cls.load(checkpoint or record["checkpoint"], device=device, use_ema=record.get("use_ema", True),
                         lora=[lr["path"] for lr in record.get("lora", [])] or None,
                         lora_scale=[lr["scale"] for lr in record.get("lora", [])] or 1.0,
                         precision=record.get("precision", "auto"), **load_options)
         return pipe.regenerate(record)
+
+    def attach_controlnet(self, path: str | Path) -> dict:
+        """Steer this model with a ControlNet: a kakusan ControlNet checkpoint trained on exactly these base
+        weights (else refused), or for a Stable Diffusion base a diffusers ``ControlNetModel`` folder or a
+        community single file. Several attach in order; calls then give one control image each (``control``)."""
+        from .control import load_controlnet
+        from .models.controlnet import ControlledUNet
+
+        d = getattr(self.denoiser, "denoiser", self.denoiser)  # under a consistency wrapper: the denoiser
+        if d.compiled:
+            raise ConfigError("attach ControlNets before compiling (Pipeline.load(..., controlnet=..., compile=True))")
+        net, record = load_controlnet(path, base_sha256=self.weights_sha256, base_config=self.config,
+                                      device=self.device, use_ema=self.use_ema)
+        if isinstance(d.backbone, ControlledUNet):
+            d.backbone.controlnets.append(net)
+        else:
+            d.backbone = ControlledUNet(d.backbone, [net])
+        self.controlnets.append(record)
+        return record
+
+    def _control(self, control, n: int, control_type, control_scale, cond_only: bool
+                 ) -> tuple[tuple[Tensor, ...], tuple[float, ...], list[dict]]:
+        """(hints (n, C, H, W) in [0, 1] per ControlNet, scales, records) of a call's control images."""
+        from .control import CONTROL_TYPES, control_maps, hint_shape
+
+        k = len(self.controlnets)
+        if not k:
+            raise ConfigError("control images given, but no ControlNet is attached (--controlnet PATH, or sample "
+                              "a ControlNet run)")
+        images = list(control) if isinstance(control, list) and k > 1 else [control]
+        if len(images) != k:
+            raise ConfigError(f"{len(images)} control image(s) for {k} ControlNets (give one each)")
+        types = list(control_type) if isinstance(control_type, (list, tuple)) else [control_type] * k
+        scales = list(control_scale) if isinstance(control_scale, (list, tuple)) else [control_scale] * k
+        if len(types) != k or len(scales) != k:
+            raise ConfigError(f"{k} ControlNets: give one control type and scale each (or one for all)")
+        scales = [_finite("control_scale", s) for s in scales]
+        nets = getattr(self.denoiser, "denoiser", self.denoiser).backbone.controlnets
+        c, h, _ = self.image_shape
+        hints, records = [], []
+        for net, img, kind, scale, rec in zip(nets, images, types, scales, self.controlnets):
+            channels, _factor = hint_shape(net)
+            if kind is not None and kind not in CONTROL_TYPES:
+                raise ConfigError(f"unknown control type {kind!r}; choose from {', '.join(CONTROL_TYPES)} (or none: "
+                                  f"the image is the control map)")
+            if kind is None:  # the control map itself: [0, 1] from the image's values
+                u8, pic_rec = _load_picture(img, channels, h, "control image")
+                hint = u8.float() / 255
+            else:  # computed from a picture
+                u8, pic_rec = _load_picture(img, c, h, "control image")
+                hint = control_maps(u8, kind).expand(-1, channels, -1, -1)
+            records.append({"controlnet": rec["path"], "controlnet_sha256": rec["sha256"], "image": pic_rec,
+                            "type": kind, "scale": scale})
+            hints.append(_expand("control image", hint, n).contiguous())
+        return tuple(hints), tuple(scales), records
 
     # ---- what the checkpoint is --------------------------------------------------------------------------
     @property
@@ -492,14 +568,19 @@ class Pipeline:
                  classifier_scale: float = 1.0, seed: int = 0, batch_size: int | None = None,
                  noise: Tensor | None = None, init_image=None, strength: float | None = None, mask=None,
                  resample_steps: int = 1, clip: bool = True, callback=None, progress: bool = False,
-                 batches: list[int] | None = None) -> Generation:
+                 batches: list[int] | None = None, control=None, control_type: str | list | None = None,
+                 control_scale: float | list = 1.0, control_cond_only: bool = False) -> Generation:
         """Make images. ``n`` images (default: one per class for a class model, one per prompt, else 1), with
         ``sampler`` over ``steps`` (default :meth:`defaults`). Guidance: ``guidance`` (classifier-free, with a
         negative prompt / class, rescale, interval) or ``classifier`` (a noise-aware classifier file).
         Starts: fresh noise (``seed``, or ``noise``: standard-normal (n, C, H, W)); ``init_image`` with
         ``strength`` in [0, 1] (img2img: noised to that level, then sampled); ``init_image`` with ``mask``
         (white = repaint; ``resample_steps`` > 1: RePaint's resampling). ``callback(info)`` after each step
-        (``batch``, ``i``, ``t``, ``x``, ``x0_hat``). ``batches``: make only these batches (regeneration)."""
+        (``batch``, ``i``, ``t``, ``x``, ``x0_hat``). ``batches``: make only these batches (regeneration).
+        ``control``: with ControlNets attached, the control image (one for all n, or one per image; a list of
+        those with several ControlNets): the control map itself (values 0..255 -> [0, 1]), or a picture whose
+        ``control_type`` map (canny / sobel / scribble) is computed; ``control_scale`` weighs each ControlNet's
+        residuals; ``control_cond_only`` steers only the conditional branch of classifier-free guidance."""
         t_start = time.perf_counter()
         default_sampler, default_steps = self.defaults()
         sampler = sampler or default_sampler
@@ -543,6 +624,13 @@ class Pipeline:
             x0_init = pics
         elif resample_steps != 1:
             raise ConfigError("resample_steps is inpainting's option: give an init image and a mask")
+        hints = None
+        if control is not None:
+            hints, control_scales, start_record["control"] = self._control(control, n, control_type, control_scale,
+                                                                           control_cond_only)
+            start_record["control_cond_only"] = bool(control_cond_only)
+        elif control_cond_only or (control_type is not None):
+            raise ConfigError("control_type / control_cond_only need a control image")
         if noise is not None:
             if not torch.is_tensor(noise) or tuple(noise.shape) != (n, *self.shape):
                 raise ConfigError(f"noise must be a tensor of shape {(n, *self.shape)}, got "
@@ -572,6 +660,11 @@ class Pipeline:
                 raise ConfigError(f"batch {j} is outside the call's {-(-n // batch_size)} batches")
             generator = torch.Generator().manual_seed(seed + j)
             cond = self._encode(conds[lo:hi])
+            if hints is not None:
+                from .conditioning.control import ControlCond
+
+                cond = ControlCond.of(cond, [hint[lo:hi].to(self.device) for hint in hints], control_scales,
+                                      cond_only=control_cond_only)
             x = self._run_batch(d, sampler, levels, (hi - lo, *self.shape), cond, generator, options,
                                 None if noise is None else noise[lo:hi],
                                 None if x0_init is None else x0_init[lo:hi], strength,
@@ -722,6 +815,10 @@ class Pipeline:
         theirs = [(lr["sha256"], lr["scale"]) for lr in record.get("lora", [])]
         if mine != theirs:
             diffs.append(f"LoRA adapters {theirs} recorded, {mine} here")
+        mine = [c["sha256"] for c in self.controlnets]
+        theirs = [c["controlnet_sha256"] for c in record.get("control", [])]
+        if theirs and mine != theirs:
+            diffs.append(f"ControlNets {[h[:12] for h in theirs]} recorded, {[h[:12] for h in mine]} here")
         if diffs:
             raise CheckpointError("this image was not made with this checkpoint: " + "; ".join(diffs))
 
@@ -761,6 +858,21 @@ class Pipeline:
                 kw[key] = rec["path"]
         if "mask" in record:
             kw["resample_steps"] = record.get("resample_steps", 1)
+        if record.get("control"):
+            images = []
+            for c in record["control"]:
+                rec = c["image"]
+                if "path" not in rec:
+                    raise ConfigError("this image was made from a control image given as a tensor; regenerate it "
+                                      "through the API with that tensor")
+                for p, hsh in zip(*(v if isinstance(v, list) else [v] for v in (rec["path"], rec["sha256"]))):
+                    if not Path(p).is_file() or file_sha256(p) != hsh:
+                        raise DataError(f"the control image {p} is missing or not the one recorded")
+                images.append(rec["path"])
+            kw["control"] = images if len(images) > 1 else images[0]
+            kw["control_type"] = [c["type"] for c in record["control"]]
+            kw["control_scale"] = [c["scale"] for c in record["control"]]
+            kw["control_cond_only"] = record.get("control_cond_only", False)
         if "noise_sha256" in record:
             raise ConfigError("this image was sampled from a given noise tensor (an inversion); regenerate it "
                               "through the API with that noise")
@@ -771,6 +883,22 @@ class Pipeline:
         gen = self(**kw, batches=[j])
         i = record["index"] - j * record["batch_size"]
         return Generation(gen.images[i:i + 1], gen.records[i:i + 1], gen.seconds, gen.nfe)
+
+
+def _controlnet_base(checkpoint) -> str | None:
+    """The recorded base of a kakusan ControlNet run / checkpoint, None for any other checkpoint."""
+    from .checkpoints import read_config
+    from .sd import sd_layout
+
+    path = Path(checkpoint).expanduser()
+    if not path.exists() or sd_layout(path) is not None or (path / "model_index.json").is_file():
+        return None
+    try:
+        config = read_config(resolve_checkpoint(path))
+    except CheckpointError:
+        return None
+    record = config.get("controlnet")
+    return None if record is None else record["base"]["path"]
 
 
 def _expand(what: str, x: Tensor, n: int) -> Tensor:

@@ -62,6 +62,8 @@ class TrainConfig:
     distill_points: int = 50  # the teacher's skipping grid (LCM: 50 points over the T steps)
     distill_target_ema: float = 0.95  # EMA decay of the target network in the consistency loss
     huber_c: float = 0.001  # the pseudo-Huber loss's c
+    controlnet: bool = False  # (with init_from, the frozen base) train a ControlNet steering it by control maps
+    control: str = "canny"  # the maps: canny, sobel, scribble (computed from the images), or folder:DIR (paired)
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -139,6 +141,16 @@ class TrainConfig:
                               f"{self.distill_points!r}")
         if not 0.0 <= self.distill_target_ema < 1.0 or not self.huber_c >= 0:
             raise ConfigError("distill_target_ema must lie in [0, 1) and huber_c be >= 0")
+        if self.controlnet:
+            if not self.init_from:
+                raise ConfigError("a ControlNet steers a trained model: give the base checkpoint with --init-from")
+            if self.lora_rank or self.distill:
+                raise ConfigError("--controlnet trains a ControlNet on a frozen base: not with --lora-rank or --distill")
+            from ..control import CONTROL_TYPES
+
+            if self.control not in CONTROL_TYPES and not self.control.startswith("folder:"):
+                raise ConfigError(f"control must be one of {', '.join(CONTROL_TYPES)} or folder:DIR (paired control "
+                                  f"images), got {self.control!r}")
         if self.lora_targets not in ("attention", "all"):
             raise ConfigError(f"lora_targets must be 'attention' or 'all', got {self.lora_targets!r}")
         if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
@@ -299,6 +311,9 @@ class BaseModel:
             out["consistency"] = {"sigma_data": SIGMA_DATA, "timestep_scaling": TIMESTEP_SCALING,
                                   "points": cfg.distill_points, "guidance": cfg.distill_guidance,
                                   "target_ema": cfg.distill_target_ema, "huber_c": cfg.huber_c}
+        if cfg.controlnet:  # the ControlNet's own config is filled in by the trainer, which builds it
+            out["controlnet"] = {"control": cfg.control,
+                                 "base": {"path": str(self.ckpt), "weights": self.weights.name, "sha256": self.sha256}}
         if cfg.lora_rank:
             from ..lora import target_layers
 
@@ -384,7 +399,17 @@ class Trainer:
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = build_model(self.model_cfg)
-        if self.base is not None:
+        self.control_base = None
+        if cfg.controlnet:  # the base frozen, the model trained is the ControlNet (a copy of the base's encoder)
+            self.base.load_into(self.model)
+            self.control_base = self.model.to(self.device).eval().requires_grad_(False)
+            self._control_maps()
+            from ..models.controlnet import ControlNet
+
+            self.model = ControlNet.from_base(self.control_base, self.hints.shape[1],
+                                              self.autoencoder.factor if self.autoencoder else 1)
+            self.config["controlnet"]["config"] = self.model.config.to_dict()
+        elif self.base is not None:
             self.base.load_into(self.model)
             if cfg.lora_rank:
                 from ..lora import add_lora
@@ -392,15 +417,20 @@ class Trainer:
                 add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                          layers=self.config["lora"]["layers"])
         self.model = self.model.to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
-        self.denoiser = Denoiser(self.model, self.schedule, DiffusionConfig(**self.config["diffusion"]))
+        net = self.model
+        if self.control_base is not None:
+            from ..models.controlnet import ControlledUNet
+
+            net = ControlledUNet(self.control_base, [self.model])
+        self.denoiser = Denoiser(net, self.schedule, DiffusionConfig(**self.config["diffusion"]))
         # under torchrun the training forward goes through DDP (gradients averaged over the processes); with
         # compile, through torch.compile of that (the weights stay self.model's: checkpoints and EMA see no wrapper)
-        backbone = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        backbone = net if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             compile_cache()
             backbone = torch.compile(backbone)
-        self.train_denoiser = self.denoiser if backbone is self.model else Denoiser(
+        self.train_denoiser = self.denoiser if backbone is net else Denoiser(
             backbone, self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.distiller = Distiller(self) if cfg.distill else None
@@ -412,7 +442,7 @@ class Trainer:
         self.labels = self.data.labels
         self.step = 0
         self.out = Path(cfg.out)
-        self.bf16 = autocast_dtype(cfg.precision, self.device, self.model) is not None
+        self.bf16 = autocast_dtype(cfg.precision, self.device, net) is not None
         self.skipped_steps = 0
 
     def _encode_captions(self) -> None:
@@ -454,6 +484,25 @@ class Trainer:
             cache_dir() / "latents", progress=self.cfg.progress and self.dist.is_main)
         self.autoencoder = ae
 
+    def _control_maps(self) -> None:
+        """The control map of every training image (values in [0, 1], at the pixel size), computed once from
+        the images (canny / sobel / scribble, seeded by the run's seed) or read from a paired folder."""
+        from ..control import control_maps
+
+        spec = self.cfg.control
+        if spec.startswith("folder:"):
+            c, h, _ = self.data.shape
+            paired = load_dataset(spec, image_size=h, channels=c, limit=self.cfg.limit)
+            if len(paired) != len(self.data) or paired.skipped:
+                raise ConfigError(f"{spec}: {len(paired)} readable control images ({paired.skipped} skipped) for "
+                                  f"{len(self.data)} training images; pair them one to one (the same sorted order)")
+            self.hints = paired.images.float() / 255
+        else:
+            self.hints = torch.cat([control_maps(self.data.images[i:i + 4096], spec, seed=self.cfg.seed + i)
+                                    for i in range(0, len(self.data), 4096)])
+        # the grids' control: the maps of eight images spread over the data set
+        self.grid_hints = self.hints[torch.linspace(0, len(self.hints) - 1, 8).round().long()]
+
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {**rng_state(self.generator, self.device), "skipped_steps": self.skipped_steps}
@@ -483,6 +532,8 @@ class Trainer:
         saved = read_config(ckpt)
         if saved["model"] != self.config["model"] or saved["schedule"] != self.config["schedule"]:
             raise CheckpointError(f"{ckpt}: its model or schedule differs from this run's config")
+        if saved.get("controlnet") != self.config.get("controlnet"):
+            raise CheckpointError(f"{ckpt}: its ControlNet (or its base) differs from this run's")
         if saved.get("autoencoder", {}).get("sha256") != self.config.get("autoencoder", {}).get("sha256"):
             raise CheckpointError(f"{ckpt}: it was trained in another autoencoder's latent space")
         load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt)
@@ -503,9 +554,12 @@ class Trainer:
         processes see exactly the examples and noise of one process with the same global batch."""
         idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
         x0 = self.images[idx].to(self.device, non_blocking=True)
+        hint = None if self.control_base is None else self.hints[idx].to(self.device, non_blocking=True)
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=self.generator, device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            if hint is not None:  # the map of the flipped image is the flipped map
+                hint = torch.where(flip[:, None, None, None], hint.flip(-1), hint)
         cond = None
         if self.cfg.cond == "class":
             cond = self.labels[idx].to(self.device)
@@ -515,6 +569,10 @@ class Trainer:
             ids = self.caption_ids[idx].to(self.device)
             drop = torch.rand(len(idx), generator=self.generator, device=self.device) < self.cfg.label_dropout
             cond = self.text[torch.where(drop, torch.full_like(ids, self.null_caption), ids)]
+        if hint is not None:
+            from ..conditioning.control import ControlCond
+
+            cond = ControlCond.of(cond, hint)
         t, eps = self.denoiser.draw_noise(x0, self.generator)
         mine = self.dist.slice(len(idx))
         return x0[mine], None if cond is None else cond[mine], (t[mine], eps[mine])
@@ -555,15 +613,23 @@ class Trainer:
         as ``kakusan sample``); text models look their prompts up among the cached caption embeddings."""
         from ..pipeline import Pipeline
 
-        denoiser = Denoiser(self.ema.model, self.schedule, self.denoiser.config)
+        net = self.ema.model
+        if self.control_base is not None:
+            from ..models.controlnet import ControlledUNet
+
+            net = ControlledUNet(self.control_base, [self.ema.model])
+        denoiser = Denoiser(net, self.schedule, self.denoiser.config)
         denoiser.autocast_dtype = torch.bfloat16 if self.bf16 else None  # as the training forward runs
         if self.distiller is not None:  # a few-step model, guidance baked in
             from ..consistency import ConsistencyDenoiser
 
             denoiser = ConsistencyDenoiser(denoiser)
         encoder = _CachedCaptions(self.text, self.text_index) if self.text is not None else None
-        return Pipeline(denoiser, self.config, source=str(self.out), autoencoder=self.autoencoder,
+        pipe = Pipeline(denoiser, self.config, source=str(self.out), autoencoder=self.autoencoder,
                         text_encoder=encoder, device=self.device)
+        if self.control_base is not None:
+            pipe.controlnets = [{"path": str(self.out), "sha256": None, "type": "unet", "control": self.cfg.control}]
+        return pipe
 
     @torch.no_grad()
     def sample_grid(self, path: Path, n: int = 64, seed: int = 0) -> Path:
@@ -578,6 +644,16 @@ class Trainer:
             kw["prompt"], kw["n"] = self.grid_captions, max(1, n // len(self.grid_captions)) * len(self.grid_captions)
         else:
             kw["n"], guidance = n, None
+        if self.control_base is not None:  # each row's samples follow the eight grid maps, in order
+            per = 8
+            if "class_label" in kw:
+                kw["class_label"] = [c for c in range(self.model_cfg.num_classes) for _ in range(per)]
+            elif "prompt" in kw:
+                kw["n"] = per * len(kw["prompt"])
+            else:
+                kw["n"] = per * max(1, n // per)
+            rows = len(kw["class_label"]) // per if "class_label" in kw else kw["n"] // per
+            kw["control"] = (self.grid_hints.repeat(rows, 1, 1, 1) * 255).round().to(torch.uint8)
         gen = self.pipeline()(**kw, sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, guidance=guidance,
                               seed=seed, progress=self.cfg.progress)
         nrow = len(kw["class_label"]) // self.model_cfg.num_classes if "class_label" in kw else gen.nrow
