@@ -201,6 +201,17 @@ def test_pipeline_control_record_regeneration_and_refusals(tmp_path, base, digit
     assert torch.equal(pipe(**kw).images, plain(**kw).images)  # without a control image: the base itself
     rec = steered.records[0]["control"][0]
     assert rec["type"] == "canny" and rec["image"]["path"] == str(pic) and rec["scale"] == 1.0
+    # every sampler and the other starts take the control (the same control, a different image than without)
+    from kakusan.samplers import SAMPLERS
+
+    for name in SAMPLERS:
+        a_ = pipe(class_label=3, n=2, sampler=name, steps=3, seed=1, control=str(pic), control_type="canny")
+        b_ = pipe(class_label=3, n=2, sampler=name, steps=3, seed=1)
+        assert torch.isfinite(a_.images).all() and not torch.equal(a_.images, b_.images), name
+    for start in ({"init_image": str(pic), "strength": 0.7}, {"init_image": str(pic), "mask": "lower-half"}):
+        a_ = pipe(**kw, **start, control=str(pic), control_type="canny")
+        assert not torch.equal(a_.images, pipe(**kw, **start).images)
+        assert a_.records[0]["control"][0]["type"] == "canny" and "init_image" in a_.records[0]
     zero = pipe(**kw, control=str(pic), control_type="canny", control_scale=0.0)
     assert torch.equal(zero.images, plain(**kw).images)
     only = pipe(**kw, control=str(pic), control_type="canny", control_cond_only=True)
