@@ -279,10 +279,12 @@ def _count(keys, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
 
 
-def unet_config_from_state(state: dict, family: str, latent_size: int, prediction: str) -> dict:
-    """The diffusers U-Net config of an LDM U-Net state, from its shapes (and the family's attention heads)."""
-    s = {k[len(UNET):]: v for k, v in state.items() if k.startswith(UNET)}
+def _ldm_down_config(s: dict, what: str) -> dict:
+    """The diffusers config of an LDM U-Net's way down (its ``input_blocks`` and cross-attention), from the
+    shapes of ``s`` (keys without the model's prefix): shared by the U-Net and its ControlNets."""
     keys = list(s)
+    if "input_blocks.0.0.weight" not in s:
+        raise CheckpointError(f"{what}: no input_blocks.0.0 (conv_in) weight")
     n_in = _count(keys, "input_blocks.")
     channels, attn, layers, level_layers = [], [], None, 0
     for i in range(1, n_in):
@@ -292,7 +294,7 @@ def unet_config_from_state(state: dict, family: str, latent_size: int, predictio
             continue
         w = s.get(f"input_blocks.{i}.0.out_layers.3.weight")
         if w is None:
-            raise CheckpointError(f"U-Net input block {i} is neither a res block nor a downsampler")
+            raise CheckpointError(f"{what}: input block {i} is neither a res block nor a downsampler")
         level_layers += 1
         if level_layers == 1:
             channels.append(int(w.shape[0]))
@@ -301,17 +303,30 @@ def unet_config_from_state(state: dict, family: str, latent_size: int, predictio
     proj = next((v for k, v in s.items() if k.endswith("proj_in.weight")), None)
     to_k = next((v for k, v in s.items() if k.endswith("attn2.to_k.weight")), None)
     if proj is None or to_k is None:
-        raise CheckpointError("the U-Net has no cross-attention: not a text-to-image SD U-Net")
-    depth = _count(keys, "input_blocks.1.1.transformer_blocks.") or 1
-    heads = 8 if family == "sd1" else [max(1, c // 64) for c in channels]
-    cfg = {
-        "sample_size": latent_size, "in_channels": int(s["input_blocks.0.0.weight"].shape[1]),
-        "out_channels": int(s["out.2.weight"].shape[0]), "block_out_channels": channels,
+        raise CheckpointError(f"{what}: no cross-attention: not a text-to-image SD network")
+    return {
+        "in_channels": int(s["input_blocks.0.0.weight"].shape[1]), "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "cross_attention_dim": int(to_k.shape[1]), "attention_head_dim": heads,
-        "use_linear_projection": proj.ndim == 2, "transformer_layers_per_block": depth,
+        "cross_attention_dim": int(to_k.shape[1]), "use_linear_projection": proj.ndim == 2,
+        "transformer_layers_per_block": _count(keys, "input_blocks.1.1.transformer_blocks.") or 1,
+    }
+
+
+def unet_config_from_state(state: dict, family: str, latent_size: int, prediction: str) -> dict:
+    """The diffusers U-Net config of an LDM U-Net state, from its shapes (and the family's attention heads)."""
+    s = {k[len(UNET):]: v for k, v in state.items() if k.startswith(UNET)}
+    down = _ldm_down_config(s, "the U-Net")
+    channels = down["block_out_channels"]
+    heads = 8 if family == "sd1" else [max(1, c // 64) for c in channels]
+    cfg = {
+        "sample_size": latent_size, "in_channels": down["in_channels"],
+        "out_channels": int(s["out.2.weight"].shape[0]), "block_out_channels": channels,
+        "layers_per_block": down["layers_per_block"], "down_block_types": down["down_block_types"],
+        "up_block_types": [t.replace("Down", "Up") for t in reversed(down["down_block_types"])],
+        "cross_attention_dim": down["cross_attention_dim"], "attention_head_dim": heads,
+        "use_linear_projection": down["use_linear_projection"],
+        "transformer_layers_per_block": down["transformer_layers_per_block"],
         "upcast_attention": family == "sd2" and prediction == "v",
     }
     return cfg
@@ -529,3 +544,188 @@ def import_sd(path: str | Path, out: str | Path, *, tokenizer: str | None = None
     backbone = SDUNet(SDUNetConfig.from_dict({k: v for k, v in config["model"].items() if k != "type"}), m.unet)
     with torch.no_grad():
         return save_checkpoint(out / "checkpoints", 0, config, backbone, backbone, None, {"imported": True})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ControlNets for SD 1.x / 2.x
+
+CONTROL = "control_model."  # the original ControlNet files' prefix (lllyasviel's control_sd15_* / control_v11*)
+CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _file_keys(path: Path) -> list[str]:
+    """The tensor names of a weights file, read without loading the tensors where the format allows."""
+    if path.suffix == ".safetensors":
+        return _safetensors_keys(path)[0]
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an old (non-zip) file cannot be mapped: read it whole
+        state = read_state(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return list(state) if isinstance(state, dict) else []
+
+
+def _is_ldm_controlnet(keys) -> bool:
+    keys = set(keys)
+    return any(k.startswith(CONTROL) for k in keys) or {"time_embed.0.weight", "input_hint_block.0.weight"} <= keys
+
+
+def is_sd_controlnet(path: str | Path) -> bool:
+    """Whether ``path`` is an SD ControlNet kakusan reads: a diffusers ``ControlNetModel`` folder (its
+    config.json's ``_class_name``), or a weights file (.safetensors / .pth / .ckpt) in the original ControlNet
+    layout (``control_model.*`` keys, or the same keys without the prefix)."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
+        if path.is_file() and path.suffix in (".safetensors", ".pth", ".ckpt", ".pt"):
+            return _is_ldm_controlnet(_file_keys(path))
+    except (OSError, ValueError, AttributeError, CheckpointError):
+        return False
+    return False
+
+
+FIT_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+def _check_controlnet_fits(cfg: dict, unet_config: dict, where: str) -> None:
+    """One line naming each way a ControlNet's residuals would not fit the base U-Net's skips and cross-attention."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    bad = [f"its {k} is {norm(cfg.get(k))}, the U-Net's {norm(unet_config.get(k))}" for k in FIT_KEYS
+           if norm(cfg.get(k)) != norm(unet_config.get(k))]
+    if bad:
+        hint = (" (a ControlNet for another SD family?)" if cfg.get("cross_attention_dim") !=
+                unet_config.get("cross_attention_dim") else "")
+        raise CheckpointError(f"{where}: this ControlNet does not fit the U-Net: {'; '.join(bad)}{hint}")
+
+
+def _hint_convs(s: dict) -> list[int]:
+    """The indices of the hint encoder's convolutions (input_hint_block.N.weight), in order."""
+    return sorted(int(k.split(".")[1]) for k in s if k.startswith("input_hint_block.") and k.endswith(".weight"))
+
+
+def controlnet_config_from_state(s: dict, unet_config: dict, where: str) -> dict:
+    """The diffusers ControlNetModel config of an original ControlNet state (keys without ``control_model.``):
+    the way down from its shapes (as the U-Net's), the hint encoder's widths from its convolutions, and what
+    the weights cannot say (attention heads, upcasting, the time embedding's form) from the base U-Net."""
+    cfg = _ldm_down_config(s, where)
+    convs = _hint_convs(s)
+    if len(convs) < 2 or len(convs) % 2:
+        raise CheckpointError(f"{where}: the hint encoder (input_hint_block.*) has {len(convs)} convolutions; a "
+                              f"ControlNet's has conv_in, two per stage and conv_out (an even number >= 2)")
+    w = [s[f"input_hint_block.{n}.weight"] for n in convs]
+    widths = [int(w[0].shape[0])] + [int(w[i].shape[0]) for i in range(2, len(w) - 1, 2)]
+    cfg.update(conditioning_channels=int(w[0].shape[1]), conditioning_embedding_out_channels=widths)
+    for k in ("attention_head_dim", "num_attention_heads", "upcast_attention", "flip_sin_to_cos", "freq_shift",
+              "norm_num_groups", "norm_eps", "resnet_time_scale_shift", "only_cross_attention", "act_fn"):
+        if k in unet_config:
+            cfg[k] = unet_config[k]
+    return cfg
+
+
+def controlnet_state_to_diffusers(s: dict, config: dict, where: str) -> dict:
+    """Original ControlNet keys (without ``control_model.``) -> diffusers' ControlNetModel keys: the copied way
+    down, middle, zero convolutions (``zero_convs.i.0`` -> ``controlnet_down_blocks.i``, ``middle_block_out.0`` ->
+    ``controlnet_mid_block``) by diffusers' own converter; the hint encoder (``input_hint_block``: conv_in, the
+    stages' convolutions, conv_out, with SiLUs between at the odd indices) here, for any number of stages.
+    Every tensor of the file must land somewhere."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    hint = {k: v for k, v in s.items() if k.startswith("input_hint_block.")}
+    rest = {k: v for k, v in s.items() if k not in hint}
+    out = {k: v for k, v in convert_controlnet_checkpoint(rest, dict(config)).items()
+           if v is not None and not k.startswith("controlnet_cond_embedding.")}
+    convs = _hint_convs(hint)
+    names = ["conv_in", *(f"blocks.{i}" for i in range(len(convs) - 2)), "conv_out"]
+    for n, name in zip(convs, names):
+        for kind in ("weight", "bias"):
+            if f"input_hint_block.{n}.{kind}" in hint:
+                out[f"controlnet_cond_embedding.{name}.{kind}"] = hint[f"input_hint_block.{n}.{kind}"]
+    used = {id(v) for v in out.values()}
+    unused = sorted(k for k, v in s.items() if id(v) not in used)
+    if unused:
+        raise CheckpointError(f"{where}: {len(unused)} tensor(s) of the ControlNet have no place in diffusers' "
+                              f"ControlNetModel, e.g. {unused[:3]}")
+    return out
+
+
+def _controlnet_folder(path: Path, unet_config: dict):
+    from safetensors.torch import load_file
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}/config.json: not readable ({e})") from None
+    if cfg.get("_class_name") != "ControlNetModel":
+        raise CheckpointError(f"{path}: config.json describes a {cfg.get('_class_name')!r}, not a ControlNetModel")
+    _check_controlnet_fits(cfg, unet_config, str(path))
+    if (path / (CONTROLNET_WEIGHTS + ".index.json")).is_file():
+        raise CheckpointError(f"{path}: sharded ControlNet weights are not supported; save them as one "
+                              f"{CONTROLNET_WEIGHTS}")
+    weights = path / CONTROLNET_WEIGHTS if (path / CONTROLNET_WEIGHTS).is_file() else _weights_of(path)
+    _safetensors_keys(weights)  # a damaged header is named before anything is built
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors' errors are of several kinds
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}, state, weights
+
+
+def _controlnet_single_file(path: Path, unet_config: dict):
+    state = read_state(path)
+    keys = list(state)
+    if any(k.startswith(CONTROL) for k in keys):
+        s = {k[len(CONTROL):]: v for k, v in state.items() if k.startswith(CONTROL)}
+    elif {"time_embed.0.weight", "input_hint_block.0.weight"} <= set(keys):
+        s = dict(state)
+    elif "controlnet_cond_embedding.conv_in.weight" in state:
+        raise CheckpointError(f"{path}: a ControlNet in diffusers' key layout without its config.json: put it in a "
+                              f"folder as {CONTROLNET_WEIGHTS} next to its config.json")
+    else:
+        raise CheckpointError(f"{path}: not an SD ControlNet (no {CONTROL}* keys)")
+    if not any(k.startswith("input_blocks.") for k in s) or "input_hint_block.0.weight" not in s:
+        raise CheckpointError(f"{path}: a ControlNet without its copied U-Net or hint encoder (input_blocks.* / "
+                              f"input_hint_block.*): a difference or adapter file is not supported")
+    cfg = controlnet_config_from_state(s, unet_config, str(path))
+    _check_controlnet_fits(cfg, unet_config, str(path))
+    return cfg, controlnet_state_to_diffusers(s, cfg, str(path)), path
+
+
+def load_sd_controlnet(path: str | Path, unet_config: dict, device="cpu"):
+    """(SDControlNet, record) of a ControlNet for the SD U-Net whose diffusers config is ``unet_config``: a
+    diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model.safetensors) or an original
+    single file (``control_model.*`` keys; .safetensors, or .pth / .ckpt read weights-only), its config inferred
+    from its shapes and the U-Net's. A ControlNet whose widths, layers, input channels or cross-attention
+    width differ from the U-Net's is refused, as is a damaged file. ``record``: path, sha256 of the weights
+    file, layout, type 'sd-controlnet' and the config (``controlnet_from_checkpoint_config`` rebuilds it)."""
+    from .metrics.provenance import file_sha256
+    from .models.sd_unet import SDControlNet, SDControlNetConfig
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"ControlNet not found: {path}")
+    _need_diffusers()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers ControlNet folder (no config.json)")
+        layout, (cfg, state, weights) = "folder", _controlnet_folder(path, unet_config)
+    else:
+        layout, (cfg, state, weights) = "single-file", _controlnet_single_file(path, unet_config)
+    _quiet()
+    config = SDControlNetConfig(cfg)
+    try:
+        net = SDControlNet(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build the ControlNet from its config ({e})") from None
+    extra = sorted(set(state) - set(net.controlnet.state_dict()))
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} tensor(s) that diffusers' ControlNetModel of this config does "
+                              f"not have, e.g. {extra[:3]}")
+    _load_exactly(net.controlnet, state, f"{path}: the ControlNet")
+    config = SDControlNetConfig.of(net.controlnet)
+    net.config = config
+    record = {"path": str(path), "sha256": file_sha256(weights), "layout": layout, "type": "sd-controlnet",
+              "config": config.to_dict()}
+    return net.to(device).eval().requires_grad_(False), record
