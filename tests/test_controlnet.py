@@ -199,6 +199,11 @@ def test_pipeline_control_record_regeneration_and_refusals(tmp_path, base, digit
     steered = pipe(**kw, control=str(pic), control_type="canny")
     assert not torch.equal(steered.images, plain(**kw).images)
     assert torch.equal(pipe(**kw).images, plain(**kw).images)  # without a control image: the base itself
+    # the same map given directly: a float tensor in [0, 1], a uint8 tensor, a PIL image of it
+    u8 = torch.from_numpy(np.asarray(Image.open(pic)).copy())[None, None]
+    m = control_maps(u8, "canny")
+    for given in (m, (m * 255).to(torch.uint8), Image.fromarray((m[0, 0].numpy() * 255).astype(np.uint8))):
+        assert torch.equal(pipe(**kw, control=given).images, steered.images)
     rec = steered.records[0]["control"][0]
     assert rec["type"] == "canny" and rec["image"]["path"] == str(pic) and rec["scale"] == 1.0
     # every sampler and the other starts take the control (the same control, a different image than without)

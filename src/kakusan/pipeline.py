@@ -149,7 +149,8 @@ class Inversion:
 
 
 def _load_picture(src, channels: int, size: int, what: str) -> tuple[Tensor, dict]:
-    """(uint8 (N, C, size, size), record) of an image path / list of paths / uint8 or [-1, 1] float tensor."""
+    """(uint8 (N, C, size, size), record) of an image path / list of paths / PIL image / uint8 or [-1, 1] float
+    tensor."""
     if isinstance(src, (str, Path)):
         path = Path(src).expanduser()
         if not path.is_file():
@@ -162,8 +163,15 @@ def _load_picture(src, channels: int, size: int, what: str) -> tuple[Tensor, dic
         return u8, {"path": str(path), "sha256": file_sha256(path)}
     if isinstance(src, (list, tuple)):
         parts = [_load_picture(s, channels, size, what) for s in src]
-        return torch.cat([p[0] for p in parts]), {"path": [p[1]["path"] for p in parts],
-                                                  "sha256": [p[1]["sha256"] for p in parts]}
+        u8 = torch.cat([p[0] for p in parts])
+        if not all("path" in p[1] for p in parts):
+            return u8, {"tensor_sha256": tensor_sha256(u8)}
+        return u8, {"path": [p[1]["path"] for p in parts], "sha256": [p[1]["sha256"] for p in parts]}
+    if hasattr(src, "convert") and hasattr(src, "size"):  # a PIL image
+        from .data.datasets import image_array
+
+        u8 = torch.from_numpy(image_array(src, size, channels).copy())[None]
+        return u8, {"tensor_sha256": tensor_sha256(u8)}
     if torch.is_tensor(src):
         x = src if src.ndim == 4 else src[None]
         if x.ndim != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != (size, size):
@@ -359,7 +367,14 @@ class Pipeline:
             if kind is not None and kind not in CONTROL_TYPES:
                 raise ConfigError(f"unknown control type {kind!r}; choose from {', '.join(CONTROL_TYPES)} (or none: "
                                   f"the image is the control map)")
-            if kind is None:  # the control map itself: [0, 1] from the image's values
+            if kind is None and torch.is_tensor(img) and img.is_floating_point():  # a map in [0, 1] (diffusers')
+                hint = img if img.ndim == 4 else img[None]
+                if tuple(hint.shape[1:]) != (channels, h, h) or not torch.isfinite(hint).all() or \
+                        hint.min() < 0 or hint.max() > 1:
+                    raise ConfigError(f"control image: a float tensor is a map of shape (N, {channels}, {h}, {h}) "
+                                      f"with values in [0, 1], got {tuple(img.shape)}")
+                hint, pic_rec = hint.float().cpu(), {"tensor_sha256": tensor_sha256(hint.float())}
+            elif kind is None:  # the control map itself: [0, 1] from the image's values
                 u8, pic_rec = _load_picture(img, channels, h, "control image")
                 hint = u8.float() / 255
             else:  # computed from a picture
@@ -578,7 +593,8 @@ class Pipeline:
         (white = repaint; ``resample_steps`` > 1: RePaint's resampling). ``callback(info)`` after each step
         (``batch``, ``i``, ``t``, ``x``, ``x0_hat``). ``batches``: make only these batches (regeneration).
         ``control``: with ControlNets attached, the control image (one for all n, or one per image; a list of
-        those with several ControlNets): the control map itself (values 0..255 -> [0, 1]), or a picture whose
+        those with several ControlNets): the control map itself (an image, 0..255 -> [0, 1], or a float tensor
+        in [0, 1]), or a picture whose
         ``control_type`` map (canny / sobel / scribble) is computed; ``control_scale`` weighs each ControlNet's
         residuals; ``control_cond_only`` steers only the conditional branch of classifier-free guidance."""
         t_start = time.perf_counter()

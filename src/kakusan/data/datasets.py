@@ -275,17 +275,25 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # composite on white
-            im = Image.alpha_composite(background, im)
-        im = im.convert("L" if channels == 1 else "RGB")
-        w, h = im.size
-        side = min(w, h)  # centre crop to a square, then resize
-        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        if side != image_size:
-            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8)
+        return image_array(im, image_size, channels)
+
+
+def image_array(im, image_size: int, channels: int) -> np.ndarray:
+    """A PIL image as uint8 (C, size, size): transparency composited on white, grey or RGB, centre-cropped to a
+    square and resized (bicubic)."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # composite on white
+        im = Image.alpha_composite(background, im)
+    im = im.convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    side = min(w, h)  # centre crop to a square, then resize
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if side != image_size:
+        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
