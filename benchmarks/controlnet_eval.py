@@ -130,7 +130,7 @@ def main() -> None:
         ext = load_extractor(f"classifier:{args.classifier}")
         agree = {}
         for name, gen in (("uncontrolled", plain), ("controlled", steered)):
-            _, logits = ext(gen.images, what=name)
+            _, logits = ext(to_uint8(gen.images), what=name)
             agree[name] = (torch.as_tensor(logits).argmax(1) == labels).float().mean().item()
         result["class_agreement"] = agree
         result["classifier"] = args.classifier

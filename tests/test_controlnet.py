@@ -178,13 +178,13 @@ def test_the_hint_is_flipped_with_its_image(tmp_path, base, digits):
     tr = Trainer(_cn_cfg(tmp_path, base, "flip", hflip=True), digits)
     x0, cond, _ = tr.get_batch(0)
     idx = batch_indices(len(digits), 16, 0, 0)
-    orig, maps = tr.images[idx], tr.hints[idx]
+    orig, maps = tr.images[idx], tr.hints[idx].float() / 255
     flipped = [not torch.equal(x0[i], orig[i]) for i in range(16)]
     assert 0 < sum(flipped) < 16
     for i, f in enumerate(flipped):
         assert torch.equal(x0[i], orig[i].flip(-1) if f else orig[i])
         assert torch.equal(cond.hints[0][i], maps[i].flip(-1) if f else maps[i])  # the hint goes with its image
-    assert torch.equal(tr.hints[:16], control_maps(digits.images[:16], "canny"))
+    assert torch.equal(tr.hints[:16].float() / 255, control_maps(digits.images[:16], "canny"))
 
 
 def test_pipeline_control_record_regeneration_and_refusals(tmp_path, base, digits, capsys):
@@ -258,3 +258,37 @@ def test_paired_control_folder_must_match_the_data(tmp_path, base, digits):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{i:03d}.png")
     with pytest.raises(ConfigError, match="5 readable control images .* for 200 training images"):
         Trainer(_cn_cfg(tmp_path, base, "paired", control=f"folder:{folder}"), digits)
+
+
+def test_classifier_guidance_reads_the_labels_inside_a_control_condition():
+    """Classifier guidance on a ControlNet-steered model: the labels are the control condition's inner ones, and
+    the denoiser still gets the control (with the labels for a class model, without for an unconditional one)."""
+    from kakusan.guidance import ClassifierGuidance
+    from kakusan.schedules import ScheduleConfig, make_schedule
+
+    seen = []
+
+    def denoiser(x, t, cond):
+        seen.append(cond)
+        return torch.zeros_like(x)
+
+    class Classifier(torch.nn.Module):  # (x_t, t) -> logits
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 3)
+
+        def forward(self, x, t):
+            return self.linear(x.flatten(1))
+
+    clf = Classifier()
+    schedule = make_schedule(ScheduleConfig("linear", 1000))
+    x, t = torch.randn(2, 1, 4, 4), torch.full((2,), 500.0)
+    y = torch.tensor([0, 2])
+    cc = ControlCond.of(y, torch.rand(2, 1, 4, 4))
+    for pass_cond in (False, True):
+        seen.clear()
+        got = ClassifierGuidance(denoiser, clf, 1.0, schedule, pass_cond=pass_cond)(x, t, cc)
+        want = ClassifierGuidance(denoiser, clf, 1.0, schedule, pass_cond=pass_cond)(x, t, y)
+        torch.testing.assert_close(got, want)
+        assert isinstance(seen[0], ControlCond) and seen[0].hints[0] is cc.hints[0]
+        assert (seen[0].inner is y) if pass_cond else seen[0].inner is None

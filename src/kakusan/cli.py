@@ -778,12 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", action="append",
                    help="the control image (one per ControlNet, in order): the map itself, or a picture with "
                         "--control-type")
-    p.add_argument("--control-type", help="compute the map from --control: canny | sobel | scribble (default none: "
-                                          "the image is the map)")
+    p.add_argument("--control-type", help="compute the map from each --control: canny | sobel | scribble (default "
+                                          "none: the image is the map; one type for all ControlNets, a list in Python)")
     p.add_argument("--control-scale", type=float, action="append",
                    help="weight of each ControlNet's residuals (default 1; repeat per ControlNet)")
     p.add_argument("--control-cond-only", action="store_true",
-                   help="with --guidance: steer only the conditional branch (diffusers' guess mode)")
+                   help="with --guidance: steer only the conditional branch (as diffusers' guess mode, without "
+                        "its residual scale ramp)")
     p.add_argument("--offload", action="store_true", help="keep the text encoder and autoencoder on the CPU while "
                                                           "the network runs on --device")
     _add_sd_args(p)

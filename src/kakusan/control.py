@@ -2,7 +2,7 @@
 
 Control maps are computed from images by OpenCV (``pip install 'kakusan[control]'``), as ControlNet's own
 annotators do:
-- ``canny``: ``cv2.Canny`` on the grey image (thresholds 100 / 200, ControlNet's defaults), 0 / 1 edges;
+- ``canny``: ``cv2.Canny`` on the image (RGB or grey; thresholds 100 / 200, ControlNet's defaults), 0 / 1 edges;
 - ``sobel``: the Sobel gradient magnitude of the grey image, scaled to [0, 1] per image;
 - ``scribble``: a hand-drawn-looking sketch: the Canny edges moved by a small random affine jitter (up to 1 px
   and 6 degrees), thickened by a 3x3 dilation (seeded per image, so a data set's maps repeat).
@@ -37,14 +37,19 @@ def _cv2():
     return cv2
 
 
-def _grey_u8(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) uint8, or float in [-1, 1] -> (N, H, W) uint8 grey (ITU-R 601 luma for colour)."""
+def _u8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) uint8, or float in [-1, 1] -> (N, H, W, C) uint8."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ConfigError(f"control maps are computed from (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
     x = images.detach().cpu()
     if x.dtype != torch.uint8:
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    x = x.numpy()
+    return np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def _grey_u8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) uint8, or float in [-1, 1] -> (N, H, W) uint8 grey (ITU-R 601 luma for colour)."""
+    x = _u8(images).transpose(0, 3, 1, 2)
     if x.shape[1] == 3:
         grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
         return np.clip(np.round(grey), 0, 255).astype(np.uint8)
@@ -58,6 +63,7 @@ def control_maps(images: Tensor, kind: str, seed: int = 0) -> Tensor:
         raise ConfigError(f"unknown control type {kind!r}; choose from {', '.join(CONTROL_TYPES)}")
     cv2 = _cv2()
     grey = _grey_u8(images)
+    pixels = _u8(images)  # Canny on the image itself (OpenCV takes the strongest channel's gradient for colour)
     out = np.empty(grey.shape, dtype=np.float32)
     for i, g in enumerate(grey):
         if kind == "sobel":
@@ -66,7 +72,7 @@ def control_maps(images: Tensor, kind: str, seed: int = 0) -> Tensor:
             mag = np.sqrt(gx * gx + gy * gy)
             out[i] = mag / mag.max() if mag.max() > 0 else mag
             continue
-        edges = cv2.Canny(g, CANNY_LOW, CANNY_HIGH)
+        edges = cv2.Canny(pixels[i] if pixels.shape[-1] == 3 else g, CANNY_LOW, CANNY_HIGH)
         if kind == "scribble":
             rng = np.random.default_rng(seed + i)
             h, w = g.shape
@@ -107,7 +113,7 @@ def edge_f1(reference: Tensor, images: Tensor, tolerance: int = 1) -> Tensor:
 
 
 def load_controlnet(path: str | Path, *, base_sha256: str | None, base_config: dict, device="cpu",
-                    use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
+                    use_ema: bool = True, base_weights_ema: bool = True) -> tuple[torch.nn.Module, dict]:
     """(ControlNet module, record) of a kakusan ControlNet run / checkpoint, or of an SD ControlNet (a diffusers
     ``ControlNetModel`` folder or single file) for a Stable Diffusion base; refused when made for another base
     (kakusan's: the recorded base weights hash differs from ``base_sha256``)."""
@@ -124,6 +130,11 @@ def load_controlnet(path: str | Path, *, base_sha256: str | None, base_config: d
                                   f"a single file with control_model.* weights), which this SD base needs")
         net, record = load_sd_controlnet(path, model["unet"], device=device)
         return net.to(device).eval(), record
+    from .sd import is_sd_controlnet
+
+    if is_sd_controlnet(path):
+        raise CheckpointError(f"{path}: a Stable Diffusion ControlNet; it steers a Stable Diffusion base, not this "
+                              f"kakusan model")
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     record = config.get("controlnet")
@@ -131,8 +142,10 @@ def load_controlnet(path: str | Path, *, base_sha256: str | None, base_config: d
         raise CheckpointError(f"{ckpt}: not a ControlNet checkpoint (train one with kakusan train --controlnet)")
     base = record["base"]
     if base_sha256 is not None and base["sha256"] != base_sha256:
-        raise CheckpointError(f"{ckpt}: this ControlNet was trained on the base {base['path']} (weights sha256 "
-                              f"{base['sha256'][:12]}); the base given has sha256 {str(base_sha256)[:12]}")
+        raise CheckpointError(f"{ckpt}: this ControlNet was trained on the base {base['path']} (its "
+                              f"{base['weights']}, sha256 {base['sha256'][:12]}); the base weights given have sha256 "
+                              f"{str(base_sha256)[:12]}" + ("" if base_weights_ema else " (--no-ema: the raw weights, "
+                                                            "not the EMA weights the ControlNet was trained on)"))
     from .models.controlnet import ControlNet, ControlNetConfig
 
     net = ControlNet(ControlNetConfig.from_dict(record["config"]))

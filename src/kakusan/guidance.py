@@ -89,8 +89,14 @@ class ClassifierGuidance(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:
             raise ConfigError("classifier guidance needs the target class of every sample")
+        from .conditioning.control import ControlCond
+
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        x0 = self.denoiser(x_t, t, cond if self.pass_cond else None)
+        if isinstance(cond, ControlCond):  # a ControlNet-steered model: the labels are the inner condition
+            x0 = self.denoiser(x_t, t, cond if self.pass_cond else cond.with_inner(None))
+            cond = cond.inner
+        else:
+            x0 = self.denoiser(x_t, t, cond if self.pass_cond else None)
         alpha, sigma = _alpha_sigma(self.schedule, t)
         if self.scale == 0 or not (alpha > 0).all():
             return x0

@@ -259,6 +259,9 @@ class Pipeline:
                        prediction=prediction, image_size=image_size, compile=compile)
         base = _controlnet_base(checkpoint)
         if base is not None:  # a ControlNet run: its base, with it attached
+            if not Path(base).exists():
+                raise CheckpointError(f"{checkpoint} is a ControlNet; its base {base} (as recorded in training) is not "
+                                      f"there: give it as --checkpoint BASE --controlnet {checkpoint}")
             return cls.load(base, **{**options, "controlnet": [checkpoint, *controlnets]})
         if controlnets:
             pipe = cls.load(checkpoint, **{**options, "compile": False})
@@ -315,7 +318,8 @@ class Pipeline:
         """Make the image (or grid) of a kakusan PNG again from the record it carries: from ``checkpoint`` or
         the one recorded, which must be the same weights (else an error naming what differs)."""
         record = read_png_record(png)
-        if not load_options.get("controlnet") and record.get("control"):
+        if not load_options.get("controlnet") and record.get("control") and \
+                _controlnet_base(checkpoint or record["checkpoint"]) is None:  # (a ControlNet run brings its own)
             load_options["controlnet"] = [c["controlnet"] for c in record["control"]]
         pipe = cls.load(checkpoint or record["checkpoint"], device=device, use_ema=record.get("use_ema", True),
                         lora=[lr["path"] for lr in record.get("lora", [])] or None,
@@ -334,7 +338,7 @@ class Pipeline:
         if d.compiled:
             raise ConfigError("attach ControlNets before compiling (Pipeline.load(..., controlnet=..., compile=True))")
         net, record = load_controlnet(path, base_sha256=self.weights_sha256, base_config=self.config,
-                                      device=self.device, use_ema=self.use_ema)
+                                      device=self.device, base_weights_ema=self.use_ema)
         if isinstance(d.backbone, ControlledUNet):
             d.backbone.controlnets.append(net)
         else:
@@ -367,6 +371,9 @@ class Pipeline:
             if kind is not None and kind not in CONTROL_TYPES:
                 raise ConfigError(f"unknown control type {kind!r}; choose from {', '.join(CONTROL_TYPES)} (or none: "
                                   f"the image is the control map)")
+            if isinstance(img, (list, tuple)) and img and all(torch.is_tensor(i) and i.is_floating_point()
+                                                               for i in img):  # float maps, one per image
+                img = torch.cat([i if i.ndim == 4 else i[None] for i in img])
             if kind is None and torch.is_tensor(img) and img.is_floating_point():  # a map in [0, 1] (diffusers')
                 hint = img if img.ndim == 4 else img[None]
                 if tuple(hint.shape[1:]) != (channels, h, h) or not torch.isfinite(hint).all() or \
@@ -645,6 +652,8 @@ class Pipeline:
             hints, control_scales, start_record["control"] = self._control(control, n, control_type, control_scale,
                                                                            control_cond_only)
             start_record["control_cond_only"] = bool(control_cond_only)
+            if control_cond_only and guidance is None:
+                raise ConfigError("control_cond_only steers the conditional branch of guidance: it needs guidance")
         elif control_cond_only or (control_type is not None):
             raise ConfigError("control_type / control_cond_only need a control image")
         if noise is not None:

@@ -296,7 +296,8 @@ class UNet(nn.Module):
         return self
 
     def _block(self, block, attn, h: Tensor, temb: Tensor, context, mask) -> Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        # in training, or in a frozen network a gradient flows through (a ControlNet's base)
+        if self.gradient_checkpointing and torch.is_grad_enabled() and (self.training or h.requires_grad):
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(lambda h_, e_, c_: attn(block(h_, e_), c_, mask), h, temb, context,

@@ -148,6 +148,9 @@ class TrainConfig:
                 raise ConfigError("--controlnet trains a ControlNet on a frozen base: not with --lora-rank or --distill")
             from ..control import CONTROL_TYPES
 
+            if self.control.startswith("folder:") and self.limit:
+                raise ConfigError("--control folder:DIR pairs one control image with each training image; --limit "
+                                  "would select other images from the two (give a data set and a folder of equal size)")
             if self.control not in CONTROL_TYPES and not self.control.startswith("folder:"):
                 raise ConfigError(f"control must be one of {', '.join(CONTROL_TYPES)} or folder:DIR (paired control "
                                   f"images), got {self.control!r}")
@@ -255,6 +258,9 @@ class BaseModel:
         if "consistency" in config:
             raise CheckpointError(f"{ckpt}: a distilled consistency model; fine-tune or distill its teacher "
                                   f"({config['init_from']['path']})")
+        if "controlnet" in config:
+            raise CheckpointError(f"{ckpt}: a ControlNet run; fine-tune or steer its base "
+                                  f"({config['controlnet']['base']['path']})")
 
     @classmethod
     def read(cls, path: str | Path) -> "BaseModel":
@@ -403,6 +409,8 @@ class Trainer:
         if cfg.controlnet:  # the base frozen, the model trained is the ControlNet (a copy of the base's encoder)
             self.base.load_into(self.model)
             self.control_base = self.model.to(self.device).eval().requires_grad_(False)
+            # the base's way up carries the ControlNet's gradient: checkpointed too when asked (as diffusers does)
+            self.control_base.enable_gradient_checkpointing(cfg.gradient_checkpointing)
             self._control_maps()
             from ..models.controlnet import ControlNet
 
@@ -496,12 +504,12 @@ class Trainer:
             if len(paired) != len(self.data) or paired.skipped:
                 raise ConfigError(f"{spec}: {len(paired)} readable control images ({paired.skipped} skipped) for "
                                   f"{len(self.data)} training images; pair them one to one (the same sorted order)")
-            self.hints = paired.images.float() / 255
-        else:
-            self.hints = torch.cat([control_maps(self.data.images[i:i + 4096], spec, seed=self.cfg.seed + i)
-                                    for i in range(0, len(self.data), 4096)])
+            self.hints = paired.images
+        else:  # kept as uint8 (0..255 -> [0, 1] per batch): a quarter of the memory of floats
+            self.hints = torch.cat([(control_maps(self.data.images[i:i + 4096], spec, seed=self.cfg.seed + i) * 255
+                                     ).round().to(torch.uint8) for i in range(0, len(self.data), 4096)])
         # the grids' control: the maps of eight images spread over the data set
-        self.grid_hints = self.hints[torch.linspace(0, len(self.hints) - 1, 8).round().long()]
+        self.grid_hints = self.hints[torch.linspace(0, len(self.hints) - 1, 8).round().long()]  # uint8
 
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -554,7 +562,7 @@ class Trainer:
         processes see exactly the examples and noise of one process with the same global batch."""
         idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
         x0 = self.images[idx].to(self.device, non_blocking=True)
-        hint = None if self.control_base is None else self.hints[idx].to(self.device, non_blocking=True)
+        hint = None if self.control_base is None else self.hints[idx].to(self.device, non_blocking=True).float() / 255
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=self.generator, device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
@@ -653,7 +661,7 @@ class Trainer:
             else:
                 kw["n"] = per * max(1, n // per)
             rows = len(kw["class_label"]) // per if "class_label" in kw else kw["n"] // per
-            kw["control"] = (self.grid_hints.repeat(rows, 1, 1, 1) * 255).round().to(torch.uint8)
+            kw["control"] = self.grid_hints.repeat(rows, 1, 1, 1)
         gen = self.pipeline()(**kw, sampler=self.cfg.sample_sampler, steps=self.cfg.sample_steps, guidance=guidance,
                               seed=seed, progress=self.cfg.progress)
         nrow = len(kw["class_label"]) // self.model_cfg.num_classes if "class_label" in kw else gen.nrow
