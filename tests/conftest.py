@@ -13,6 +13,16 @@ def _seed_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KAKUSAN_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """The first 200 of scikit-learn's 8x8 digits (the training tests' data)."""
+    from kakusan.data import load_digits
+
+    ds = load_digits()
+    ds.images, ds.labels = ds.images[:200], ds.labels[:200]
+    return ds
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from kakusan.cli import main
 from kakusan.conditioning.control import ControlCond
 from kakusan.conditioning.text import TextCond, broadcast_cond, cat_conds
-from kakusan.data import load_digits
 from kakusan.errors import CheckpointError, ConfigError
 from kakusan.models.controlnet import ControlledUNet, ControlNet
 from kakusan.models.unet import UNet, UNetConfig
@@ -132,13 +131,6 @@ def test_control_maps_and_edge_f1():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training and the pipeline on the 8x8 digits
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds = load_digits()
-    ds.images, ds.labels = ds.images[:200], ds.labels[:200]
-    return ds
 
 
 @pytest.fixture(scope="module")

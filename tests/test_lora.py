@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 pytest.importorskip("peft")
 
 from kakusan.cli import main  # noqa: E402
-from kakusan.data import load_digits  # noqa: E402
 from kakusan.errors import CheckpointError, ConfigError  # noqa: E402
 from kakusan.models import DiT, UNet, get_preset  # noqa: E402
 from kakusan.checkpoints import apply_checkpoint_lora, load_denoiser  # noqa: E402
@@ -20,13 +19,6 @@ from kakusan.lora import add_lora, target_layers  # noqa: E402
 
 TINY = dict(preset="unet-tiny", batch_size=16, log_every=5, sample_every=1000, checkpoint_every=1000,
             sample_steps=4, progress=False, warmup_steps=5, lr=1e-3, cond="class")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds = load_digits()
-    ds.images, ds.labels = ds.images[:200], ds.labels[:200]
-    return ds
 
 
 @pytest.fixture(scope="module")

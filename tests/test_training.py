@@ -17,13 +17,6 @@ TINY = dict(preset="unet-tiny", batch_size=16, log_every=5, sample_every=1000, c
             sample_steps=4, progress=False, warmup_steps=5, lr=1e-3)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    ds = load_digits()
-    ds.images, ds.labels = ds.images[:200], ds.labels[:200]
-    return ds
-
-
 def _run(tmp_path, digits, name, **kw):
     cfg = TrainConfig(out=str(tmp_path / name), **{**TINY, **kw})
     tr = Trainer(cfg, digits)

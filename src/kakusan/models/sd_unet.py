@@ -66,15 +66,21 @@ class SDUNetConfig:
         return cls(cfg, int(image_size or size), int(cfg.get("in_channels", 4)))
 
 
-def _diffusers_unet(config: dict):
+def _diffusers_model(class_name: str, config: dict, what: str):
+    """An empty diffusers ``class_name`` (UNet2DConditionModel, ControlNetModel) from its config; SDXL's extra
+    conditioning refused."""
     try:
-        from diffusers import UNet2DConditionModel
+        import diffusers
     except ImportError:
-        raise ConfigError("Stable Diffusion checkpoints need the diffusers package (pip install diffusers)") from None
+        raise ConfigError(f"Stable Diffusion {what}s need the diffusers package (pip install diffusers)") from None
     if config.get("addition_embed_type"):
-        raise ConfigError(f"this U-Net takes extra conditioning ({config['addition_embed_type']!r}, as SDXL's): "
-                          f"not supported yet, only SD 1.x / 2.x U-Nets")
-    return UNet2DConditionModel.from_config(config)
+        raise ConfigError(f"this {what} takes extra conditioning ({config['addition_embed_type']!r}, as SDXL's): "
+                          f"not supported yet, only SD 1.x / 2.x {what}s")
+    return getattr(diffusers, class_name).from_config(config)
+
+
+def _diffusers_unet(config: dict):
+    return _diffusers_model("UNet2DConditionModel", config, "U-Net")
 
 
 def _tokens(cond, x: Tensor, width: int, what: str) -> Tensor:
@@ -166,14 +172,7 @@ class SDControlNetConfig:
 
 
 def _diffusers_controlnet(config: dict):
-    try:
-        from diffusers import ControlNetModel
-    except ImportError:
-        raise ConfigError("Stable Diffusion ControlNets need the diffusers package (pip install diffusers)") from None
-    if config.get("addition_embed_type"):
-        raise ConfigError(f"this ControlNet takes extra conditioning ({config['addition_embed_type']!r}, as SDXL's): "
-                          f"not supported yet, only SD 1.x / 2.x ControlNets")
-    return ControlNetModel.from_config(config)
+    return _diffusers_model("ControlNetModel", config, "ControlNet")
 
 
 class SDControlNet(nn.Module):
