@@ -235,6 +235,8 @@ def test_pipeline_control_record_regeneration_and_refusals(tmp_path, base, digit
         pipe(**kw, control_cond_only=True)
     with pytest.raises(ConfigError, match="init-from"):
         TrainConfig(controlnet=True)
+    assert main(["train", "--data", "digits", "--control", "sobel", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --controlnet" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="control must be"):
         TrainConfig(controlnet=True, init_from=str(base), control="edges")
     with pytest.raises(CheckpointError, match="a ControlNet, not a model"):

@@ -142,6 +142,8 @@ def cmd_train(args) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"
     run_config = None
+    if args.control is not None and not (args.controlnet or _config_values(args, TrainConfig).get("controlnet")):
+        raise ConfigError("--control chooses a ControlNet's maps: it needs --controlnet (and --init-from BASE)")
     if args.resume:  # the run folder's own config; flags beside --resume must match it, or be run control
         given = _config_values(args, TrainConfig)
         out = given.get("out") or TrainConfig().out
