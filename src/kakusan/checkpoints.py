@@ -288,10 +288,15 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
 
 def sampling_defaults(config: dict) -> tuple[str, int]:
     """The sampler and steps a checkpoint samples with when none are given: 'lcm' in 4 steps for a distilled
-    consistency model, the default solver in 20 steps otherwise."""
+    consistency model, EDM's Heun in 18 steps (35 evaluations on the Karras grid, rho = 7; Karras et al. 2022,
+    Alg. 1) for a model trained with EDM's preconditioning, the default solver in 20 steps otherwise."""
     from .samplers import DEFAULT_SAMPLER
 
-    return ("lcm", 4) if "consistency" in config else (DEFAULT_SAMPLER, 20)
+    if "consistency" in config:
+        return "lcm", 4
+    if config.get("diffusion", {}).get("prediction") == "edm":
+        return "heun", 18
+    return DEFAULT_SAMPLER, 20
 
 
 def weights_file(ckpt: Path, use_ema: bool) -> Path:

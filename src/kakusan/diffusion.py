@@ -6,6 +6,9 @@ Notation (Kingma et al. 2021, 'Variational diffusion models'; the DDPM special c
     u_t = eps - x0   ('flow')                           (rectified flow's velocity dx_t/dtau when alpha = 1 - tau,
                                                          sigma = tau; Liu et al. 2022; a valid target on any schedule)
     score  grad log p(x_t) = -E[eps | x_t] / sigma_t
+    'edm': EDM's preconditioned output F (Karras et al. 2022, 'Elucidating the design space', eq. 7 and table 1),
+           D = c_skip x + c_out F(c_in x, c_noise) with sigma~ = sigma_t / alpha_t the variance-exploding level
+           (written below for the VP state x_t = alpha_t x_VE, so it is finite at alpha_t = 0 too)
 Everything here takes per-sample ``alpha, sigma`` of shape (B,) and images of shape (B, C, H, W).
 """
 
@@ -27,8 +30,9 @@ from .schedules import Schedule
 
 Tensor = torch.Tensor
 Prediction = Literal["eps", "x0", "v", "flow"]
-PREDICTIONS = ("eps", "x0", "v", "flow")
-WEIGHTINGS = ("simple", "min-snr")
+PREDICTIONS = ("eps", "x0", "v", "flow", "edm")
+WEIGHTINGS = ("simple", "min-snr", "edm")
+NOISE_LEVELS = ("uniform", "lognormal")  # how training draws t: uniform in {0..T-1}, or EDM's log-normal sigma~
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> Tensor:
@@ -51,8 +55,24 @@ def q_sample(x0: Tensor, alpha: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
     return _bc(alpha, x0) * x0 + _bc(sigma, x0) * eps
 
 
-def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """What the network is trained to output."""
+def edm_scalings(alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, table 1) as factors on the VP-form state x_t = alpha x_VE:
+    (c_skip', c_out, c_in') with D = c_skip' x_t + c_out F(c_in' x_t). With sigma~ = sigma / alpha and
+    r = sqrt(sigma^2 + sigma_data^2 alpha^2): c_skip' = c_skip / alpha = sigma_data^2 alpha / r^2,
+    c_out = sigma~ sigma_data / sqrt(sigma~^2 + sigma_data^2) = sigma sigma_data / r and
+    c_in' = c_in / alpha = 1 / r, all finite at alpha = 0 (zero SNR: D = sigma_data F)."""
+    if not sigma_data > 0:
+        raise ConfigError(f"sigma_data must be positive, got {sigma_data}")
+    r2 = sigma**2 + sigma_data**2 * alpha**2
+    return sigma_data**2 * alpha / r2, sigma * sigma_data / r2.sqrt(), 1.0 / r2.sqrt()
+
+
+def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor,
+                      sigma_data: float = 0.5) -> Tensor:
+    """What the network is trained to output (for 'edm': F = (x0 - c_skip' x_t) / c_out, EDM eq. 8)."""
+    if prediction == "edm":
+        c_skip, c_out, _ = edm_scalings(alpha, sigma, sigma_data)
+        return (x0 - _bc(c_skip, x0) * q_sample(x0, alpha, sigma, eps)) / _bc(c_out, x0)
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -64,8 +84,12 @@ def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Te
     raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
 
 
-def x0_from_prediction(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def x0_from_prediction(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor,
+                       sigma_data: float = 0.5) -> Tensor:
     """Convert a network output to the denoised estimate x0_hat = E[x0 | x_t]."""
+    if prediction == "edm":
+        c_skip, c_out, _ = edm_scalings(torch.as_tensor(alpha), torch.as_tensor(sigma), sigma_data)
+        return _bc(c_skip, x_t) * x_t + _bc(c_out, x_t) * out
     a, s = _bc(alpha, x_t), _bc(sigma, x_t)
     if prediction == "eps":
         if (torch.as_tensor(alpha) == 0).any():
@@ -108,31 +132,44 @@ def snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha**2 / sigma**2
 
 
-def loss_weight(weighting: str, prediction: Prediction, alpha: Tensor, sigma: Tensor, gamma: float = 5.0) -> Tensor:
+def x0_error_scale(prediction: Prediction, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """(d x0_hat / d output)^2: the factor by which a squared error in the network's output shows in x0_hat, so
+    that a weighting stated in x0 space becomes a weight on each prediction's own error: sigma^2 / alpha^2 for eps
+    (1 / SNR), 1 for x0, sigma^2 / (alpha^2 + sigma^2)^2 for v, sigma^2 / (alpha + sigma)^2 for flow, c_out^2 for
+    edm."""
+    if prediction == "eps":
+        return sigma**2 / alpha**2
+    if prediction == "x0":
+        return torch.ones_like(alpha)
+    if prediction == "v":
+        return sigma**2 / (alpha**2 + sigma**2) ** 2
+    if prediction == "flow":
+        return sigma**2 / (alpha + sigma) ** 2
+    if prediction == "edm":
+        return edm_scalings(alpha, sigma, sigma_data)[1] ** 2
+    raise ConfigError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+
+
+def loss_weight(weighting: str, prediction: Prediction, alpha: Tensor, sigma: Tensor, gamma: float = 5.0,
+                sigma_data: float = 0.5) -> Tensor:
     """Per-sample weight of the MSE on the network output.
 
-    'simple' is DDPM's unweighted loss (eq. 14). 'min-snr' (Hang et al. 2023, 'Efficient diffusion training via
-    Min-SNR weighting', eq. 8) weights the x0-space error by min(SNR, gamma); expressed on each prediction's own
-    error that is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v on a
-    VP schedule (times sigma^2 / (alpha^2 + sigma^2)^2 in general) and min(SNR, gamma) sigma^2 / (alpha + sigma)^2
-    for flow."""
+    'simple' is DDPM's unweighted loss (eq. 14) on whatever the network predicts. The others are stated in x0 space
+    and carried to the prediction's own error by :func:`x0_error_scale`:
+    - 'min-snr' (Hang et al. 2023, 'Efficient diffusion training via Min-SNR weighting', eq. 8): min(SNR, gamma),
+      i.e. min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v on a VP schedule;
+    - 'edm' (Karras et al. 2022, eq. 8 and table 1): lambda(sigma~) = (sigma~^2 + sigma_data^2) / (sigma~ sigma_data)^2,
+      which on EDM's preconditioned output F is exactly 1 (lambda c_out^2 = 1: the unit-variance training target)."""
     if weighting == "simple":
         return torch.ones_like(alpha)
-    if weighting != "min-snr":
-        raise ConfigError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-    if gamma <= 0:
-        raise ConfigError(f"min-SNR gamma must be positive, got {gamma}")
-    s = snr(alpha, sigma)
-    clipped = s.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / s
-    if prediction == "x0":
-        return clipped
-    if prediction == "v":
-        return clipped * sigma**2 / (alpha**2 + sigma**2) ** 2  # = clipped / (SNR + 1) when variance-preserving
-    if prediction == "flow":
-        return clipped * sigma**2 / (alpha + sigma) ** 2
-    raise ConfigError(f"unknown prediction {prediction!r}")
+    if weighting == "min-snr":
+        if gamma <= 0:
+            raise ConfigError(f"min-SNR gamma must be positive, got {gamma}")
+        return snr(alpha, sigma).clamp(max=gamma) * x0_error_scale(prediction, alpha, sigma, sigma_data)
+    if weighting == "edm":
+        lam = (sigma**2 + sigma_data**2 * alpha**2) / (sigma**2 * sigma_data**2)
+        return lam * x0_error_scale(prediction, alpha, sigma, sigma_data)
+    raise ConfigError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,6 +182,10 @@ class DiffusionConfig:
     prediction: str = "eps"
     weighting: str = "simple"
     min_snr_gamma: float = 5.0
+    sigma_data: float = 0.5  # EDM's data standard deviation (prediction or weighting 'edm')
+    noise_levels: str = "uniform"  # training's t: 'uniform' in {0..T-1}, or 'lognormal': log sigma~ ~ N(p_mean, p_std^2)
+    p_mean: float = -1.2  # EDM's log-normal noise levels (Karras et al. 2022, table 1)
+    p_std: float = 1.2
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -153,9 +194,26 @@ class DiffusionConfig:
             raise ConfigError(f"unknown loss weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
         if not self.min_snr_gamma > 0:
             raise ConfigError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
+            raise ConfigError(f"sigma_data must be positive, got {self.sigma_data!r}")
+        if self.noise_levels not in NOISE_LEVELS:
+            raise ConfigError(f"unknown noise-level distribution {self.noise_levels!r}; choose from "
+                              f"{', '.join(NOISE_LEVELS)}")
+        if not (isinstance(self.p_std, (int, float)) and self.p_std > 0) or not isinstance(self.p_mean, (int, float)):
+            raise ConfigError(f"the log-normal noise levels need a number p_mean and p_std > 0, got {self.p_mean!r} "
+                              f"and {self.p_std!r}")
+
+    @property
+    def edm(self) -> bool:
+        return "edm" in (self.prediction, self.weighting) or self.noise_levels == "lognormal"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, the EDM ones only where they are used (the records of earlier checkpoints stay as they were)."""
+        d = asdict(self)
+        if not self.edm:
+            for key in ("sigma_data", "noise_levels", "p_mean", "p_std"):
+                del d[key]
+        return d
 
 
 @functools.cache
@@ -296,6 +354,12 @@ class Denoiser(nn.Module):
     def prediction(self) -> str:
         return self.config.prediction
 
+    def net_input(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """What the backbone sees of x_t: x_t itself, or for 'edm' EDM's unit-variance c_in x (c_in' x_t)."""
+        if self.prediction != "edm":
+            return x_t
+        return x_t * _bc(edm_scalings(alpha, sigma, self.config.sigma_data)[2], x_t)
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
         if self._compiled is not None and not torch.is_grad_enabled():
@@ -312,27 +376,38 @@ class Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0])
         alpha, sigma = self.schedule.alpha_sigma(t.cpu())
-        out = self.raw(x_t, t, cond).to(x_t.dtype)
-        return x0_from_prediction(self.prediction, out, x_t, alpha.to(x_t.device), sigma.to(x_t.device))
+        alpha, sigma = alpha.to(x_t.device), sigma.to(x_t.device)
+        out = self.raw(self.net_input(x_t, alpha, sigma), t, cond).to(x_t.dtype)
+        return x0_from_prediction(self.prediction, out, x_t, alpha, sigma, self.config.sigma_data)
 
     def draw_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """The training noise for a batch: t uniform in {0..T-1} (float64, CPU) and eps ~ N(0, I)."""
+        """The training noise for a batch: t (float64, CPU) and eps ~ N(0, I). t is uniform in {0..T-1}, or with
+        ``noise_levels`` 'lognormal' EDM's log sigma~ ~ N(p_mean, p_std^2) (Karras et al. 2022, table 1) mapped to
+        the schedule's (fractional) t, levels beyond the table's range held at its ends."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
-                          device=gen_device).cpu().to(torch.float64)
+        n = x0.shape[0]
+        if self.config.noise_levels == "lognormal":
+            z = torch.randn(n, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+            t = self.schedule.t_at_sigma_tilde(torch.exp(self.config.p_mean + self.config.p_std * z))
+        else:
+            t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator,
+                              device=gen_device).cpu().to(torch.float64)
         return t, randn(x0.shape, generator, x0.device, x0.dtype)
 
     def loss(self, x0: Tensor, cond: Tensor | None = None, generator: torch.Generator | None = None,
              noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Per-sample weighted MSE for uniformly drawn t in {0..T-1} (DDPM Alg. 1); shape (B,). ``noise``:
+        """Per-sample weighted MSE at t drawn by :meth:`draw_noise` (DDPM Alg. 1; EDM's loss, eq. 8, for its
+        objective); shape (B,). ``noise``:
         a (t, eps) pair drawn beforehand (e.g. by :meth:`draw_noise` for a global batch, then sliced)."""
         t, eps = noise if noise is not None else self.draw_noise(x0, generator)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        x_t = q_sample(x0, alpha.to(x0.device), sigma.to(x0.device), eps)
-        target = prediction_target(self.prediction, x0, eps, alpha.to(x0.device), sigma.to(x0.device))
-        out = self.raw(x_t, t.to(x0.device), cond)
+        a, s = alpha.to(x0.device), sigma.to(x0.device)
+        x_t = q_sample(x0, a, s, eps)
+        target = prediction_target(self.prediction, x0, eps, a, s, self.config.sigma_data)
+        out = self.raw(self.net_input(x_t, a, s), t.to(x0.device), cond)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
-        w = loss_weight(self.config.weighting, self.prediction, alpha, sigma, self.config.min_snr_gamma)
+        w = loss_weight(self.config.weighting, self.prediction, alpha, sigma, self.config.min_snr_gamma,
+                        self.config.sigma_data)
         return mse * w.to(mse.device, mse.dtype)
 
 

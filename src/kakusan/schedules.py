@@ -122,6 +122,18 @@ def flow_alpha_bar(num_timesteps: int = 1000, shift: float = 1.0) -> Tensor:
     return a**2 / (a**2 + s**2)
 
 
+def edm_alpha_bar(num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """EDM's noise levels (Karras et al. 2022, sec. 5: sigma in [0.002, 80]) as a table: sigma~_t = sigma_t / alpha_t
+    log-uniform from sigma_min at t = 0 to sigma_max at t = T-1, in the variance-preserving form
+    alpha_bar = 1 / (1 + sigma~^2) (x_VP = x_VE / sqrt(1 + sigma^2), the same noise level). The network's time input
+    t is then affine in log sigma~, which is EDM's c_noise = log(sigma) / 4 up to an affine map."""
+    _check_steps(num_timesteps)
+    if not 0 < sigma_min < sigma_max:
+        raise ConfigError(f"the EDM schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    log_st = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64)
+    return 1.0 / (1.0 + torch.exp(2 * log_st))
+
+
 def alpha_bar_from_betas(betas: Tensor) -> Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s)  (DDPM eq. 4)."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
@@ -147,7 +159,7 @@ BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "sigmoid": sigmoid_betas,
     "scaled-linear": scaled_linear_betas,
 }
-SCHEDULE_NAMES = (*BETA_SCHEDULES, "flow")
+SCHEDULE_NAMES = (*BETA_SCHEDULES, "flow", "edm")
 
 
 @dataclass
@@ -284,6 +296,12 @@ def make_schedule(config: ScheduleConfig | str = "linear", **overrides) -> Sched
             return Schedule(flow_alpha_bar(config.num_timesteps, **config.params), config, flow=True)
         except TypeError as e:
             raise ConfigError(f"bad parameters for schedule 'flow': {e}") from None
+    if config.name == "edm":
+        try:
+            alpha_bar = edm_alpha_bar(config.num_timesteps, **config.params)
+        except TypeError as e:
+            raise ConfigError(f"bad parameters for schedule 'edm': {e}") from None
+        return Schedule(rescale_zero_terminal_snr(alpha_bar) if config.zero_terminal_snr else alpha_bar, config)
     if config.name not in BETA_SCHEDULES:
         raise ConfigError(f"unknown schedule {config.name!r}; choose from {', '.join(SCHEDULE_NAMES)}")
     try:

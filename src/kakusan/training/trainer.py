@@ -46,6 +46,10 @@ class TrainConfig:
     prediction: str = "v"
     weighting: str = "min-snr"
     min_snr_gamma: float = 5.0
+    sigma_data: float = 0.5  # EDM's data standard deviation (prediction / weighting 'edm')
+    noise_levels: str = "uniform"  # training's noise levels: 'uniform' t, or EDM's 'lognormal' sigma~
+    p_mean: float = -1.2  # log sigma~ ~ N(p_mean, p_std^2) with noise_levels 'lognormal'
+    p_std: float = 1.2
     cond: str = "none"  # "none", "class" or "text"
     label_dropout: float = 0.1  # the share of labels / captions replaced by the null label / empty prompt
     text_encoder: str = "minilm"  # cond "text": "minilm" (bundled all-MiniLM-L6-v2) or a local HF model folder
@@ -124,7 +128,7 @@ class TrainConfig:
             raise ConfigError("--hflip flips images, not latents: it cannot be combined with --autoencoder")
         if self.lr_decay not in ("constant", "cosine"):
             raise ConfigError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
-        DiffusionConfig(self.prediction, self.weighting, self.min_snr_gamma)  # validates names
+        diffusion_config(self)  # validates names and values
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
         if self.lora_rank and not self.init_from:
@@ -182,6 +186,16 @@ def build_model_config(cfg: TrainConfig, data: ImageDataset, text_dim: int = 0,
     return get_preset(cfg.preset, **overrides)
 
 
+# EDM's training recipe (Karras et al. 2022, table 1: preconditioning, log-normal noise levels, loss weighting) on
+# EDM's noise levels; ``train --edm`` sets these (flags given beside it still win).
+EDM_RECIPE = {"schedule": "edm", "prediction": "edm", "weighting": "edm", "noise_levels": "lognormal"}
+
+
+def diffusion_config(cfg: TrainConfig) -> DiffusionConfig:
+    return DiffusionConfig(cfg.prediction, cfg.weighting, cfg.min_snr_gamma, cfg.sigma_data, cfg.noise_levels,
+                           cfg.p_mean, cfg.p_std)
+
+
 def run_config(cfg: TrainConfig, model_cfg: ModelConfig, data: ImageDataset, text_encoder: dict | None = None,
                autoencoder: dict | None = None) -> dict:
     """Everything needed to rebuild and sample the model, saved in every checkpoint."""
@@ -189,7 +203,7 @@ def run_config(cfg: TrainConfig, model_cfg: ModelConfig, data: ImageDataset, tex
         "model": model_record(model_cfg),
         "schedule": ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params,
                                    cfg.zero_terminal_snr).to_dict(),
-        "diffusion": DiffusionConfig(cfg.prediction, cfg.weighting, cfg.min_snr_gamma).to_dict(),
+        "diffusion": diffusion_config(cfg).to_dict(),
         "data": {"spec": cfg.data, "name": data.name, "size": len(data), "shape": list(data.shape),
                  "class_names": data.class_names if cfg.cond == "class" else []},
         "train": cfg.to_dict(),
@@ -298,6 +312,7 @@ class BaseModel:
             raise ConfigError(f"{self.ckpt} is a pixel-space model: fine-tune it without --autoencoder")
         return replace(cfg, schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
                        zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"],
+                       sigma_data=dc.get("sigma_data", DiffusionConfig.sigma_data),
                        autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
 
     def check_autoencoder(self, ae) -> None:
