@@ -208,3 +208,14 @@ def test_cli_sample_with_a_guide_model(run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(main_ckpt), "--guide-model", str(guide_ckpt), "--class", "4", "-n",
                  "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) != 0
     assert "--guide-model needs --guidance" in capsys.readouterr().err
+
+
+def test_eval_samples_record_the_guide(run):
+    from kakusan.metrics.evaluate import generate
+
+    main_ckpt, guide_ckpt = run
+    images, labels, source = generate(main_ckpt, 2, steps=2, guidance=2.0, guide=guide_ckpt)
+    assert images.shape == (2, 1, 8, 8) and source["guidance_kind"] == "auto"
+    assert source["guide"]["sha256"] == Pipeline.load(guide_ckpt, device="cpu").weights_sha256
+    with pytest.raises(ConfigError, match="attach it there"):
+        generate(Pipeline.load(main_ckpt, device="cpu"), 2, steps=2, guidance=2.0, guide=guide_ckpt)
