@@ -131,6 +131,10 @@ def test_a_class_model_guided_by_an_earlier_checkpoint_of_itself(run, tmp_path):
     assert torch.equal(pipe(**{**CALL, "guidance": 1.0}).images, plain(**{**CALL, "guidance": None}).images)
     # the PNG remembers the guide: from_png attaches it again and makes the same pixels
     png = auto.save_image(tmp_path / "auto.png", 1)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert "Autoguidance scale: 2.0" in im.info["parameters"] and "CFG" not in im.info["parameters"]
     again = Pipeline.from_png(png)
     assert torch.equal(again.images, auto.images[1:2]) and again.records[0]["guide"] == rec["guide"]
     # ... and refuses to remake it without its guide, or a CFG image with a guide attached
@@ -219,3 +223,17 @@ def test_eval_samples_record_the_guide(run):
     assert source["guide"]["sha256"] == Pipeline.load(guide_ckpt, device="cpu").weights_sha256
     with pytest.raises(ConfigError, match="attach it there"):
         generate(Pipeline.load(main_ckpt, device="cpu"), 2, steps=2, guidance=2.0, guide=guide_ckpt)
+
+
+def test_the_page_service_guides_with_another_served_model(run, tmp_path):
+    from kakusan.serve import Limits, ModelPool, Request, Service
+
+    main_ckpt, guide_ckpt = run
+    svc = Service(ModelPool([main_ckpt, guide_ckpt]), Limits(), tmp_path)
+    assert svc.pool.names == ["run", "run-2"]
+    r = svc.generate(Request(model="run", guide="run-2", class_label=1, steps=2, guidance=2.0))
+    assert r.records[0]["guidance_kind"] == "auto" and r.records[0]["guide"]["path"] == str(guide_ckpt)
+    settings, msg = svc.restore(r.paths[0])
+    assert (settings["model"], settings["guide"]) == ("run", "run-2")
+    with pytest.raises(ConfigError, match="unknown model 'elsewhere'"):
+        svc.generate(Request(model="run", guide="elsewhere", class_label=1, steps=2, guidance=2.0))
