@@ -65,6 +65,16 @@ def _finite(name: str, v, lo: float | None = None, hi: float | None = None, allo
     return v
 
 
+def _check_interval(interval) -> None:
+    """A guidance interval (lo, hi) on sigma / alpha, or None."""
+    if interval is not None:
+        lo, hi = interval
+        _finite("guidance_interval low", lo, 0.0)
+        _finite("guidance_interval high", hi, allow_inf_hi=True)
+        if not lo < hi:
+            raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
+
+
 def _int(name: str, v, lo: int, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
         kind = "a positive integer" if lo == 1 else f"an integer >= {lo}"
@@ -564,12 +574,7 @@ class Pipeline:
                 warnings.warn(f"this model was distilled with guidance {self.config['consistency']['guidance']:g} "
                               f"baked in; guidance {guidance:g} is applied on top of it (1 = as distilled)")
         _finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        if guidance_interval is not None:
-            lo, hi = guidance_interval
-            _finite("guidance_interval low", lo, 0.0)
-            _finite("guidance_interval high", hi, allow_inf_hi=True)
-            if not lo < hi:
-                raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {guidance_interval}")
+        _check_interval(guidance_interval)
         if classifier is not None:
             if guidance is not None:
                 raise ConfigError("choose one of guidance (classifier-free) and classifier (classifier guidance)")
@@ -636,12 +641,7 @@ class Pipeline:
                               "attached) guides with the same condition in both models")
         if guidance_rescale:
             raise ConfigError("guidance rescale is classifier-free guidance's option, not autoguidance's")
-        if guidance_interval is not None:
-            lo, hi = guidance_interval
-            _finite("guidance_interval low", lo, 0.0)
-            _finite("guidance_interval high", hi, allow_inf_hi=True)
-            if not lo < hi:
-                raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {guidance_interval}")
+        _check_interval(guidance_interval)
         guide = self._guide_pipe
         clipped = lambda d: d if not clip or self.autoencoder is not None else ClippedDenoiser(d)  # noqa: E731
         same = (torch.equal(guide.schedule.alpha_bar, self.schedule.alpha_bar)
