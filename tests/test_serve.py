@@ -83,9 +83,9 @@ def client(server):
 
 def settings(**kw) -> list:
     """The generate endpoint's inputs in order (model, lora, lora scale, prompt, negative prompt, class,
-    negative class, sampler, steps, guidance, seed, n)."""
+    negative class, sampler, steps, guidance, guide model, seed, n)."""
     s = dict(model="tiny-class", lora="none", lora_scale=1.0, prompt="", negative_prompt="", class_label=3,
-             negative_class=-1, sampler="ddim", steps=8, guidance=2.0, seed=7, n=2)
+             negative_class=-1, sampler="ddim", steps=8, guidance=2.0, guide="none", seed=7, n=2)
     s.update(kw)
     return list(s.values())
 
@@ -157,8 +157,8 @@ def test_restore_from_a_dropped_png(client):
     from gradio_client import handle_file
 
     out = client.predict(handle_file(files[0]), api_name="/restore")
-    model, prompt, neg_prompt, cls, neg_cls, sampler, steps, guidance, seed, n, msg = out
-    assert (model, cls, sampler, steps, guidance, seed, n) == ("tiny-class", 6, "ddim", 5, 2.0, 123, 1)
+    model, prompt, neg_prompt, cls, neg_cls, sampler, steps, guidance, guide, seed, n, msg = out
+    assert (model, cls, sampler, steps, guidance, guide, seed, n) == ("tiny-class", 6, "ddim", 5, 2.0, "none", 123, 1)
     assert "seed 123" in msg and "tiny-class" in msg
     seeds = {client.predict(api_name="/random_seed") for _ in range(3)}  # the "random" button
     assert all(isinstance(v, int) and 0 <= v < 2**31 for v in seeds) and len(seeds) > 1

@@ -243,7 +243,7 @@ def cmd_sample(args) -> int:
             print(json.dumps(read_png_record(args.from_png), indent=2))
             return 0
         gen = Pipeline.from_png(args.from_png, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                                autoencoder=args.autoencoder, controlnet=args.controlnet)
+                                autoencoder=args.autoencoder, controlnet=args.controlnet, guide=args.guide_model)
         out = args.out or (None if args.out_dir else "regenerated.png")
         if len(gen) == 1 and out:  # one image of a call: written as it was, at its own size
             print(f"image: {gen.save_image(out)}")
@@ -251,6 +251,8 @@ def cmd_sample(args) -> int:
         return _write_samples(gen, out, args.out_dir, gen.record.get("nrow"))
     if not args.checkpoint:
         raise ConfigError("sample needs --checkpoint (or --from-png FILE)")
+    if args.guide_model and args.guidance is None:
+        raise ConfigError("--guide-model needs --guidance W (autoguidance's scale; 1 = the model alone)")
     kw = _pipeline_kwargs(args)
     noise = None
     if args.noise:
@@ -267,7 +269,8 @@ def cmd_sample(args) -> int:
         kw["sampler"], kw["steps"] = kw["sampler"] or default_sampler, kw["steps"] or default_steps
         info = get_sampler(kw["sampler"])
         kw["spacing"] = kw["spacing"] or info.default_spacing
-        print(json.dumps({"checkpoint": args.checkpoint, **kw, "out": args.out, "out_dir": args.out_dir}, indent=2))
+        print(json.dumps({"checkpoint": args.checkpoint, **kw, "guide_model": args.guide_model, "out": args.out,
+                          "out_dir": args.out_dir}, indent=2))
         return 0
     lora = None
     if args.lora:
@@ -278,7 +281,7 @@ def cmd_sample(args) -> int:
     pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
                          lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
                          autoencoder=args.autoencoder, offload=args.offload, compile=args.compile,
-                         controlnet=args.controlnet, **_sd_args(args))
+                         controlnet=args.controlnet, guide=args.guide_model, **_sd_args(args))
     kw["n"] = 64 if kw["n"] is None else kw["n"]
     gen = pipe(**kw, noise=noise, progress=True)
     out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
@@ -539,7 +542,13 @@ def _reference(args, extractor):
     return reference_features(extractor, args.ref, args.ref_split, args.ref_limit, device=args.device_resolved)
 
 
+GUIDE_HELP = ("autoguidance: guide with this weaker version of the model (an earlier checkpoint or a smaller "
+              "preset of the same data and conditioning); --guidance W then means D_guide + W (D - D_guide) "
+              "instead of classifier-free guidance")
+
+
 def _eval_guidance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guide-model", help=GUIDE_HELP)
     p.add_argument("--prompt", action="append", help="text models: a prompt to sample (repeat; the samples are "
                                                     "spread evenly over them)")
     p.add_argument("--negative-prompt", help="text models: guide away from this prompt")
@@ -584,7 +593,7 @@ def cmd_eval(args) -> int:
         fake = sample_features(extractor, args.checkpoint, args.n, device=args.device_resolved,
                                sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
                                seed=args.seed, batch_size=args.batch_size, progress=True, precision=args.precision,
-                               compile=args.compile, **_guidance_options(args))
+                               compile=args.compile, guide=args.guide_model, **_guidance_options(args))
     else:
         fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
     result = score(extractor, fake, ref, tuple(args.metrics))
@@ -679,7 +688,7 @@ def cmd_sweep(args) -> int:
 
     rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
                  device=args.device_resolved, batch_size=args.batch_size, on_row=show,
-                 grid_dir=out / "grids" if args.grids else None, **_guidance_options(args))
+                 grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, **_guidance_options(args))
     (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
     png = plot_sweep(rows, out / "sweep.png")
     label = rows[0]["result"]["preliminary"]
@@ -763,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_label", type=int, help="class index (class-conditional models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class- or text-conditional models)")
     p.add_argument("--negative-class", type=int, help="guide away from this class (replaces the null label)")
+    p.add_argument("--guide-model", help=GUIDE_HELP)
     p.add_argument("--prompt", action="append", help="text models: the prompt (repeat for one row per prompt)")
     p.add_argument("--negative-prompt", help="text models: guide away from this prompt (replaces the empty one)")
     p.add_argument("--text-encoder", help="text models: the encoder's folder, if not where it was in training")

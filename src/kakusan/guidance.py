@@ -1,10 +1,12 @@
-"""Guidance as denoiser -> denoiser wrappers (the result is still a denoiser, usable by every sampler)."""
+"""Guidance as denoiser -> denoiser wrappers: classifier-free, autoguidance, classifier (each result is still a
+denoiser, usable by every sampler)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .conditioning.control import ControlCond
 from .conditioning.text import broadcast_cond, cat_conds
 from .diffusion import _bc, eps_from_x0, x0_from_prediction
 from .errors import ConfigError
@@ -13,6 +15,22 @@ from .errors import ConfigError
 def _alpha_sigma(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) per sample, float64 on the CPU (the conversions broadcast them against x)."""
     return schedule.alpha_sigma(t.double().cpu())
+
+
+def _check_interval(interval: tuple[float, float] | None, schedule) -> None:
+    if interval is not None and not (0 <= interval[0] < interval[1]):
+        raise ConfigError(f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
+    if interval is not None and schedule is None:
+        raise ConfigError("a guidance interval needs the noise schedule")
+
+
+def in_interval(interval: tuple[float, float] | None, schedule, t: torch.Tensor) -> bool:
+    """Whether a guidance interval (Kynkaanniemi et al. 2024) holds the batch's noise level: lo < sigma_t / alpha_t
+    <= hi, read at the first sample (samplers step a batch at one level); True without an interval."""
+    if interval is None:
+        return True
+    sigma_tilde = float(schedule.sigma_tilde_at(t[:1].double().cpu())[0])
+    return interval[0] < sigma_tilde <= interval[1]
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -35,10 +53,9 @@ class ClassifierFreeGuidance(nn.Module):
         super().__init__()
         if not 0.0 <= rescale <= 1.0:
             raise ConfigError(f"guidance rescale must lie in [0, 1], got {rescale}")
-        if interval is not None and not (0 <= interval[0] < interval[1]):
-            raise ConfigError(f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
-        if (rescale > 0 or interval is not None) and schedule is None:
-            raise ConfigError("guidance rescale / interval need the noise schedule")
+        _check_interval(interval, schedule)
+        if rescale > 0 and schedule is None:
+            raise ConfigError("guidance rescale needs the noise schedule")
         self.denoiser, self.scale, self.null_cond = denoiser, float(scale), null_cond
         self.negative, self.rescale, self.interval, self.schedule = negative, float(rescale), interval, schedule
 
@@ -48,10 +65,8 @@ class ClassifierFreeGuidance(nn.Module):
         if self.scale == 1.0 and self.rescale == 0.0:
             return self.denoiser(x_t, t, cond)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        if self.interval is not None:
-            sigma_tilde = float(self.schedule.sigma_tilde_at(t[:1].double().cpu())[0])
-            if not self.interval[0] < sigma_tilde <= self.interval[1]:
-                return self.denoiser(x_t, t, cond)
+        if not in_interval(self.interval, self.schedule, t):
+            return self.denoiser(x_t, t, cond)
         other = self.null_cond if self.negative is None else self.negative
         other = broadcast_cond(other, cond)
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds(cond, other))
@@ -66,6 +81,62 @@ class ClassifierFreeGuidance(nn.Module):
                 eps = eps_cfg * (self.rescale * factor + (1 - self.rescale))
                 guided = x0_from_prediction("eps", eps, x_t, alpha, sigma)
         return guided
+
+
+class AutoGuidance(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself", eq. 1 with the
+    guide in place of the unconditional model), in x0 space, one forward pass of each network:
+        D~(x, t, c) = D_guide(x, t, c) + w (D_main(x, t, c) - D_guide(x, t, c)),
+    both networks given the same condition c (class labels, an encoded prompt, or None for an unconditional pair).
+    The guide is a weaker model of the same data and conditioning (a smaller one, or an earlier checkpoint). w = 1
+    is the main model alone. Under a ControlNet condition (``ControlCond``) the control steers the main model only:
+    the guide gets the inner condition.
+
+    ``interval`` = (lo, hi): guide only where lo < sigma_t / alpha_t <= hi, as :class:`ClassifierFreeGuidance`
+    (outside it the main model alone); it needs ``schedule``, the main model's noise schedule.
+
+    ``guide_schedule``: the guide's own schedule when it is not the main one's (None: the same, and the guide is
+    called with the main model's (x_t, t)). It is then called at the same noise level sigma~ = sigma_t / alpha_t,
+    at its own t (``t_at_sigma_tilde``) and on x_t rescaled to its own signal scale (x * alpha_guide / alpha_main;
+    sigma_guide / sigma_main at alpha = 0). Where the guide's schedule does not reach the main one's noise level
+    (beyond either end of its table), those samples get the main model alone."""
+
+    def __init__(self, main: nn.Module, guide: nn.Module, scale: float, interval: tuple[float, float] | None = None,
+                 schedule=None, guide_schedule=None):
+        super().__init__()
+        _check_interval(interval, schedule)
+        if guide_schedule is not None and schedule is None:
+            raise ConfigError("a guide with its own noise schedule needs the main model's schedule too")
+        self.main, self.guide, self.scale = main, guide, float(scale)
+        self.interval, self.schedule, self.guide_schedule = interval, schedule, guide_schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        if self.scale == 1.0 or not in_interval(self.interval, self.schedule, t):
+            return self.main(x_t, t, cond)
+        x_g, t_g, reached = self._guide_input(x_t, t)
+        if reached is not None and not reached.any():
+            return self.main(x_t, t, cond)
+        x0_main = self.main(x_t, t, cond)  # (B, C, H, W)
+        x0_guide = self.guide(x_g, t_g, cond.inner if isinstance(cond, ControlCond) else cond)
+        guided = x0_guide + self.scale * (x0_main - x0_guide)
+        return guided if reached is None else torch.where(_bc(reached, guided).bool(), guided, x0_main)
+
+    def _guide_input(self, x_t: torch.Tensor, t: torch.Tensor):
+        """(x, t) for the guide at the main model's noise level, and the (B,) samples whose level the guide's
+        schedule reaches (None: the schedules are the same, all of them)."""
+        if self.guide_schedule is None:
+            return x_t, t, None
+        t64 = t.double().cpu()
+        st = self.schedule.sigma_tilde_at(t64)  # sigma~ = sigma / alpha, the level both models share
+        t_g = self.guide_schedule.t_at_sigma_tilde(st)  # (clamped to the guide's table)
+        st_g = self.guide_schedule.sigma_tilde_at(t_g)
+        reached = torch.isclose(st_g, st, rtol=1e-6, atol=0.0) | (st.isinf() & st_g.isinf())
+        a_m, s_m = self.schedule.alpha_sigma(t64)
+        a_g, s_g = self.guide_schedule.alpha_sigma(t_g)
+        ratio = torch.where(a_m > 0, a_g / a_m.clamp_min(1e-300), s_g / s_m.clamp_min(1e-300))
+        t_dtype = t.dtype if t.is_floating_point() else torch.float32
+        return x_t * _bc(ratio, x_t), t_g.to(x_t.device, t_dtype), reached.to(x_t.device)
 
 
 class ClassifierGuidance(nn.Module):
@@ -89,8 +160,6 @@ class ClassifierGuidance(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:
             raise ConfigError("classifier guidance needs the target class of every sample")
-        from .conditioning.control import ControlCond
-
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         if isinstance(cond, ControlCond):  # a ControlNet-steered model: the labels are the inner condition
             x0 = self.denoiser(x_t, t, cond if self.pass_cond else cond.with_inner(None))

@@ -41,6 +41,9 @@ def png_info(record: dict | None):
     parts = [f"Steps: {record.get('steps')}", f"Sampler: {record.get('sampler')}",
              f"CFG scale: {record.get('guidance')}", f"Seed: {record.get('seed')}",
              f"Model hash: {str(record.get('checkpoint_sha256'))[:10]}", f"kakusan: {record.get('kakusan_version')}"]
+    if record.get("guidance_kind") == "auto":  # the scale is autoguidance's, not classifier-free guidance's
+        parts[2] = f"Autoguidance scale: {record.get('guidance')}"
+        parts.insert(5, f"Guide hash: {str((record.get('guide') or {}).get('sha256'))[:10]}")
     info.add_text("parameters", f"{cond if cond is not None else ''}\n" + ", ".join(parts))
     return info
 

@@ -37,7 +37,7 @@ from .checkpoints import (LoadedAutoencoder, apply_checkpoint_lora, autoencoder_
 from .data.datasets import load_image, to_model_range, to_uint8
 from .diffusion import ClippedDenoiser, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
-from .guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
 from .metrics.provenance import file_sha256, tensor_sha256
 from .samplers import get_sampler, model_calls, run_sampler, sampling_levels
 from .schedules import NoiseLevels
@@ -63,6 +63,16 @@ def _finite(name: str, v, lo: float | None = None, hi: float | None = None, allo
         raise ConfigError(f"{name} must lie in [{lo if lo is not None else '-inf'}, "
                           f"{hi if hi is not None else 'inf'}], got {v}")
     return v
+
+
+def _check_interval(interval) -> None:
+    """A guidance interval (lo, hi) on sigma / alpha, or None."""
+    if interval is not None:
+        lo, hi = interval
+        _finite("guidance_interval low", lo, 0.0)
+        _finite("guidance_interval high", hi, allow_inf_hi=True)
+        if not lo < hi:
+            raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
 
 
 def _int(name: str, v, lo: int, hi: int | None = None) -> int:
@@ -224,6 +234,8 @@ class Pipeline:
                  use_ema: bool = True, loras: list[dict] | None = None):
         self.denoiser, self.config = denoiser, config
         self.controlnets: list[dict] = []  # the records of the attached ControlNets (attach_controlnet)
+        self.guide: dict | None = None  # the record of the attached guide model (attach_guide)
+        self._guide_pipe: "Pipeline | None" = None
         self.schedule = denoiser.schedule
         self.source, self.weights_sha256 = source, weights_sha256
         self.autoencoder, self.device = autoencoder, torch.device(device)
@@ -240,7 +252,7 @@ class Pipeline:
              lora: str | Path | list | None = None, lora_scale: float | list = 1.0, text_encoder: str | None = None,
              autoencoder: str | None = None, offload: bool = False, tokenizer: str | None = None,
              prediction: str | None = None, image_size: int | None = None, compile: bool = False,
-             controlnet: str | Path | list | None = None) -> "Pipeline":
+             controlnet: str | Path | list | None = None, guide: str | Path | None = None) -> "Pipeline":
         """Any kakusan checkpoint (folder, run folder or model file): pixel or latent, class / text /
         unconditional, a LoRA run, a distilled model; or a Stable Diffusion 1.x / 2.x checkpoint (a diffusers
         pipeline folder or the original single file; see :mod:`kakusan.sd`: ``tokenizer``, ``prediction`` and
@@ -250,8 +262,16 @@ class Pipeline:
         encoder and the autoencoder on the CPU while the network runs on ``device``. ``compile``: run the network
         through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls).
         ``controlnet``: ControlNet checkpoint(s) to attach (see :meth:`attach_controlnet`); a ControlNet run given as
-        ``checkpoint`` loads the base it was trained on, with that ControlNet attached."""
+        ``checkpoint`` loads the base it was trained on, with that ControlNet attached. ``guide``: a weaker
+        version of this model to guide it with (autoguidance; see :meth:`attach_guide`)."""
         device = resolve_device(device)
+        if guide is not None:
+            pipe = cls.load(checkpoint, device=device, precision=precision, use_ema=use_ema, lora=lora,
+                            lora_scale=lora_scale, text_encoder=text_encoder, autoencoder=autoencoder,
+                            offload=offload, tokenizer=tokenizer, prediction=prediction, image_size=image_size,
+                            compile=compile, controlnet=controlnet)
+            pipe.attach_guide(guide)
+            return pipe
         controlnets = [] if controlnet is None else (list(controlnet) if isinstance(controlnet, (list, tuple))
                                                      else [controlnet])
         options = dict(device=device, precision=precision, use_ema=use_ema, lora=lora, lora_scale=lora_scale,
@@ -321,6 +341,11 @@ class Pipeline:
         if not load_options.get("controlnet") and record.get("control") and \
                 _controlnet_base(checkpoint or record["checkpoint"]) is None:  # (a ControlNet run brings its own)
             load_options["controlnet"] = [c["controlnet"] for c in record["control"]]
+        if record.get("guide") and not load_options.get("guide"):
+            load_options["guide"] = record["guide"]["path"]
+            if not Path(load_options["guide"]).exists():
+                raise CheckpointError(f"this image was autoguided by {load_options['guide']}, which is not there: "
+                                      f"give the same guide model where it is now (guide=, --guide-model)")
         pipe = cls.load(checkpoint or record["checkpoint"], device=device, use_ema=record.get("use_ema", True),
                         lora=[lr["path"] for lr in record.get("lora", [])] or None,
                         lora_scale=[lr["scale"] for lr in record.get("lora", [])] or 1.0,
@@ -345,6 +370,32 @@ class Pipeline:
             d.backbone = ControlledUNet(d.backbone, [net])
         self.controlnets.append(record)
         return record
+
+    def attach_guide(self, path: str | Path) -> dict:
+        """Guide this model with a weaker version of itself (autoguidance, Karras et al. 2024): a kakusan checkpoint
+        of the same image (or latent) shape and conditioning (the same classes, or the same text encoder; the
+        same autoencoder for a latent model), e.g. a smaller preset or an earlier checkpoint. Its schedule and
+        prediction may differ (it is then called at the same noise level, see :class:`AutoGuidance`). With a
+        guide attached, ``guidance=w`` is autoguidance instead of classifier-free guidance; ControlNets and
+        LoRA adapters act on this (the main) model only. Loaded with this pipeline's device, precision and
+        EMA choice. Returns its record (path, weights sha256, use_ema)."""
+        if self.guide is not None:
+            raise ConfigError(f"a guide model is already attached ({self.guide['path']})")
+        if self.distilled:
+            raise ConfigError("autoguidance needs a diffusion model: this one is distilled (a consistency model)")
+        ckpt = resolve_checkpoint(path)
+        from .checkpoints import read_config
+
+        problem = _guide_mismatch(self.config, read_config(ckpt))
+        if problem:
+            raise ConfigError(f"guide model {ckpt}: {problem}")
+        denoiser, config = load_denoiser(ckpt, use_ema=self.use_ema, device=self.device, precision=self.precision)
+        guide = Pipeline(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights_file(ckpt,
+                                                                                                   self.use_ema)),
+                         device=self.device, use_ema=self.use_ema)
+        self._guide_pipe = guide
+        self.guide = {"path": guide.source, "sha256": guide.weights_sha256, "use_ema": self.use_ema}
+        return self.guide
 
     def _control(self, control, n: int, control_type, control_scale, cond_only: bool
                  ) -> tuple[tuple[Tensor, ...], tuple[float, ...], list[dict]]:
@@ -507,21 +558,23 @@ class Pipeline:
                         negative_class: int | None = None, guidance_rescale: float = 0.0,
                         guidance_interval: tuple[float, float] | None = None, classifier=None,
                         classifier_scale: float = 1.0, clip: bool = True) -> tuple[torch.nn.Module, int, dict]:
-        """(denoiser with the chosen guidance and clipping, number of classes, record of the guidance)."""
+        """(denoiser with the chosen guidance and clipping, number of classes, record of the guidance). With a
+        guide model attached (:meth:`attach_guide`), ``guidance`` is autoguidance."""
         k, record = self.num_classes, {}
         base = self.denoiser
+        if self.guide is not None:
+            if classifier is not None:
+                raise ConfigError("a guide model (autoguidance) and classifier guidance do not combine: choose one")
+            if guidance is not None:
+                return self._autoguided(guidance, negative_prompt, negative_class, guidance_rescale,
+                                        guidance_interval, clip)
         if guidance is not None:
             _finite("guidance", guidance, 0.0)
             if self.distilled and self.config["consistency"].get("guidance") is not None:
                 warnings.warn(f"this model was distilled with guidance {self.config['consistency']['guidance']:g} "
                               f"baked in; guidance {guidance:g} is applied on top of it (1 = as distilled)")
         _finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        if guidance_interval is not None:
-            lo, hi = guidance_interval
-            _finite("guidance_interval low", lo, 0.0)
-            _finite("guidance_interval high", hi, allow_inf_hi=True)
-            if not lo < hi:
-                raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {guidance_interval}")
+        _check_interval(guidance_interval)
         if classifier is not None:
             if guidance is not None:
                 raise ConfigError("choose one of guidance (classifier-free) and classifier (classifier guidance)")
@@ -578,6 +631,28 @@ class Pipeline:
                        "guidance_interval": None if guidance_interval is None else [float(v) for v in
                                                                                     guidance_interval]})
         return d, k, record
+
+    def _autoguided(self, guidance: float, negative_prompt, negative_class, guidance_rescale, guidance_interval,
+                    clip: bool) -> tuple[torch.nn.Module, int, dict]:
+        """guided_denoiser's result for autoguidance with the attached guide."""
+        _finite("guidance", guidance, 0.0)
+        if negative_prompt is not None or negative_class is not None:
+            raise ConfigError("a negative prompt / class is classifier-free guidance's: autoguidance (a guide model "
+                              "attached) guides with the same condition in both models")
+        if guidance_rescale:
+            raise ConfigError("guidance rescale is classifier-free guidance's option, not autoguidance's")
+        _check_interval(guidance_interval)
+        guide = self._guide_pipe
+        clipped = lambda d: d if not clip or self.autoencoder is not None else ClippedDenoiser(d)  # noqa: E731
+        same = (torch.equal(guide.schedule.alpha_bar, self.schedule.alpha_bar)
+                and guide.schedule.flow == self.schedule.flow)
+        d = AutoGuidance(clipped(self.denoiser), clipped(guide.denoiser), guidance,
+                         interval=None if guidance_interval is None else tuple(guidance_interval),
+                         schedule=self.schedule, guide_schedule=None if same else guide.schedule)
+        record = {"guidance": float(guidance), "guidance_kind": "auto", "guide": dict(self.guide),
+                  "negative_prompt": None, "negative_class": None, "guidance_rescale": 0.0,
+                  "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval]}
+        return d, self.num_classes, record
 
     # ---- a call ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -654,6 +729,9 @@ class Pipeline:
             start_record["control_cond_only"] = bool(control_cond_only)
             if control_cond_only and guidance is None:
                 raise ConfigError("control_cond_only steers the conditional branch of guidance: it needs guidance")
+            if control_cond_only and self.guide is not None:
+                raise ConfigError("control_cond_only is classifier-free guidance's option: under autoguidance the "
+                                  "ControlNets steer the main model only already")
         elif control_cond_only or (control_type is not None):
             raise ConfigError("control_type / control_cond_only need a control image")
         if noise is not None:
@@ -844,6 +922,13 @@ class Pipeline:
         theirs = [c["controlnet_sha256"] for c in record.get("control", [])]
         if theirs and mine != theirs:
             diffs.append(f"ControlNets {[h[:12] for h in theirs]} recorded, {[h[:12] for h in mine]} here")
+        if record.get("guidance") is not None:
+            mine = None if self.guide is None else self.guide["sha256"]
+            theirs = (record.get("guide") or {}).get("sha256")
+            if mine != theirs:
+                said = lambda h: "no guide model (classifier-free guidance)" if h is None else \
+                    f"guide model sha256 {h[:12]}"  # noqa: E731
+                diffs.append(f"{said(theirs)} recorded, {said(mine)} here")
         if diffs:
             raise CheckpointError("this image was not made with this checkpoint: " + "; ".join(diffs))
 
@@ -924,6 +1009,41 @@ def _controlnet_base(checkpoint) -> str | None:
         return None
     record = config.get("controlnet")
     return None if record is None else record["base"]["path"]
+
+
+def _guide_mismatch(main: dict, guide: dict) -> str | None:
+    """What makes ``guide`` (a checkpoint config) unfit to autoguide ``main``, or None: another shape of what
+    the sampler draws, other conditioning (classes, text encoder), another autoencoder; a ControlNet or a
+    distilled model."""
+    if "controlnet" in guide:
+        return "a ControlNet, not a model (attach ControlNets with controlnet= / --controlnet)"
+    if "consistency" in guide:
+        return "a distilled (consistency) model; a guide must be a diffusion model"
+    m, g = main["model"], guide["model"]
+    shape = lambda mc: (mc["in_channels"], mc["image_size"], mc["image_size"])  # noqa: E731
+    if shape(m) != shape(g):
+        return f"draws {shape(g)} tensors, the model {shape(m)}: a guide must have the same image / latent shape"
+    kind = lambda c: "text" if c.get("text_encoder") else ("class" if c["model"].get("num_classes") else  # noqa: E731
+                                                           "unconditional")
+    if kind(main) != kind(guide):
+        return f"is {kind(guide)}-conditional, the model {kind(main)}-conditional".replace(
+            "unconditional-conditional", "unconditional")
+    km, kg = int(m.get("num_classes") or 0), int(g.get("num_classes") or 0)
+    if km != kg:
+        return f"has {kg} classes, the model {km}"
+    te_m, te_g = main.get("text_encoder") or {}, guide.get("text_encoder") or {}
+    for key in ("sha256", "max_length", "padding"):
+        if te_m.get(key) != te_g.get(key):
+            return (f"was trained with another text encoder ({te_g.get('spec')!r}, {key} {te_g.get(key)!r}; the "
+                    f"model: {te_m.get('spec')!r}, {te_m.get(key)!r})")
+    ae_m, ae_g = main.get("autoencoder") or {}, guide.get("autoencoder") or {}
+    if bool(ae_m) != bool(ae_g):
+        return "a latent model and a pixel model cannot guide each other"
+    for key in ("sha256", "scale_factor"):
+        if ae_m.get(key) != ae_g.get(key):
+            return (f"was trained with another autoencoder ({ae_g.get('path')}, {key} {str(ae_g.get(key))[:12]}; "
+                    f"the model: {ae_m.get('path')}, {str(ae_m.get(key))[:12]})")
+    return None
 
 
 def _expand(what: str, x: Tensor, n: int) -> Tensor:

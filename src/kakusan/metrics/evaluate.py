@@ -134,11 +134,12 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
 def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
              device="cpu", progress: bool = False, precision: str = "auto", prompt: list[str] | None = None,
-             compile: bool = False, **options) -> tuple[Tensor, Tensor | None, dict]:
+             compile: bool = False, guide: str | Path | None = None, **options) -> tuple[Tensor, Tensor | None, dict]:
     """``n`` samples (uint8) from a checkpoint (a path or a loaded :class:`~kakusan.pipeline.Pipeline`), balanced
     over classes for a class-conditional model and over ``prompt`` for a text model; ``options``: more pipeline
     arguments (negative prompt / class, guidance rescale / interval, ...). Returns (images, requested labels or
-    None, source record with the wall time)."""
+    None, source record with the wall time). ``guide``: a guide model for autoguidance (with a loaded pipeline,
+    attach it there instead)."""
     from ..pipeline import Pipeline
     from ..samplers import get_sampler
 
@@ -146,8 +147,11 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
         get_sampler(sampler)  # a bad name fails before the checkpoint is read
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
+    if isinstance(checkpoint, Pipeline) and guide is not None:
+        raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
     pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device,
-                                                                             precision=precision, compile=compile)
+                                                                             precision=precision, compile=compile,
+                                                                             guide=guide)
     labels = None
     if pipe.is_text:
         if not prompt:
@@ -173,7 +177,8 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
               "device": str(pipe.device), "sample_seconds": gen.seconds,
               "precision": pipe.precision, "compiled": getattr(pipe.denoiser, "denoiser", pipe.denoiser).compiled,
               "classes": "balanced" if labels is not None else None}
-    for key in ("negative_prompt", "negative_class", "guidance_rescale", "guidance_interval", "lora"):
+    for key in ("negative_prompt", "negative_class", "guidance_rescale", "guidance_interval", "lora",
+                "guidance_kind", "guide"):
         if rec.get(key):
             source[key] = rec[key]
     if pipe.is_text:
@@ -259,15 +264,18 @@ def format_scores(result: dict) -> str:
 def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: list[str], steps: list[int],
           guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
           metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None, grid_dir: str | Path | None = None,
-          grid_n: int = 40, **options) -> list[dict]:
+          grid_n: int = 40, guide: str | Path | None = None, **options) -> list[dict]:
     """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
-    ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there."""
+    ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there. ``guide``: a guide
+    model: the guided points are autoguided."""
     from ..pipeline import Pipeline
     from ..samplers import get_sampler
 
     for s in samplers:
         get_sampler(s)  # fail before any sampling
-    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device)
+    if isinstance(checkpoint, Pipeline) and guide is not None:
+        raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
+    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device, guide=guide)
     rows = []
     for g in guidance:
         for s in samplers:

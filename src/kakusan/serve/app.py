@@ -184,6 +184,9 @@ def build_app(service: Service, preview_every: int = 0):
                 guidance = gr.Slider(0, 10, value=0 if first.kind == "unconditional" else 2.0, step=0.5,
                                      label="guidance (0: none)", elem_id="guidance",
                                      visible=first.kind != "unconditional")
+                guide = gr.Dropdown(["none"] + pool.names, value="none", elem_id="guide", visible=len(pool.names) > 1,
+                                    label="guide model (autoguidance: guidance = D_guide + w (D - D_guide); none: "
+                                          "classifier-free)")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", minimum=0)
                     random_seed = gr.Button("random", elem_id="random-seed", scale=0)
@@ -219,22 +222,22 @@ def build_app(service: Service, preview_every: int = 0):
                                 elem_id="files", interactive=False)
 
         common = [model, lora, lora_scale, prompt, negative_prompt, class_label, negative_class, sampler, steps,
-                  guidance, seed, n, history]
+                  guidance, guide, seed, n, history]
         outputs = [preview, progress, results, files, history_gallery, history]
 
         def request(model, lora, lora_scale, prompt, negative_prompt, class_label, negative_class, sampler, steps,
-                    guidance, seed, n, **extra):
+                    guidance, guide, seed, n, **extra):
             return Request(model=model, lora=lora, lora_scale=lora_scale, prompt=prompt or "",
                            negative_prompt=negative_prompt or "",
                            class_label=None if class_label in (None, -1) else class_label,
                            negative_class=None if negative_class in (None, -1) else negative_class,
-                           sampler=sampler, steps=steps, guidance=guidance, seed=0 if seed is None else seed, n=n,
-                           **extra)
+                           sampler=sampler, steps=steps, guidance=guidance, guide=guide,
+                           seed=0 if seed is None else seed, n=n, **extra)
 
         def on_generate(model, lora, lora_scale, prompt, negative_prompt, class_label, negative_class, sampler,
-                        steps, guidance, seed, n, history):
+                        steps, guidance, guide, seed, n, history):
             yield from page.run(request(model, lora, lora_scale, prompt, negative_prompt, class_label,
-                                        negative_class, sampler, steps, guidance, seed, n), history)
+                                        negative_class, sampler, steps, guidance, guide, seed, n), history)
 
         def on_img2img(*controls):
             *settings, history, image, strength = controls
@@ -278,7 +281,7 @@ def build_app(service: Service, preview_every: int = 0):
 
         def on_restore(path):
             if path is None:
-                return [gr.skip()] * 10
+                return [gr.skip()] * 11
             try:
                 s, msg = service.restore(path)
             except KakusanError as e:
@@ -287,10 +290,10 @@ def build_app(service: Service, preview_every: int = 0):
             return (up(s["model"]), s["prompt"] or "", s["negative_prompt"] or "",
                     -1 if s["class_label"] is None else s["class_label"],
                     -1 if s["negative_class"] is None else s["negative_class"], up(s["sampler"]),
-                    up(s["steps"]), s["guidance"] or 0, up(s["seed"]), up(s["n"]), msg)
+                    up(s["steps"]), s["guidance"] or 0, up(s["guide"]), up(s["seed"]), up(s["n"]), msg)
 
         restore.upload(on_restore, restore, [model, prompt, negative_prompt, class_label, negative_class, sampler,
-                                             steps, guidance, seed, n, status], api_name="restore")
+                                             steps, guidance, guide, seed, n, status], api_name="restore")
     return demo
 
 

@@ -220,19 +220,23 @@ class ModelPool:
                 return f
         raise ConfigError(f"unknown LoRA {lora!r}: this server has {', '.join(self.lora_names) or 'none'}")
 
-    def get(self, name: str, lora: str | None = None, lora_scale: float = 1.0):
-        """The loaded :class:`kakusan.Pipeline` for model ``name`` (with LoRA ``lora`` merged at ``lora_scale``)."""
+    def get(self, name: str, lora: str | None = None, lora_scale: float = 1.0, guide: str | None = None):
+        """The loaded :class:`kakusan.Pipeline` for model ``name`` (with LoRA ``lora`` merged at ``lora_scale``;
+        with ``guide``, another served model's name, attached as its autoguidance guide)."""
         from ..pipeline import Pipeline
 
         info = self.model_info(name)
         adapter = self._lora_file(lora)
+        guide_info = None if guide in (None, "", "none") else self.model_info(guide)
         key = (name, None if adapter is None else adapter.name, round(float(lora_scale), 3) if adapter else None)
+        if guide_info is not None:
+            key += (guide_info.name,)
         with self._pool_lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
         pipe = Pipeline.load(info.path, device=self.device, lora=None if adapter is None else str(adapter),
-                             lora_scale=float(lora_scale))
+                             lora_scale=float(lora_scale), guide=None if guide_info is None else guide_info.path)
         with self._pool_lock:
             self._loaded[key] = pipe
             while len(self._loaded) > self.max_models:
@@ -281,6 +285,7 @@ class Request:
     n: int = 1
     lora: str | None = None
     lora_scale: float = 1.0
+    guide: str | None = None  # autoguidance: another served model's name ("none" / None: classifier-free guidance)
     init_image: str | None = None  # img2img / inpaint: an uploaded file
     strength: float | None = None
     mask: str | None = None  # inpaint: an uploaded mask layer
@@ -357,7 +362,7 @@ class Service:
             if not -4.0 <= scale <= 4.0:
                 raise ConfigError(f"LoRA scale must lie in [-4, 4], got {scale}")
         with self.pool.use(req.model):
-            pipe = self.pool.get(req.model, req.lora, req.lora_scale)
+            pipe = self.pool.get(req.model, req.lora, req.lora_scale, req.guide)
             kw = self.pipeline_kwargs(req, pipe)
             callback = None if on_step is None else self._step_callback(pipe, kw, on_step)
             gen = pipe(**kw, callback=callback)
@@ -414,7 +419,12 @@ class Service:
         settings["class_label"] = label if isinstance(label, int) else (cond if isinstance(cond, int) else None)
         settings["n"] = min(int(rec.get("n") or 1), self.limits.max_n)
         settings["model"] = name
-        if name is None:
+        guide = rec.get("guide") if rec.get("guidance") is not None else None
+        settings["guide"] = "none" if not guide else self.pool.name_for_sha(guide.get("sha256"))
+        if name is not None and guide and settings["guide"] is None:
+            msg = (f"restored the settings; its guide model ({Path(str(guide.get('path'))).name}, weights "
+                   f"{str(guide.get('sha256'))[:12]}) is not one this server serves")
+        elif name is None:
             msg = (f"restored the settings; the model that made it ({Path(str(rec.get('checkpoint'))).name}, "
                    f"weights {str(rec.get('checkpoint_sha256'))[:12]}) is not one this server serves")
         else:
