@@ -7,12 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kakusan.errors import ConfigError
+from kakusan.training import Trainer, TrainConfig
 from kakusan.training.posthoc_ema import (SIGMA_REL_MAX, PowerEMA, beta, combine_snapshots, gamma_of_sigma_rel,
                                           list_snapshots, profile_inner, reconstruct, reconstruction_coefficients,
                                           run_config_sha256, sigma_rel_of_gamma)
+
+from test_training import TINY, _run
 
 
 # ---- gamma <-> sigma_rel -----------------------------------------------------------------------------------------
@@ -42,6 +46,17 @@ def test_sigma_rel_is_the_profile_std_and_round_trips():
 def test_sigma_rel_out_of_range_is_refused_naming_it(bad):
     with pytest.raises(ConfigError, match=f"sigma_rel {bad!r}"):
         gamma_of_sigma_rel(bad)
+    with pytest.raises(ConfigError, match="posthoc_ema"):
+        TrainConfig(posthoc_ema=(0.05, bad))
+
+
+def test_train_config_posthoc_fields():
+    assert TrainConfig(posthoc_ema=[0.05, 0.1]).posthoc_ema == (0.05, 0.1)
+    assert TrainConfig.from_dict(TrainConfig(posthoc_ema=(0.05,)).to_dict()).posthoc_ema == (0.05,)
+    with pytest.raises(ConfigError, match="posthoc_every"):
+        TrainConfig(posthoc_ema=(0.05,), posthoc_every=0)
+    with pytest.raises(ConfigError, match="three decimals"):
+        TrainConfig(posthoc_ema=(0.1, 0.1001))
 
 
 # ---- the discrete tracker against the continuous profile ---------------------------------------------------------
@@ -160,3 +175,81 @@ def test_profile_inner_products_are_the_integrals():
         pb = np.where(tau <= tb, (gb + 1) * tau ** gb / tb ** (gb + 1), 0)
         assert profile_inner(ta, ga, tb, gb) == pytest.approx((pa * pb).sum() * d, rel=1e-4)
     assert np.isfinite(profile_inner(1e6, 5000.0, 9e5, 8000.0))  # no overflow at large steps and exponents
+
+
+# ---- in training ---------------------------------------------------------------------------------------------------
+
+POSTHOC = dict(posthoc_ema=(0.05, 0.15), posthoc_every=4)
+
+
+def test_training_snapshots_and_resume_are_exact(tmp_path, digits, capsys):
+    """12 steps straight == 6 steps + resume + 6: the trackers in the checkpoint and the snapshots bitwise equal."""
+    kw = dict(steps=12, cond="class", **POSTHOC)
+    _, full = _run(tmp_path, digits, "full", **kw)
+    assert "post-hoc EMA: sigma_rel 0.05, 0.15" in capsys.readouterr().out
+    _run(tmp_path, digits, "split", **{**kw, "steps": 6})
+    tr = Trainer(TrainConfig(out=str(tmp_path / "split"), **{**TINY, **kw}), digits)
+    tr.resume()
+    assert tr.posthoc.step == 6
+    tr.fit()
+    split = tmp_path / "split" / "checkpoints" / "step-00000012"
+    a, b = load_file(full / "posthoc_ema.safetensors"), load_file(split / "posthoc_ema.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    names = sorted(p.name for p in (tmp_path / "full" / "posthoc-ema").glob("*.safetensors"))
+    assert names == [f"step-{s:08d}-sr{r}.safetensors" for s in (4, 8, 12) for r in ("0.050", "0.150")]
+    for name in names:
+        x, y = load_file(tmp_path / "full" / "posthoc-ema" / name), load_file(tmp_path / "split" / "posthoc-ema" / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    with safe_open(str(tmp_path / "full" / "posthoc-ema" / names[-1]), "pt") as f:
+        meta = f.metadata()
+    assert meta["step"] == "12" and float(meta["sigma_rel"]) == 0.15 and meta["images_seen"] == str(12 * 16)
+    assert float(meta["gamma"]) == pytest.approx(gamma_of_sigma_rel(0.15))
+    # the last step's snapshot holds the tracker's weights, over the model's state dict keys
+    snap = load_file(tmp_path / "full" / "posthoc-ema" / names[-1])
+    assert snap.keys() == load_file(full / "ema.safetensors").keys()
+    assert torch.equal(snap[tr.posthoc.names[0]], a[f"profile1.{tr.posthoc.names[0]}"])
+
+
+def test_reconstruct_cli_writes_a_checkpoint_that_loads(tmp_path, digits, capsys):
+    from kakusan.checkpoints import load_denoiser
+    from kakusan.cli import main
+    from kakusan.pipeline import Pipeline
+
+    run = tmp_path / "run"
+    _run(tmp_path, digits, "run", steps=10, cond="class", **POSTHOC)
+    assert main(["ema", "list", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "sigma_rel 0.05" in out and "sigma_rel 0.15" in out and "6 snapshots" in out
+    dest = tmp_path / "sr0.1"
+    assert main(["ema", "reconstruct", "--run", str(run), "--sigma-rel", "0.1", "--out", str(dest)]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    ckpt = dest / "step-00000010"
+    config = json.loads((ckpt / "config.json").read_text())
+    rec = config["ema_reconstruction"]
+    assert rec["sigma_rel"] == 0.1 and rec["step"] == 10 and len(rec["snapshots"]) == 6
+    assert config["model"] == json.loads((run / "config.json").read_text())["model"]
+    pipe = Pipeline.load(dest, device="cpu")
+    images = pipe(class_label=[1, 2], steps=2, seed=0).images
+    assert images.shape[0] == 2
+    den, _ = load_denoiser(dest)
+    assert den is not None
+    # a tracked width at its last step gives back the snapshot
+    assert main(["ema", "reconstruct", "--run", str(run), "--sigma-rel", "0.15", "--step", "8"]) == 0
+    got = load_file(run / "posthoc-ema" / "sr0.150" / "step-00000008" / "ema.safetensors")
+    want = load_file(run / "posthoc-ema" / "step-00000008-sr0.150.safetensors")
+    assert all(torch.allclose(got[k], want[k], rtol=1e-6, atol=1e-6) for k in want)
+
+
+def test_no_snapshots_is_one_line_naming_the_flag(tmp_path, digits, capsys):
+    from kakusan.cli import main
+
+    _run(tmp_path, digits, "plain", steps=2)
+    for argv in (["ema", "reconstruct", "--run", str(tmp_path / "plain"), "--sigma-rel", "0.1"],
+                 ["ema", "list", "--run", str(tmp_path / "plain")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--posthoc-ema" in err, err
+    _run(tmp_path, digits, "tracked", steps=2, **POSTHOC)
+    assert main(["ema", "reconstruct", "--run", str(tmp_path / "tracked"), "--sigma-rel", "0.4"]) == 2
+    assert "sigma_rel 0.4 is outside" in capsys.readouterr().err
+

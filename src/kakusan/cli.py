@@ -8,6 +8,7 @@
     kakusan train-classifier --data mnist --out runs/cls/mnist.safetensors
     kakusan eval   --checkpoint runs/mnist --extractor classifier:runs/cls/mnist.safetensors --ref mnist -n 10000
     kakusan sweep  --checkpoint runs/mnist --samplers ddim,unipc-2 --steps 5,10,20 ... --out runs/sweep
+    kakusan ema    reconstruct --run runs/mnist --sigma-rel 0.08 | list --run runs/mnist
     kakusan plot   schedules | forward | embedding | loss | trajectory
 """
 
@@ -68,6 +69,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, help="decay of the weights' exponential moving average")
+    p.add_argument("--posthoc-ema", type=_csv(float), metavar="SIGMA_RELS",
+                   help="post-hoc EMA: track power EMAs of these relative widths, e.g. 0.05,0.10, and snapshot them "
+                        "into RUN/posthoc-ema, for 'kakusan ema reconstruct' of any width later (default: none)")
+    p.add_argument("--posthoc-every", type=int, help="steps between post-hoc EMA snapshots (and one at the last)")
     p.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--image-size", type=int, help="resize the data (required for folder:DIR)")
     p.add_argument("--channels", type=int, help="1 or 3, for folder:DIR")
@@ -673,6 +678,38 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_ema_reconstruct(args) -> int:
+    from .training.posthoc_ema import reconstruct_checkpoint
+
+    ckpt = reconstruct_checkpoint(args.run, args.sigma_rel, args.step, args.out)
+    rec = json.loads((ckpt / "config.json").read_text())["ema_reconstruction"]
+    snaps = rec["snapshots"]
+    big = sorted(snaps, key=lambda s: -abs(s["coefficient"]))[:4]
+    print(f"sigma_rel {rec['sigma_rel']:g} (gamma {rec['gamma']:.3f}) at step {rec['step']:,} from {len(snaps)} "
+          f"snapshots of steps {snaps[0]['step']:,} .. {snaps[-1]['step']:,}, profile fit error "
+          f"{100 * rec['fit_error']:.2g}%; largest coefficients: "
+          + ", ".join(f"{s['file']} {s['coefficient']:+.3f}" for s in big) + " (all in its config.json)")
+    print(f"checkpoint: {ckpt}\nsample it: kakusan sample --checkpoint {ckpt.parent}")
+    return 0
+
+
+def cmd_ema_list(args) -> int:
+    from .training.posthoc_ema import SNAPSHOT_DIR, run_snapshots
+
+    _, snaps = run_snapshots(args.run)  # none: refused, naming --posthoc-ema
+    profiles = sorted({(s.sigma_rel, s.gamma) for s in snaps})
+    print("profiles: " + ", ".join(f"sigma_rel {sr:g} (gamma {g:.3f})" for sr, g in profiles))
+    print(f"{'step':>10} {'images seen':>13} {'sigma_rel':>9} {'size':>10}  file")
+    total = 0
+    for s in snaps:
+        size = s.path.stat().st_size
+        total += size
+        print(f"{s.step:>10,} {s.images_seen:>13,} {s.sigma_rel:>9g} {size / 1e6:>7.2f} MB  {s.path.name}")
+    print(f"{len(snaps)} snapshots, {total / 1e6:.1f} MB in {Path(args.run) / SNAPSHOT_DIR}; reconstruct any "
+          f"sigma_rel up to step {snaps[-1].step:,}: kakusan ema reconstruct --run {args.run} --sigma-rel S")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from . import plots
 
@@ -908,6 +945,20 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ema", help="post-hoc EMA: list a run's snapshots, reconstruct an EMA of any width from them")
+    ema = p.add_subparsers(dest="ema_command", required=True)
+    q = ema.add_parser("reconstruct", help="the EMA of width --sigma-rel as a checkpoint (from a run trained with "
+                                           "--posthoc-ema)")
+    q.add_argument("--run", required=True, help="the run folder (its posthoc-ema/ snapshots and config)")
+    q.add_argument("--sigma-rel", type=float, required=True,
+                   help="relative width of the EMA, in (0, 0.2887]: its profile's std as a share of training time")
+    q.add_argument("--step", type=int, help="the EMA as of this step (default: the newest snapshot's)")
+    q.add_argument("--out", help="folder to write (step-*/ + latest; default RUN/posthoc-ema/srS)")
+    q.set_defaults(func=cmd_ema_reconstruct)
+    q = ema.add_parser("list", help="the snapshots of a run and their profiles")
+    q.add_argument("--run", required=True, help="the run folder")
+    q.set_defaults(func=cmd_ema_list)
 
     p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory, samplers")
     p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory", "samplers"])
