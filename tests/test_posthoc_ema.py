@@ -253,3 +253,23 @@ def test_no_snapshots_is_one_line_naming_the_flag(tmp_path, digits, capsys):
     assert main(["ema", "reconstruct", "--run", str(tmp_path / "tracked"), "--sigma-rel", "0.4"]) == 2
     assert "sigma_rel 0.4 is outside" in capsys.readouterr().err
 
+
+def test_sweep_scores_each_reconstructed_width(tmp_path, digits, capsys):
+    from kakusan.cli import main
+    from kakusan.metrics.classifier import train_classifier
+
+    run, cls, out = tmp_path / "run", tmp_path / "cls.safetensors", tmp_path / "sweep"
+    _run(tmp_path, digits, "run", steps=8, cond="class", **POSTHOC)
+    train_classifier("digits", cls, epochs=1, widths=(8, 16, 24), batch_size=16, limit=320, progress=False)
+    assert main(["sweep", "--checkpoint", str(run), "--ema", "0.05,0.1", "--samplers", "ddim", "--steps", "2",
+                 "-n", "40", "--extractor", f"classifier:{cls}", "--ref", "digits", "--ref-limit", "200",
+                 "--out", str(out)]) == 0
+    assert "sigma_rel" in capsys.readouterr().out
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["sigma_rel"] for r in rows] == [0.05, 0.1]
+    assert all(r["fid"] > 0 and r["ema_reconstruction"]["step"] == 8 for r in rows)
+    assert rows[1]["result"]["record"]["samples"]["checkpoint"].startswith(str(out / "ema-sr0.100"))
+    assert (out / "sweep.png").is_file()
+    assert main(["sweep", "--checkpoint", str(run), "--ema", "0.3", "--extractor", f"classifier:{cls}",
+                 "--ref", "digits"]) == 2
+    assert "sigma_rel 0.3 is outside" in capsys.readouterr().err

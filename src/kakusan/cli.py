@@ -645,32 +645,43 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .metrics.evaluate import nan_to_none, plot_sweep, sweep
+    from .metrics.evaluate import ema_sweep, nan_to_none, plot_sweep, sweep
     from .metrics.features import load_extractor
     from .diffusion import resolve_device
 
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
+    if args.ema:  # refuse a bad width or a run without snapshots before any feature is computed
+        from .training.posthoc_ema import gamma_of_sigma_rel, run_snapshots
+
+        for sr in args.ema:
+            gamma_of_sigma_rel(sr)
+        run_snapshots(args.checkpoint)
     args.device_resolved = resolve_device(args.device)
     extractor = load_extractor(args.extractor, download=args.download)
     ref = _reference(args, extractor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} {'KID x1e3':>9} {'prec':>6} {'recall':>6} " \
-             f"{'agree':>6} {'time s':>7}"
+    header = ("sigma_rel " if args.ema else "") + f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} " \
+             f"{'KID x1e3':>9} {'prec':>6} {'recall':>6} {'agree':>6} {'time s':>7}"
     print(header)
 
     def show(r):
         g = "-" if r["guidance"] is None else f"{r['guidance']:g}"
         agree = f"{100 * r['class_agreement']:5.1f}%" if "class_agreement" in r else "     -"
-        print(f"{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
+        sr = f"{r['sigma_rel']:>9g} " if "sigma_rel" in r else ""
+        print(f"{sr}{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
               f"{1e3 * r.get('kid', float('nan')):>9.3f} {r.get('precision', float('nan')):>6.3f} "
               f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}", flush=True)
 
-    rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
-                 device=args.device_resolved, batch_size=args.batch_size, on_row=show,
-                 grid_dir=out / "grids" if args.grids else None, **_guidance_options(args))
+    kw = dict(seed=args.seed, device=args.device_resolved, batch_size=args.batch_size, on_row=show,
+              grid_dir=out / "grids" if args.grids else None, **_guidance_options(args))
+    if args.ema:  # --checkpoint is the run; each width reconstructed into OUT/ema-srS, then swept
+        rows = ema_sweep(extractor, args.checkpoint, ref, args.ema, args.samplers, args.steps, args.guidance, args.n,
+                         out, **kw)
+    else:
+        rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, **kw)
     (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
     png = plot_sweep(rows, out / "sweep.png")
     label = rows[0]["result"]["preliminary"]
@@ -942,6 +953,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json and sweep.png")
     p.add_argument("--grids", action="store_true", help="also save a grid of the first 40 samples of each point")
+    p.add_argument("--ema", type=_csv(float), metavar="SIGMA_RELS",
+                   help="post-hoc EMA widths to score, e.g. 0.02,0.05,0.10,0.15: --checkpoint is then a run trained "
+                        "with --posthoc-ema, each width is reconstructed into OUT/ema-srS and swept")
     _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
