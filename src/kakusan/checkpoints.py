@@ -93,12 +93,12 @@ def unflatten_optimizer_state(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 3,
+def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Module | dict,
+                    ema: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 3,
                     keep_every: int = 0, extras: dict | None = None) -> Path:
     """Write checkpoint ``step-XXXXXXXX`` under ``ckpt_root`` atomically; keep the newest ``keep`` and, with
-    ``keep_every`` > 0, every checkpoint whose step is a multiple of it. ``extras``: more safetensors files
-    written inside it, {file name: (tensors, metadata)}."""
+    ``keep_every`` > 0, every checkpoint whose step is a multiple of it. ``model`` / ``ema``: modules or their
+    state dicts. ``extras``: more safetensors files written inside it, {file name: (tensors, metadata)}."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -108,8 +108,8 @@ def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Mo
     full_config = {"format": FORMAT_VERSION, "kakusan_version": __version__, **config}
     meta = {"kakusan_config": json.dumps(full_config)}
     _write_json(tmp / "config.json", full_config)
-    _save_tensors(tmp / "model.safetensors", model.state_dict(), meta)
-    _save_tensors(tmp / "ema.safetensors", ema.state_dict(), meta)
+    for name, weights in (("model.safetensors", model), ("ema.safetensors", ema)):
+        _save_tensors(tmp / name, weights if isinstance(weights, dict) else weights.state_dict(), meta)
     if optimizer is not None:
         opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)

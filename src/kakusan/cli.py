@@ -8,6 +8,7 @@
     kakusan train-classifier --data mnist --out runs/cls/mnist.safetensors
     kakusan eval   --checkpoint runs/mnist --extractor classifier:runs/cls/mnist.safetensors --ref mnist -n 10000
     kakusan sweep  --checkpoint runs/mnist --samplers ddim,unipc-2 --steps 5,10,20 ... --out runs/sweep
+    kakusan ema    reconstruct --run runs/mnist --sigma-rel 0.08 | list --run runs/mnist
     kakusan plot   schedules | forward | embedding | loss | trajectory
 """
 
@@ -77,6 +78,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, help="decay of the weights' exponential moving average")
+    p.add_argument("--posthoc-ema", type=_csv(float), metavar="SIGMA_RELS",
+                   help="post-hoc EMA: track power EMAs of these relative widths, e.g. 0.05,0.10, and snapshot them "
+                        "into RUN/posthoc-ema, for 'kakusan ema reconstruct' of any width later (default: none)")
+    p.add_argument("--posthoc-every", type=int, help="steps between post-hoc EMA snapshots (and one at the last)")
     p.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--image-size", type=int, help="resize the data (required for folder:DIR)")
     p.add_argument("--channels", type=int, help="1 or 3, for folder:DIR")
@@ -663,36 +668,79 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .metrics.evaluate import nan_to_none, plot_sweep, sweep
+    from .metrics.evaluate import ema_sweep, nan_to_none, plot_sweep, sweep
     from .metrics.features import load_extractor
     from .diffusion import resolve_device
 
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
+    if args.ema:  # refuse a bad width or a run without snapshots before any feature is computed
+        from .training.posthoc_ema import gamma_of_sigma_rel, run_snapshots
+
+        for sr in args.ema:
+            gamma_of_sigma_rel(sr)
+        run_snapshots(args.checkpoint)
     args.device_resolved = resolve_device(args.device)
     extractor = load_extractor(args.extractor, download=args.download)
     ref = _reference(args, extractor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} {'KID x1e3':>9} {'prec':>6} {'recall':>6} " \
-             f"{'agree':>6} {'time s':>7}"
+    header = ("sigma_rel " if args.ema else "") + f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} " \
+             f"{'KID x1e3':>9} {'prec':>6} {'recall':>6} {'agree':>6} {'time s':>7}"
     print(header)
 
     def show(r):
         g = "-" if r["guidance"] is None else f"{r['guidance']:g}"
         agree = f"{100 * r['class_agreement']:5.1f}%" if "class_agreement" in r else "     -"
-        print(f"{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
+        sr = f"{r['sigma_rel']:>9g} " if "sigma_rel" in r else ""
+        print(f"{sr}{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
               f"{1e3 * r.get('kid', float('nan')):>9.3f} {r.get('precision', float('nan')):>6.3f} "
               f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}", flush=True)
 
-    rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, seed=args.seed,
-                 device=args.device_resolved, batch_size=args.batch_size, on_row=show,
-                 grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, **_guidance_options(args))
+    kw = dict(seed=args.seed, device=args.device_resolved, batch_size=args.batch_size, on_row=show,
+              grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, **_guidance_options(args))
+    if args.ema:  # --checkpoint is the run; each width reconstructed into OUT/ema-srS, then swept
+        rows = ema_sweep(extractor, args.checkpoint, ref, args.ema, args.samplers, args.steps, args.guidance, args.n,
+                         out, **kw)
+    else:
+        rows = sweep(extractor, args.checkpoint, ref, args.samplers, args.steps, args.guidance, args.n, **kw)
     (out / "sweep.json").write_text(json.dumps(nan_to_none(rows), indent=2))
     png = plot_sweep(rows, out / "sweep.png")
     label = rows[0]["result"]["preliminary"]
     print(f"table: {out / 'sweep.json'}\nplot: {png}" + (f"\n[{label}]" if label else ""))
+    return 0
+
+
+def cmd_ema_reconstruct(args) -> int:
+    from .training.posthoc_ema import reconstruct_checkpoint
+
+    ckpt = reconstruct_checkpoint(args.run, args.sigma_rel, args.step, args.out)
+    rec = json.loads((ckpt / "config.json").read_text())["ema_reconstruction"]
+    snaps = rec["snapshots"]
+    big = sorted(snaps, key=lambda s: -abs(s["coefficient"]))[:4]
+    print(f"sigma_rel {rec['sigma_rel']:g} (gamma {rec['gamma']:.3f}) at step {rec['step']:,} from {len(snaps)} "
+          f"snapshots of steps {snaps[0]['step']:,} .. {snaps[-1]['step']:,}, profile fit error "
+          f"{100 * rec['fit_error']:.2g}%; largest coefficients: "
+          + ", ".join(f"{s['file']} {s['coefficient']:+.3f}" for s in big) + " (all in its config.json)")
+    print(f"checkpoint: {ckpt}\nsample it: kakusan sample --checkpoint {ckpt.parent}")
+    return 0
+
+
+def cmd_ema_list(args) -> int:
+    from .training.posthoc_ema import SNAPSHOT_DIR, run_snapshots
+
+    _, snaps = run_snapshots(args.run)  # none: refused, naming --posthoc-ema
+    profiles = sorted({(s.sigma_rel, s.gamma) for s in snaps})
+    print("profiles: " + ", ".join(f"sigma_rel {sr:g} (gamma {g:.3f})" for sr, g in profiles))
+    print(f"{'step':>10} {'images seen':>13} {'sigma_rel':>9} {'size':>10}  file")
+    total = 0
+    for s in snaps:
+        size = s.path.stat().st_size
+        total += size
+        print(f"{s.step:>10,} {s.images_seen:>13,} {s.sigma_rel:>9g} {size / 1e6:>7.2f} MB  {s.path.name}")
+    print(f"{len(snaps)} snapshots, {total / 1e6:.1f} MB in {Path(args.run) / SNAPSHOT_DIR}; reconstruct any "
+          f"sigma_rel up to step {snaps[-1].step:,}: kakusan ema reconstruct --run {args.run} --sigma-rel S")
     return 0
 
 
@@ -929,9 +977,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json and sweep.png")
     p.add_argument("--grids", action="store_true", help="also save a grid of the first 40 samples of each point")
+    p.add_argument("--ema", type=_csv(float), metavar="SIGMA_RELS",
+                   help="post-hoc EMA widths to score, e.g. 0.02,0.05,0.10,0.15: --checkpoint is then a run trained "
+                        "with --posthoc-ema, each width is reconstructed into OUT/ema-srS and swept")
     _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ema", help="post-hoc EMA: list a run's snapshots, reconstruct an EMA of any width from them")
+    ema = p.add_subparsers(dest="ema_command", required=True)
+    q = ema.add_parser("reconstruct", help="the EMA of width --sigma-rel as a checkpoint (from a run trained with "
+                                           "--posthoc-ema)")
+    q.add_argument("--run", required=True, help="the run folder (its posthoc-ema/ snapshots and config)")
+    q.add_argument("--sigma-rel", type=float, required=True,
+                   help="relative width of the EMA, in (0, 0.2887]: its profile's std as a share of training time")
+    q.add_argument("--step", type=int, help="the EMA as of this step (default: the newest snapshot's)")
+    q.add_argument("--out", help="folder to write (step-*/ + latest; default RUN/posthoc-ema/srS)")
+    q.set_defaults(func=cmd_ema_reconstruct)
+    q = ema.add_parser("list", help="the snapshots of a run and their profiles")
+    q.add_argument("--run", required=True, help="the run folder")
+    q.set_defaults(func=cmd_ema_list)
 
     p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory, samplers")
     p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory", "samplers"])

@@ -298,6 +298,31 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
     return rows
 
 
+def ema_sweep(extractor: FeatureExtractor, run, ref: FeatureSet, sigma_rels: list[float], samplers: list[str],
+              steps: list[int], guidance: list[float | None], n: int, out_dir: str | Path, step: int | None = None,
+              on_row=None, grid_dir: str | Path | None = None, **kw) -> list[dict]:
+    """:func:`sweep` over the post-hoc EMA reconstructions of ``run`` (trained with ``posthoc_ema``): each width
+    in ``sigma_rels`` is reconstructed into ``out_dir/ema-srS`` (a checkpoint the rows' records point at) and
+    scored; each row has ``sigma_rel`` and the ``ema_reconstruction`` record (snapshots, coefficients)."""
+    from ..training.posthoc_ema import gamma_of_sigma_rel, reconstruct_checkpoint
+
+    for sr in sigma_rels:
+        gamma_of_sigma_rel(sr)  # every width is checked before any sampling
+    rows = []
+    for sr in sigma_rels:
+        ckpt = reconstruct_checkpoint(run, sr, step, Path(out_dir) / f"ema-sr{sr:.3f}")
+        record = json.loads((ckpt / "config.json").read_text())["ema_reconstruction"]
+
+        def tag(row, sr=sr, record=record):
+            row.update(sigma_rel=sr, ema_reconstruction=record)
+            if on_row:
+                on_row(row)
+
+        rows += sweep(extractor, ckpt, ref, samplers, steps, guidance, n, on_row=tag,
+                      grid_dir=None if grid_dir is None else Path(grid_dir) / f"sr{sr:.3f}", **kw)
+    return rows
+
+
 def _flat(scores: dict) -> dict:
     out = {}
     for k, v in scores.items():
@@ -319,8 +344,23 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
     from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    by_guidance = len({r["nfe"] for r in rows}) == 1 and len({r["guidance"] for r in rows}) > 1
-    if by_guidance:
+    by_sigma_rel = len({r.get("sigma_rel") for r in rows}) > 1
+    by_guidance = not by_sigma_rel and len({r["nfe"] for r in rows}) == 1 and len({r["guidance"] for r in rows}) > 1
+    if by_sigma_rel:  # post-hoc EMA widths: a line per (sampler, steps, guidance)
+        second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["sampler"], r["steps"], r["guidance"]), []).append(r)
+        for (s, st, g), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["sigma_rel"])
+            label = f"{s}, {st} steps" + ("" if g is None else f", w={g:g}")
+            for ax, key in zip(axes, (metric, second)):
+                ax.plot([r["sigma_rel"] for r in rs], [r[key] for r in rs], "o-", label=label)
+        for ax, key in zip(axes, (metric.upper(), second.replace("_", " "))):
+            ax.set_xlabel("post-hoc EMA width sigma_rel")
+            ax.set_ylabel(key)
+            ax.grid(True, alpha=0.3)
+    elif by_guidance:
         second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"
         for s in dict.fromkeys(r["sampler"] for r in rows):
             rs = sorted((r for r in rows if r["sampler"] == s and r["guidance"] is not None),
@@ -356,7 +396,7 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
             ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     n = rows[0]["result"]["record"]["samples"]["n"] if rows and "result" in rows[0] else None
-    fig.suptitle(f"{metric.upper()} vs " + ("guidance" if by_guidance else "cost")
+    fig.suptitle(f"{metric.upper()} vs " + ("EMA width" if by_sigma_rel else "guidance" if by_guidance else "cost")
                  + (f" ({n:,} samples per point)" if n else ""))
     fig.tight_layout()
     path = Path(path)

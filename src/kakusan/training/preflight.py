@@ -31,7 +31,7 @@ from .trainer import TrainConfig
 # would make the resumed run a different run.
 RUN_CONTROL = ("steps", "max_minutes", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
                "keep_every", "progress", "device", "compile", "gradient_checkpointing", "nan_policy", "sample_sampler",
-               "sample_steps", "guidance", "download")
+               "sample_steps", "guidance", "download", "posthoc_every")
 MOVABLE_PATHS = ("data", "autoencoder", "latent_cache")  # may move, not change kind (data) or appear / vanish
 MAY_CHANGE_ON_RESUME = RUN_CONTROL + MOVABLE_PATHS  # and out: the run folder resumed, wherever it now is
 

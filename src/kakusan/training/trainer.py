@@ -32,6 +32,7 @@ from ..checkpoints import (load_state_dict_into, load_tensors, read_config, reso
                          rng_state, save_checkpoint, unflatten_optimizer_state)
 from .distributed import DistInfo
 from .ema import EMA
+from .posthoc_ema import STATE_FILE as POSTHOC_STATE, PowerEMA, disk_cost_line, run_config_sha256
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    posthoc_ema: tuple[float, ...] = ()  # sigma_rels of power EMAs tracked for post-hoc reconstruction, e.g. (0.05, 0.10)
+    posthoc_every: int = 500  # steps between their snapshots (RUN/posthoc-ema; also one at the last step)
     hflip: bool = False
     seed: int = 0
     out: str = "runs/default"
@@ -102,6 +105,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
+        self._check_posthoc()
         positive = ("steps", "batch_size", "num_timesteps", "log_every", "checkpoint_every")
         if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ConfigError(f"sample_every must be an integer >= 0 (0: no sample grids), got {self.sample_every!r}")
@@ -163,6 +167,27 @@ class TrainConfig:
         if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
             raise ConfigError(f"{'rectified flow' if self.schedule == 'flow' else 'a zero-terminal-SNR schedule'} "
                               "needs prediction 'flow', 'v' or 'x0' (eps cannot be inverted at alpha = 0)")
+
+    def _check_posthoc(self) -> None:
+        from .posthoc_ema import gamma_of_sigma_rel
+
+        if isinstance(self.posthoc_ema, (int, float)) and not isinstance(self.posthoc_ema, bool):
+            self.posthoc_ema = (self.posthoc_ema,)
+        if not isinstance(self.posthoc_ema, (list, tuple)):
+            raise ConfigError(f"posthoc_ema must be a list of sigma_rels (e.g. [0.05, 0.1]), got {self.posthoc_ema!r}")
+        try:
+            for s in self.posthoc_ema:
+                gamma_of_sigma_rel(s)  # refuses a width outside (0, 1/sqrt(12)], naming it
+        except ConfigError as e:
+            raise ConfigError(f"posthoc_ema: {e}") from None
+        self.posthoc_ema = tuple(float(s) for s in self.posthoc_ema)
+        names = [f"{s:.3f}" for s in self.posthoc_ema]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"posthoc_ema {list(self.posthoc_ema)}: the sigma_rels must differ in their first "
+                              f"three decimals (they name the snapshot files)")
+        if not isinstance(self.posthoc_every, int) or isinstance(self.posthoc_every, bool) or self.posthoc_every < 1:
+            raise ConfigError(f"posthoc_every must be a positive integer (steps between post-hoc EMA snapshots), "
+                              f"got {self.posthoc_every!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -456,6 +481,8 @@ class Trainer:
         self.train_denoiser = self.denoiser if backbone is net else Denoiser(
             backbone, self.schedule, self.denoiser.config)
         self.ema = EMA(self.model, cfg.ema_decay)
+        # the post-hoc EMA profiles (the weights are the same on every process: the main one tracks them)
+        self.posthoc = PowerEMA(self.model, cfg.posthoc_ema) if cfg.posthoc_ema and self.dist.is_main else None
         self.distiller = Distiller(self) if cfg.distill else None
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW([q for q in self.model.parameters() if q.requires_grad], lr=cfg.lr,
@@ -542,6 +569,8 @@ class Trainer:
                     lr["rank"], lr["alpha"], lr["targets"], lr["layers"], self.config["init_from"]))
             if self.distiller is not None:  # the consistency loss's target network, for an exact resume
                 extras["target.safetensors"] = (self.distiller.target.state_dict(), {"kind": "consistency-target"})
+            if self.posthoc is not None:  # the post-hoc EMA profiles, for an exact resume
+                extras[POSTHOC_STATE] = (self.posthoc.state_dict(), {"kind": "posthoc-ema-state"})
             path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
                                    self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
                                    extras=extras)
@@ -564,6 +593,13 @@ class Trainer:
         if self.distiller is not None:
             load_state_dict_into(self.distiller.target, load_tensors(ckpt / "target.safetensors"), ckpt)
         state = json.loads((ckpt / "state.json").read_text())
+        if self.posthoc is not None:
+            if not (ckpt / POSTHOC_STATE).is_file():
+                raise CheckpointError(f"{ckpt}: no {POSTHOC_STATE} (the post-hoc EMA profiles this run tracks)")
+            self.posthoc.load_state_dict(load_tensors(ckpt / POSTHOC_STATE), str(ckpt / POSTHOC_STATE))
+            if self.posthoc.step != state["step"]:
+                raise CheckpointError(f"{ckpt}: its post-hoc EMA is at step {self.posthoc.step}, the run at "
+                                      f"{state['step']}")
         opt_tensors = load_tensors(ckpt / "optimizer.safetensors")
         self.optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
         restore_rng_state(state, self.generator, self.device)
@@ -627,6 +663,8 @@ class Trainer:
             self.ema.update(self.model, self.step)
             if self.distiller is not None:
                 self.distiller.update_target()
+        if self.posthoc is not None:  # a skipped step too (its weights are the last ones): t stays the step count
+            self.posthoc.update(self.model)
         self.step += 1
         return loss_value
 
@@ -695,6 +733,8 @@ class Trainer:
         # disable=None: tqdm turns itself off when the output is not a terminal (logs stay clean)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
                    disable=None if cfg.progress and main else True, dynamic_ncols=True)
+        if self.posthoc is not None:
+            print(disk_cost_line(self.posthoc, self.model, cfg.steps, cfg.posthoc_every, self.out), flush=True)
         losses, t_last, step_last = [], time.perf_counter(), self.step
         t_start = time.perf_counter()
         ckpt = None
@@ -721,6 +761,9 @@ class Trainer:
                     self.sample_grid(self.out / "samples" / f"step-{self.step:08d}.png")
                     if self.step >= cfg.log_every:
                         plot_loss(self.out / "log.jsonl", self.out / "loss.png")
+                if self.posthoc is not None and (self.step % cfg.posthoc_every == 0 or last):
+                    self.posthoc.save_snapshots(self.model, self.out, run_config_sha256(self.config),
+                                                self.step * cfg.batch_size)
                 if self.step % cfg.checkpoint_every == 0 or last:
                     ckpt = self.save()
                 if last and self.step < cfg.steps:
