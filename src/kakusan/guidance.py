@@ -3,6 +3,8 @@ denoiser, usable by every sampler)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -17,10 +19,23 @@ def _alpha_sigma(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return schedule.alpha_sigma(t.double().cpu())
 
 
-def _check_interval(interval: tuple[float, float] | None, schedule) -> None:
-    if interval is not None and not (0 <= interval[0] < interval[1]):
+def check_interval(interval, schedule=None, *, need_schedule: bool = True) -> None:
+    """A guidance interval (lo, hi) on sigma / alpha, or None: two numbers, lo finite and >= 0, hi > lo (hi may be
+    inf). ``need_schedule``: the wrappers read sigma / alpha through the noise schedule, so they need it."""
+    if interval is None:
+        return
+    try:
+        lo, hi = interval
+    except (TypeError, ValueError):
+        raise ConfigError(f"guidance interval must be (lo, hi), got {interval!r}") from None
+    for name, v in (("low", lo), ("high", hi)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"guidance_interval {name} must be a number, got {v!r}")
+    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or (math.isinf(hi) and hi < 0):
+        raise ConfigError(f"guidance_interval must be finite (high may be inf), got {interval}")
+    if not 0 <= lo < hi:
         raise ConfigError(f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
-    if interval is not None and schedule is None:
+    if need_schedule and schedule is None:
         raise ConfigError("a guidance interval needs the noise schedule")
 
 
@@ -53,7 +68,7 @@ class ClassifierFreeGuidance(nn.Module):
         super().__init__()
         if not 0.0 <= rescale <= 1.0:
             raise ConfigError(f"guidance rescale must lie in [0, 1], got {rescale}")
-        _check_interval(interval, schedule)
+        check_interval(interval, schedule)
         if rescale > 0 and schedule is None:
             raise ConfigError("guidance rescale needs the noise schedule")
         self.denoiser, self.scale, self.null_cond = denoiser, float(scale), null_cond
@@ -104,7 +119,7 @@ class AutoGuidance(nn.Module):
     def __init__(self, main: nn.Module, guide: nn.Module, scale: float, interval: tuple[float, float] | None = None,
                  schedule=None, guide_schedule=None):
         super().__init__()
-        _check_interval(interval, schedule)
+        check_interval(interval, schedule)
         if guide_schedule is not None and schedule is None:
             raise ConfigError("a guide with its own noise schedule needs the main model's schedule too")
         self.main, self.guide, self.scale = main, guide, float(scale)
@@ -135,8 +150,8 @@ class AutoGuidance(nn.Module):
         a_m, s_m = self.schedule.alpha_sigma(t64)
         a_g, s_g = self.guide_schedule.alpha_sigma(t_g)
         ratio = torch.where(a_m > 0, a_g / a_m.clamp_min(1e-300), s_g / s_m.clamp_min(1e-300))
-        t_dtype = t.dtype if t.is_floating_point() else torch.float32
-        return x_t * _bc(ratio, x_t), t_g.to(x_t.device, t_dtype), reached.to(x_t.device)
+        # t_g stays float64 (as the ratio): a denoiser reads t in float64 anyway
+        return x_t * _bc(ratio, x_t), t_g.to(x_t.device), reached.to(x_t.device)
 
 
 class ClassifierGuidance(nn.Module):

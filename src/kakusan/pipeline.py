@@ -37,7 +37,7 @@ from .checkpoints import (LoadedAutoencoder, apply_checkpoint_lora, autoencoder_
 from .data.datasets import load_image, to_model_range, to_uint8
 from .diffusion import ClippedDenoiser, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
-from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
+from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, check_interval
 from .metrics.provenance import file_sha256, tensor_sha256
 from .samplers import get_sampler, model_calls, run_sampler, sampling_levels
 from .schedules import NoiseLevels
@@ -63,16 +63,6 @@ def _finite(name: str, v, lo: float | None = None, hi: float | None = None, allo
         raise ConfigError(f"{name} must lie in [{lo if lo is not None else '-inf'}, "
                           f"{hi if hi is not None else 'inf'}], got {v}")
     return v
-
-
-def _check_interval(interval) -> None:
-    """A guidance interval (lo, hi) on sigma / alpha, or None."""
-    if interval is not None:
-        lo, hi = interval
-        _finite("guidance_interval low", lo, 0.0)
-        _finite("guidance_interval high", hi, allow_inf_hi=True)
-        if not lo < hi:
-            raise ConfigError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
 
 
 def _int(name: str, v, lo: int, hi: int | None = None) -> int:
@@ -574,7 +564,7 @@ class Pipeline:
                 warnings.warn(f"this model was distilled with guidance {self.config['consistency']['guidance']:g} "
                               f"baked in; guidance {guidance:g} is applied on top of it (1 = as distilled)")
         _finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        _check_interval(guidance_interval)
+        check_interval(guidance_interval, self.schedule)
         if classifier is not None:
             if guidance is not None:
                 raise ConfigError("choose one of guidance (classifier-free) and classifier (classifier guidance)")
@@ -641,7 +631,7 @@ class Pipeline:
                               "attached) guides with the same condition in both models")
         if guidance_rescale:
             raise ConfigError("guidance rescale is classifier-free guidance's option, not autoguidance's")
-        _check_interval(guidance_interval)
+        check_interval(guidance_interval, self.schedule)
         guide = self._guide_pipe
         clipped = lambda d: d if not clip or self.autoencoder is not None else ClippedDenoiser(d)  # noqa: E731
         same = (torch.equal(guide.schedule.alpha_bar, self.schedule.alpha_bar)
