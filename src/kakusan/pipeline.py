@@ -254,19 +254,16 @@ class Pipeline:
         ``controlnet``: ControlNet checkpoint(s) to attach (see :meth:`attach_controlnet`); a ControlNet run given as
         ``checkpoint`` loads the base it was trained on, with that ControlNet attached. ``guide``: a weaker
         version of this model to guide it with (autoguidance; see :meth:`attach_guide`)."""
-        device = resolve_device(device)
-        if guide is not None:
-            pipe = cls.load(checkpoint, device=device, precision=precision, use_ema=use_ema, lora=lora,
-                            lora_scale=lora_scale, text_encoder=text_encoder, autoencoder=autoencoder,
-                            offload=offload, tokenizer=tokenizer, prediction=prediction, image_size=image_size,
-                            compile=compile, controlnet=controlnet)
+        # every option but the checkpoint, the ControlNets and the guide, in one dict (from the signature itself,
+        # so an option added to it travels through the calls below too)
+        options = {k: v for k, v in locals().items() if k not in ("cls", "checkpoint", "controlnet", "guide")}
+        device = options["device"] = resolve_device(device)
+        if guide is not None:  # the guide itself is loaded by attach_guide: this device / precision / use_ema only
+            pipe = cls.load(checkpoint, **options, controlnet=controlnet)
             pipe.attach_guide(guide)
             return pipe
         controlnets = [] if controlnet is None else (list(controlnet) if isinstance(controlnet, (list, tuple))
                                                      else [controlnet])
-        options = dict(device=device, precision=precision, use_ema=use_ema, lora=lora, lora_scale=lora_scale,
-                       text_encoder=text_encoder, autoencoder=autoencoder, offload=offload, tokenizer=tokenizer,
-                       prediction=prediction, image_size=image_size, compile=compile)
         base = _controlnet_base(checkpoint)
         if base is not None:  # a ControlNet run: its base, with it attached
             if not Path(base).exists():
