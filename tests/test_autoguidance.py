@@ -151,11 +151,33 @@ def test_a_guide_with_another_schedule_through_the_pipeline(run, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["schedule"]["name"] = "linear"
     (other / "config.json").write_text(json.dumps(cfg))
-    same = Pipeline.load(main_ckpt, device="cpu", guide=guide_ckpt)
-    conv = Pipeline.load(main_ckpt, device="cpu", guide=other)
+    same = Pipeline.load(main_ckpt, device="cpu", precision="fp32", guide=guide_ckpt)
+    conv = Pipeline.load(main_ckpt, device="cpu", precision="fp32", guide=other)
     d_same, _, _ = same.guided_denoiser(guidance=2.0)
     d_conv, _, _ = conv.guided_denoiser(guidance=2.0)
     assert d_same.guide_schedule is None and d_conv.guide_schedule is conv._guide_pipe.schedule
+    # the pipeline's denoiser is the hand-built one over the two networks, loaded on their own
+    from kakusan.checkpoints import load_denoiser
+    from kakusan.diffusion import ClippedDenoiser
+
+    main_d, _ = load_denoiser(main_ckpt, precision="fp32")
+    guide_d, _ = load_denoiser(other, precision="fp32")
+    assert guide_d.schedule.config.name == "linear" != main_d.schedule.config.name
+    hand = AutoGuidance(ClippedDenoiser(main_d), ClippedDenoiser(guide_d), 2.0, schedule=main_d.schedule,
+                        guide_schedule=guide_d.schedule)
+    unconverted = AutoGuidance(ClippedDenoiser(main_d), ClippedDenoiser(guide_d), 2.0)
+    x, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 7])
+    for tv in (100.0, 500.0, 900.0):
+        t = torch.full((2,), tv)
+        with torch.no_grad():
+            got = d_conv(x, t, y)
+            assert torch.equal(got, hand(x, t, y)), tv
+            assert (got - unconverted(x, t, y)).abs().max() > 1e-4, tv  # the conversion is used
+    # sampling through it: finite, and not the unguided model nor the guide taken at the main model's t
+    out = conv(**CALL).images
+    assert torch.isfinite(out).all()
+    assert (out - conv(**{**CALL, "guidance": None}).images).abs().max() > 1e-3
+    assert (out - same(**CALL).images).abs().max() > 1e-3
 
 
 def _edited(src, tmp_path, name, edit):
