@@ -236,6 +236,17 @@ def test_cli_sample_with_a_guide_model(run, tmp_path, capsys):
     assert "--guide-model needs --guidance" in capsys.readouterr().err
 
 
+def test_eval_and_sweep_refuse_a_guide_model_without_guidance(tmp_path, capsys):
+    """The check sample makes, before anything is loaded (the paths need not even exist)."""
+    ckpt, guide = str(tmp_path / "main"), str(tmp_path / "guide")
+    common = ["--checkpoint", ckpt, "--guide-model", guide, "--extractor", "inception", "--ref", "digits"]
+    for argv in (["eval", *common], ["sweep", *common], ["sweep", *common, "--guidance", "none"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--guide-model needs --guidance" in err and len(err.strip().splitlines()) == 1, argv
+
+
 def test_eval_samples_record_the_guide(run):
     from kakusan.metrics.evaluate import generate
 

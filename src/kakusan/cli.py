@@ -256,8 +256,7 @@ def cmd_sample(args) -> int:
         return _write_samples(gen, out, args.out_dir, gen.record.get("nrow"))
     if not args.checkpoint:
         raise ConfigError("sample needs --checkpoint (or --from-png FILE)")
-    if args.guide_model and args.guidance is None:
-        raise ConfigError("--guide-model needs --guidance W (autoguidance's scale; 1 = the model alone)")
+    _check_guide_model(args)
     kw = _pipeline_kwargs(args)
     noise = None
     if args.noise:
@@ -562,6 +561,16 @@ def _eval_guidance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", type=_csv(float), help="lo,hi: guide only where lo < sigma/alpha <= hi")
 
 
+def _check_guide_model(args) -> None:
+    """--guide-model without a --guidance value would sample unguided: refused (sample, eval, sweep alike; a
+    sweep's list may hold 'none' beside other values, as its unguided baseline)."""
+    from .errors import ConfigError
+
+    values = args.guidance if isinstance(args.guidance, (list, tuple)) else [args.guidance]
+    if getattr(args, "guide_model", None) and all(v is None for v in values):
+        raise ConfigError("--guide-model needs --guidance W (autoguidance's scale; 1 = the model alone)")
+
+
 def _guidance_options(args) -> dict:
     return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "negative_class": args.negative_class,
             "guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval}
@@ -588,6 +597,7 @@ def cmd_eval(args) -> int:
 
     if bool(args.checkpoint) == bool(args.images):
         raise ConfigError("give exactly one of --checkpoint (sample from it) or --images DIR")
+    _check_guide_model(args)
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
@@ -672,6 +682,7 @@ def cmd_sweep(args) -> int:
     from .metrics.features import load_extractor
     from .diffusion import resolve_device
 
+    _check_guide_model(args)
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
