@@ -397,3 +397,36 @@ def test_load_20_concurrent_requests(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "serve-load.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))
+
+
+def test_an_unconditional_model_autoguided_on_the_service(tmp_path, digits):
+    """Two checkpoints of an unconditional run: the guidance slider is shown (a guide can be chosen), a chosen guide
+    with guidance 0 is refused naming the slider, with w > 0 it autoguides; guidance with no guide is refused."""
+    from kakusan.errors import ConfigError
+    from kakusan.serve import Limits, ModelPool, Request, Service
+    from kakusan.serve.app import build_app
+    from kakusan.training import Trainer, TrainConfig
+
+    Trainer(TrainConfig(out=str(tmp_path / "u"), steps=2, checkpoint_every=1, cond="none",
+                        preset="unet-tiny", batch_size=8, sample_every=0, progress=False), digits).fit()
+    ckpts = tmp_path / "u" / "checkpoints"
+    svc = Service(ModelPool([ckpts / "step-00000002", ckpts / "step-00000001"]), Limits(), tmp_path / "out")
+    assert svc.pool.names == ["u", "u-2"] and svc.pool.model_info("u").kind == "unconditional"
+    for w in (0, None):
+        with pytest.raises(ConfigError, match="guide model 'u-2' chosen with guidance 0: .* set the guidance slider"):
+            svc.generate(Request(model="u", guide="u-2", steps=2, guidance=w))
+    with pytest.raises(ConfigError, match="'u' is unconditional: guidance needs a guide model"):
+        svc.generate(Request(model="u", steps=2, guidance=2.0))
+    assert svc.pool.loaded == []  # refused before loading
+    r = svc.generate(Request(model="u", guide="u-2", steps=2, guidance=2.0))
+    assert r.records[0]["guidance_kind"] == "auto" and r.records[0]["guide"]["path"] == str(ckpts / "step-00000001")
+    assert "guide" not in svc.generate(Request(model="u", steps=2, guidance=0)).records[0]
+    settings, msg = svc.restore(r.paths[0])
+    assert (settings["model"], settings["guide"], settings["guidance"]) == ("u", "u-2", 2.0)
+    # restored where its guide is not served: the guide dropdown is set to none, and the message says so
+    alone = Service(ModelPool([ckpts / "step-00000002"]), Limits(), tmp_path / "out1")
+    settings, msg = alone.restore(r.paths[0])
+    assert settings["guide"] == "none" and "guide model is set to none" in msg and "does not serve" in msg
+    demo = build_app(svc)
+    slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "guidance")
+    assert slider.visible and slider.value == 0

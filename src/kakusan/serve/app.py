@@ -152,6 +152,11 @@ def build_app(service: Service, preview_every: int = 0):
     first = pool.model_info(pool.names[0])
     samplers = list(SAMPLERS)
 
+    def guidance_visible(info):
+        """The guidance slider: for a conditional model (classifier-free), and for any model while a guide model
+        can be chosen (autoguidance: an unconditional model too)."""
+        return info.kind != "unconditional" or len(pool.names) > 1
+
     def class_choices(info):
         return [("one per class", -1)] + [(f"{i}: {n}" if n != str(i) else n, i)
                                           for i, n in enumerate(info.class_names)]
@@ -183,7 +188,7 @@ def build_app(service: Service, preview_every: int = 0):
                                       label="steps", elem_id="steps")
                 guidance = gr.Slider(0, 10, value=0 if first.kind == "unconditional" else 2.0, step=0.5,
                                      label="guidance (0: none)", elem_id="guidance",
-                                     visible=first.kind != "unconditional")
+                                     visible=guidance_visible(first))
                 guide = gr.Dropdown(["none"] + pool.names, value="none", elem_id="guide", visible=len(pool.names) > 1,
                                     label="guide model (autoguidance: guidance = D_guide + w (D - D_guide); none: "
                                           "classifier-free)")
@@ -274,7 +279,7 @@ def build_app(service: Service, preview_every: int = 0):
                     gr.update(choices=class_choices(info), value=0 if cls else -1, visible=cls),
                     gr.update(choices=neg_choices(info), value=-1, visible=cls),
                     gr.update(value=info.sampler), gr.update(value=min(info.steps, lim.max_steps)),
-                    gr.update(visible=info.kind != "unconditional"))
+                    gr.update(visible=guidance_visible(info)))
 
         model.change(on_model, model, [prompt, negative_prompt, class_label, negative_class, sampler, steps,
                                        guidance], api_name="model_info", queue=False)

@@ -356,7 +356,15 @@ class Service:
     def generate(self, req: Request, on_step=None) -> Result:
         """Make the images of ``req`` (one at a time per model); ``on_step(done, total, x0_hat)`` after each
         sampler step, with the batch's predicted clean images (in [-1, 1], decoded for a latent model)."""
-        self.pool.model_info(req.model)
+        info = self.pool.model_info(req.model)
+        guided = req.guidance not in (None, "") and float(req.guidance) != 0
+        if req.guide not in (None, "", "none") and not guided:
+            raise ConfigError(f"guide model {req.guide!r} chosen with guidance 0: autoguidance needs a guidance scale "
+                              f"w > 0 (e.g. 2; 1 = the model alone): set the guidance slider, or choose guide model "
+                              f"none")
+        if info.kind == "unconditional" and guided and req.guide in (None, "", "none"):
+            raise ConfigError(f"model {req.model!r} is unconditional: guidance needs a guide model (autoguidance), "
+                              f"or set guidance to 0")
         if req.lora not in (None, "", "none"):
             scale = float(req.lora_scale)
             if not -4.0 <= scale <= 4.0:
@@ -420,15 +428,17 @@ class Service:
         settings["n"] = min(int(rec.get("n") or 1), self.limits.max_n)
         settings["model"] = name
         guide = rec.get("guide") if rec.get("guidance") is not None else None
-        settings["guide"] = "none" if not guide else self.pool.name_for_sha(guide.get("sha256"))
-        if name is not None and guide and settings["guide"] is None:
-            msg = (f"restored the settings; its guide model ({Path(str(guide.get('path'))).name}, weights "
-                   f"{str(guide.get('sha256'))[:12]}) is not one this server serves")
-        elif name is None:
+        guide_name = self.pool.name_for_sha(guide.get("sha256")) if guide else None
+        settings["guide"] = guide_name or "none"  # an unserved guide: none, said below (not the dropdown's old one)
+        if name is None:
             msg = (f"restored the settings; the model that made it ({Path(str(rec.get('checkpoint'))).name}, "
                    f"weights {str(rec.get('checkpoint_sha256'))[:12]}) is not one this server serves")
         else:
             msg = f"restored the settings of image {rec.get('index', 0)} (seed {rec.get('seed')}) made with {name}"
+        if guide and guide_name is None:
+            msg += (f"; it was autoguided by a guide model ({Path(str(guide.get('path'))).name}, weights "
+                    f"{str(guide.get('sha256'))[:12]}) this server does not serve: the guide model is set to none "
+                    f"(Generate will not autoguide; choose a served guide model to)")
         return settings, msg
 
 
