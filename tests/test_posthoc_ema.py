@@ -167,6 +167,23 @@ def test_an_untracked_width_is_reconstructed_closer_than_the_nearest_tracked_one
         reconstruct(tmp_path, 0.10, step=2001)
 
 
+def test_coefficients_sum_to_one_and_a_poor_fit_is_warned(tmp_path):
+    """sum x = 1 (a constraint of the fit: unconstrained, 0.25 from (0.05, 0.10) every 500 steps to 20k summed to
+    0.9959); a target the snapshots cannot fit (a step between snapshots, a width far outside) is warned about."""
+    grid = range(500, 20_001, 500)
+    steps = [s for s in grid for _ in range(2)]
+    gammas = [gamma_of_sigma_rel(r) for _ in grid for r in (0.05, 0.10)]
+    for target in (0.25, 0.2, 0.07, 0.05, 0.02):
+        x, err = reconstruction_coefficients(steps, gammas, 20_000, gamma_of_sigma_rel(target))
+        assert x.sum() == pytest.approx(1.0, abs=1e-9), target
+    _toy_run(tmp_path, (0.05, 0.10))  # snapshots every 100 steps to 1000
+    for sigma_rel, step in ((0.10, 550), (0.28, 1000)):
+        with pytest.warns(UserWarning, match=f"sigma_rel {sigma_rel:g} at step {step:,}: .* fit its profile poorly"):
+            _, record, _ = reconstruct(tmp_path, sigma_rel, step=step)
+        assert record["fit_error"] > 0.05
+        assert sum(s["coefficient"] for s in record["snapshots"]) == pytest.approx(1.0, abs=1e-9)
+
+
 def test_profile_inner_products_are_the_integrals():
     tau = (np.arange(400_000) + 0.5) / 400_000 * 3.0
     d = tau[1] - tau[0]

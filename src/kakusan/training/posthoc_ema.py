@@ -39,6 +39,7 @@ SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # gamma = 0: the uniform average of every
 SNAPSHOT_DIR = "posthoc-ema"
 SNAPSHOT_KIND = "kakusan-posthoc-ema-snapshot"
 STATE_FILE = "posthoc_ema.safetensors"  # the trackers, inside each checkpoint (exact resume)
+FIT_WARN = 0.05  # a reconstruction whose profile fit error is above this is warned about
 
 
 # ---- gamma <-> sigma_rel ------------------------------------------------------------------------------------------
@@ -98,8 +99,9 @@ def profile_inner(t_a, g_a, t_b, g_b) -> np.ndarray:
 
 def reconstruction_coefficients(steps, gammas, target_step: float, target_gamma: float) -> tuple[np.ndarray, float]:
     """Coefficients x of the snapshots (steps T_i, exponents g_i) whose combination sum_i x_i p_i is the
-    least-squares fit of the target profile (T*, g*): A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p*>, solved by
-    lstsq in float64. Returns (x, relative error ||sum x_i p_i - p*|| / ||p*|| of the fit)."""
+    least-squares fit of the target profile (T*, g*) under sum_i x_i = 1 (the weights of an average sum to 1, as
+    every profile's integral does): the KKT system [[A, 1], [1^T, 0]] [x; mu] = [b; 1] with A_ij = <p_i, p_j>,
+    b_i = <p_i, p*>, solved by lstsq in float64. Returns (x, relative error ||sum x_i p_i - p*|| / ||p*||)."""
     t = np.asarray(steps, dtype=np.float64) / float(target_step)  # the fit is scale-free: times in units of T*
     g = np.asarray(gammas, dtype=np.float64)
     if t.ndim != 1 or t.shape != g.shape or not t.size:
@@ -108,7 +110,10 @@ def reconstruction_coefficients(steps, gammas, target_step: float, target_gamma:
         raise ConfigError("snapshot steps must be positive and exponents >= 0")
     A = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])  # (K, K)
     b = profile_inner(t, g, 1.0, target_gamma)  # (K,)
-    x, *_ = np.linalg.lstsq(A, b, rcond=None)
+    k = len(t)
+    kkt = np.ones((k + 1, k + 1))
+    kkt[:k, :k], kkt[k, k] = A, 0.0
+    x = np.linalg.lstsq(kkt, np.append(b, 1.0), rcond=None)[0][:k]
     pp = float(profile_inner(1.0, target_gamma, 1.0, target_gamma))
     err2 = pp - 2 * float(x @ b) + float(x @ A @ x)
     return x, math.sqrt(max(err2, 0.0) / pp)
@@ -316,6 +321,11 @@ def reconstruct(run: str | Path, sigma_rel: float, step: int | None = None) -> t
     if not use:
         raise ConfigError(f"--step {step}: the run's first snapshot is at step {snaps[0].step:,}")
     x, err = reconstruction_coefficients([s.step for s in use], [s.gamma for s in use], step, gamma)
+    if err > FIT_WARN:
+        warnings.warn(f"post-hoc EMA sigma_rel {float(sigma_rel):g} at step {step:,}: the snapshots fit its profile "
+                      f"poorly (error {100 * err:.1f}% > {100 * FIT_WARN:g}%): a target step past the newest "
+                      f"snapshot before it ({use[-1].step:,}), or a width far outside the tracked ones "
+                      f"({', '.join(f'{v:g}' for v in sorted({s.sigma_rel for s in use}))}), fits poorly")
     weights = combine_snapshots([s.path for s in use], x, buffers=set(use[-1].buffers))
     record = {"sigma_rel": float(sigma_rel), "gamma": gamma, "step": step, "run": str(run),
               "config_sha256": use[-1].config_sha256, "fit_error": err,
