@@ -14,7 +14,7 @@ from kakusan.errors import ConfigError
 from kakusan.training import Trainer, TrainConfig
 from kakusan.training.posthoc_ema import (SIGMA_REL_MAX, PowerEMA, beta, combine_snapshots, gamma_of_sigma_rel,
                                           list_snapshots, profile_inner, reconstruct, reconstruction_coefficients,
-                                          run_config_sha256, sigma_rel_of_gamma)
+                                          sigma_rel_of_gamma)
 
 from test_training import TINY, _run
 
@@ -99,7 +99,7 @@ def _toy_run(tmp_path, sigma_rels, steps=1000, every=100, dim=64, seed=0):
     net = torch.nn.Linear(dim, 1)
     drift = torch.randn(dim + 1, generator=gen)
     tracker = PowerEMA(net, sigma_rels)
-    config = {"model": {"type": "toy"}, "train": {}}  # what reconstruct reads of a run: its config, for the hash
+    config = {"model": {"type": "toy"}, "train": {}}  # what reconstruct reads of a run: its config
     (tmp_path / "config.json").write_text(json.dumps(config))
     history = []
     for step in range(1, steps + 1):
@@ -110,7 +110,7 @@ def _toy_run(tmp_path, sigma_rels, steps=1000, every=100, dim=64, seed=0):
         history.append(w.clone())
         tracker.update(net)
         if step % every == 0:
-            tracker.save_snapshots(net, tmp_path, run_config_sha256(config), step * 4)
+            tracker.save_snapshots(net, tmp_path, step * 4)
     return net, tracker, torch.stack(history)
 
 
@@ -199,24 +199,52 @@ def test_profile_inner_products_are_the_integrals():
 POSTHOC = dict(posthoc_ema=(0.05, 0.15), posthoc_every=4)
 
 
+@pytest.mark.filterwarnings("ignore:post-hoc EMA sigma_rel 0.07")  # (three snapshots: a loose fit, the same in both)
 def test_training_snapshots_and_resume_are_exact(tmp_path, digits, capsys):
-    """12 steps straight == 6 steps + resume + 6: the trackers in the checkpoint and the snapshots bitwise equal."""
+    """12 steps straight == 6 steps (stopped there: an extra last-step snapshot at 6), resumed to 10 (snapshots 8,
+    10), then resumed again from the checkpoint at step 6 to 12: the abandoned trajectory's snapshots (8, 10) and
+    the extra one at 6 are moved aside, the trackers in the checkpoint and the snapshots bitwise equal the straight
+    run's, and so is a reconstruction from them. The run id: one per run, kept by each resume."""
     kw = dict(steps=12, cond="class", **POSTHOC)
     _, full = _run(tmp_path, digits, "full", **kw)
     assert "post-hoc EMA: sigma_rel 0.05, 0.15" in capsys.readouterr().out
-    _run(tmp_path, digits, "split", **{**kw, "steps": 6})
-    tr = Trainer(TrainConfig(out=str(tmp_path / "split"), **{**TINY, **kw}), digits)
+    _run(tmp_path, digits, "split", **{**kw, "steps": 6, "checkpoint_every": 6})
+    snapdir = tmp_path / "split" / "posthoc-ema"
+    assert {s.step: s.regular for s in list_snapshots(tmp_path / "split")} == {4: True, 6: False}
+    tr = Trainer(TrainConfig(out=str(tmp_path / "split"), **{**TINY, **kw, "steps": 10, "checkpoint_every": 6}),
+                 digits)
     tr.resume()
-    assert tr.posthoc.step == 6
+    run_id = tr.posthoc.run_id
     tr.fit()
+    out = capsys.readouterr().out
+    assert "2 snapshot(s) not of this run's trajectory up to step 6" in out and "abandoned-" in out
+    assert sorted({s.step for s in list_snapshots(tmp_path / "split")}) == [4, 8, 10]
+    tr = Trainer(TrainConfig(out=str(tmp_path / "split"), **{**TINY, **kw, "checkpoint_every": 6}), digits)
+    tr.resume(tmp_path / "split" / "checkpoints" / "step-00000006")  # an earlier checkpoint: 8, 10 abandoned
+    assert tr.posthoc.step == 6 and tr.posthoc.run_id == run_id
+    tr.fit()
+    assert "4 snapshot(s) not of this run's trajectory up to step 6" in capsys.readouterr().out
+    aside = sorted(p.name for p in snapdir.glob("abandoned-*/*.safetensors"))
+    assert aside == sorted(f"step-{s:08d}-sr{r}.safetensors" for s in (6, 8, 10) for r in ("0.050", "0.150"))
     split = tmp_path / "split" / "checkpoints" / "step-00000012"
     a, b = load_file(full / "posthoc_ema.safetensors"), load_file(split / "posthoc_ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     names = sorted(p.name for p in (tmp_path / "full" / "posthoc-ema").glob("*.safetensors"))
     assert names == [f"step-{s:08d}-sr{r}.safetensors" for s in (4, 8, 12) for r in ("0.050", "0.150")]
+    assert names == sorted(p.name for p in snapdir.glob("*.safetensors"))
     for name in names:
-        x, y = load_file(tmp_path / "full" / "posthoc-ema" / name), load_file(tmp_path / "split" / "posthoc-ema" / name)
+        x, y = load_file(tmp_path / "full" / "posthoc-ema" / name), load_file(snapdir / name)
         assert all(torch.equal(x[k], y[k]) for k in x), name
+    # the same reconstruction of an untracked width from either run
+    wa, ra, _ = reconstruct(tmp_path / "full", 0.07)
+    wb, rb, _ = reconstruct(tmp_path / "split", 0.07)
+    assert [s["file"] for s in ra["snapshots"]] == [s["file"] for s in rb["snapshots"]]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the run id: in each snapshot and the checkpoint's state; the split run's one id throughout, not the full one's
+    with safe_open(str(split / "posthoc_ema.safetensors"), "pt") as f:
+        assert f.metadata()["run_id"] == run_id
+    assert {s.run_id for s in list_snapshots(tmp_path / "split")} == {run_id} == {rb["run_id"]}
+    assert {s.run_id for s in list_snapshots(tmp_path / "full")} == {ra["run_id"]} != {run_id}
     with safe_open(str(tmp_path / "full" / "posthoc-ema" / names[-1]), "pt") as f:
         meta = f.metadata()
     assert meta["step"] == "12" and float(meta["sigma_rel"]) == 0.15 and meta["images_seen"] == str(12 * 16)
@@ -225,6 +253,10 @@ def test_training_snapshots_and_resume_are_exact(tmp_path, digits, capsys):
     snap = load_file(tmp_path / "full" / "posthoc-ema" / names[-1])
     assert snap.keys() == load_file(full / "ema.safetensors").keys()
     assert torch.equal(snap[tr.posthoc.names[0]], a[f"profile1.{tr.posthoc.names[0]}"])
+    # a fresh run in the folder sets all of the old run's snapshots aside
+    _run(tmp_path, digits, "split", **{**kw, "steps": 4})
+    assert "6 snapshot(s) not of this run's trajectory up to step 0" in capsys.readouterr().out
+    assert [s.step for s in list_snapshots(tmp_path / "split")] == [4, 4]
 
 
 def test_reconstruct_cli_writes_a_checkpoint_that_loads(tmp_path, digits, capsys):

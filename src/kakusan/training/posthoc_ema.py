@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # gamma = 0: the uniform average of every
 SNAPSHOT_DIR = "posthoc-ema"
 SNAPSHOT_KIND = "kakusan-posthoc-ema-snapshot"
 STATE_FILE = "posthoc_ema.safetensors"  # the trackers, inside each checkpoint (exact resume)
+STATE_KIND = "posthoc-ema-state"
 FIT_WARN = 0.05  # a reconstruction whose profile fit error is above this is warned about
 
 
@@ -123,7 +126,9 @@ def reconstruction_coefficients(steps, gammas, target_step: float, target_gamma:
 
 class PowerEMA:
     """K power-function EMAs of a model's parameters (float32 copies on the model's device), one per sigma_rel.
-    ``update`` after each step; ``state_dict`` / ``load_state_dict`` (tensors only) resume it exactly."""
+    ``update`` after each step; ``state_dict`` / ``load_state_dict`` resume it exactly. ``run_id``: the identity of
+    the run (a uuid made when the run starts, kept by a resume through the state's metadata, written into every
+    snapshot): the snapshots of one run are those with its id."""
 
     def __init__(self, model: torch.nn.Module, sigma_rels):
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
@@ -133,6 +138,7 @@ class PowerEMA:
         self.names = [n for n, _ in model.named_parameters()]
         self.averages = [[p.detach().float().clone() for p in model.parameters()] for _ in self.sigma_rels]
         self.step = 0  # updates so far: the t of the newest average
+        self.run_id = uuid.uuid4().hex
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -153,19 +159,25 @@ class PowerEMA:
         tensors, _ = self.weights(0, model)
         return sum(v.numel() * v.element_size() for v in tensors.values())
 
-    def save_snapshots(self, model: torch.nn.Module, run: str | Path, config_sha256: str,
-                       images_seen: int) -> list[Path]:
-        """Each profile's weights now, as ``RUN/posthoc-ema/step-XXXXXXXX-srS.safetensors`` (written atomically)."""
+    def save_snapshots(self, model: torch.nn.Module, run: str | Path, images_seen: int,
+                       regular: bool = True) -> list[Path]:
+        """Each profile's weights now, as ``RUN/posthoc-ema/step-XXXXXXXX-srS.safetensors`` (written atomically).
+        ``regular``: at a multiple of the run's snapshot interval (False: the extra one at a run's last step)."""
         from ..checkpoints import save_file_atomic
 
         paths = []
         for k, (s, g) in enumerate(zip(self.sigma_rels, self.gammas)):
             tensors, buffers = self.weights(k, model)
             meta = {"kind": SNAPSHOT_KIND, "step": str(self.step), "sigma_rel": repr(s), "gamma": repr(g),
-                    "images_seen": str(images_seen), "config_sha256": config_sha256, "buffers": json.dumps(buffers)}
+                    "images_seen": str(images_seen), "run_id": self.run_id, "regular": "1" if regular else "0",
+                    "buffers": json.dumps(buffers)}
             path = Path(run) / SNAPSHOT_DIR / snapshot_name(self.step, s)
             paths.append(save_file_atomic(path, tensors, meta))
         return paths
+
+    def state_metadata(self) -> dict[str, str]:
+        """The metadata of the state file (beside :meth:`state_dict`'s tensors): its kind and the run id."""
+        return {"kind": STATE_KIND, "run_id": self.run_id}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"step": torch.tensor([self.step], dtype=torch.int64),
@@ -175,7 +187,9 @@ class PowerEMA:
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "post-hoc EMA state") -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "post-hoc EMA state",
+                        metadata: dict | None = None) -> None:
+        """The tensors of :meth:`state_dict`; ``metadata`` (:meth:`state_metadata`) brings the run id back."""
         saved = tuple(tensors["sigma_rel"].tolist()) if "sigma_rel" in tensors else None
         if saved != self.sigma_rels:
             raise CheckpointError(f"{where}: it tracks sigma_rel {saved}, this run {self.sigma_rels}")
@@ -186,6 +200,8 @@ class PowerEMA:
                     raise CheckpointError(f"{where}: profile {k} has no {name} of shape {tuple(a.shape)}")
                 a.copy_(v)
         self.step = int(tensors["step"][0])
+        if (metadata or {}).get("run_id"):
+            self.run_id = metadata["run_id"]
 
 
 def snapshot_name(step: int, sigma_rel: float) -> str:
@@ -213,19 +229,6 @@ def _size(n: float) -> str:
         n /= 1000
 
 
-def run_config_sha256(config: dict) -> str:
-    """The identity of a run: a hash of its config less what a resume may change (run control, moved paths)."""
-    import hashlib
-
-    from .preflight import MAY_CHANGE_ON_RESUME
-
-    train = {k: v for k, v in config.get("train", {}).items() if k not in MAY_CHANGE_ON_RESUME and k != "out"}
-    data = {k: config.get("data", {}).get(k) for k in ("name", "size", "shape")}
-    ident = {"model": config.get("model"), "schedule": config.get("schedule"), "diffusion": config.get("diffusion"),
-             "data": data, "train": train}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # ---- snapshots on disk and the reconstruction ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -235,8 +238,9 @@ class Snapshot:
     sigma_rel: float
     gamma: float
     images_seen: int
-    config_sha256: str
+    run_id: str
     buffers: tuple[str, ...]
+    regular: bool = True  # at a multiple of the snapshot interval (False: the extra one at a run's last step)
 
 
 def list_snapshots(run: str | Path) -> list[Snapshot]:
@@ -252,8 +256,10 @@ def list_snapshots(run: str | Path) -> list[Snapshot]:
             raise CheckpointError(f"{path}: not a readable snapshot ({type(e).__name__}: {e})") from None
         if meta.get("kind") != SNAPSHOT_KIND:
             raise CheckpointError(f"{path}: not a kakusan post-hoc EMA snapshot (kind {meta.get('kind')!r})")
+        run_id = meta.get("run_id") or f"config-{meta.get('config_sha256')}"  # (the first snapshots: a config hash)
         out.append(Snapshot(path, int(meta["step"]), float(meta["sigma_rel"]), float(meta["gamma"]),
-                            int(meta["images_seen"]), meta["config_sha256"], tuple(json.loads(meta["buffers"]))))
+                            int(meta["images_seen"]), run_id, tuple(json.loads(meta["buffers"])),
+                            meta.get("regular", "1") == "1"))
     return sorted(out, key=lambda s: (s.step, s.sigma_rel))
 
 
@@ -262,23 +268,61 @@ def no_snapshots_message(run: str | Path) -> str:
             f"SIGMA_RELS (e.g. --posthoc-ema 0.05,0.10 --posthoc-every 500) to record them")
 
 
+def current_run_id(run: str | Path, snaps: list[Snapshot]) -> str:
+    """The run id of the run in ``run``: its newest checkpoint's tracker state's, else (no checkpoint with one)
+    that of the snapshot written last."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..checkpoints import resolve_checkpoint
+
+    try:
+        with safe_open(str(resolve_checkpoint(run) / STATE_FILE), "pt") as f:
+            run_id = (f.metadata() or {}).get("run_id")
+        if run_id:
+            return run_id
+    except (CheckpointError, SafetensorError, OSError):
+        pass
+    return max(snaps, key=lambda s: s.path.stat().st_mtime_ns).run_id
+
+
 def run_snapshots(run: str | Path) -> tuple[dict, list[Snapshot]]:
-    """The run's config and its snapshots (any left by another run config in the folder are set aside, warned)."""
+    """The run's config and its snapshots (any left by another run in the folder are set aside, warned)."""
     from .preflight import saved_run_config
 
     config, _ = saved_run_config(run)
     snaps = list_snapshots(run)
     if not snaps:
         raise ConfigError(no_snapshots_message(run))
-    h = run_config_sha256(config)
-    foreign = [s for s in snaps if s.config_sha256 != h]
+    run_id = current_run_id(run, snaps)
+    foreign = [s for s in snaps if s.run_id != run_id]
     if foreign:
-        warnings.warn(f"{len(foreign)} snapshot(s) in {Path(run) / SNAPSHOT_DIR} come from another run config "
-                      f"(e.g. {foreign[0].path.name}); set aside")
-    snaps = [s for s in snaps if s.config_sha256 == h]
+        warnings.warn(f"{len(foreign)} snapshot(s) in {Path(run) / SNAPSHOT_DIR} come from another run than its "
+                      f"newest checkpoint's (e.g. {foreign[0].path.name}); set aside")
+    snaps = [s for s in snaps if s.run_id == run_id]
     if not snaps:
-        raise ConfigError(f"{run}: none of its post-hoc EMA snapshots come from this run's config")
+        raise ConfigError(f"{run}: none of its post-hoc EMA snapshots come from the run of its newest checkpoint")
     return config, snaps
+
+
+def set_aside_stale(run: str | Path, run_id: str, step: int) -> tuple[Path | None, list[Path]]:
+    """Before a run (re)starts at ``step`` (0: a fresh one), move out of ``RUN/posthoc-ema`` the snapshots that
+    are not of its trajectory up to there: another run's, those past ``step`` (an abandoned trajectory, when a run
+    resumes from an earlier checkpoint), and an extra last-step one at ``step`` itself (a run stopped there early;
+    it is written again if the run ends there again). They go into ``RUN/posthoc-ema/abandoned-<time>/`` (kept,
+    never read). Returns (that folder, the files moved); (None, []) when none is stale."""
+    stale = [s for s in list_snapshots(run)
+             if s.run_id != run_id or s.step > step or (s.step == step and not s.regular)]
+    if not stale:
+        return None, []
+    base = Path(run) / SNAPSHOT_DIR / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest, i = base, 2
+    while dest.exists():
+        dest, i = base.with_name(f"{base.name}-{i}"), i + 1
+    dest.mkdir(parents=True)
+    moved = []
+    for s in stale:
+        moved.append(s.path.replace(dest / s.path.name))
+    return dest, moved
 
 
 def combine_snapshots(paths: list[Path], coefficients, buffers=()) -> dict[str, torch.Tensor]:
@@ -322,13 +366,16 @@ def reconstruct(run: str | Path, sigma_rel: float, step: int | None = None) -> t
         raise ConfigError(f"--step {step}: the run's first snapshot is at step {snaps[0].step:,}")
     x, err = reconstruction_coefficients([s.step for s in use], [s.gamma for s in use], step, gamma)
     if err > FIT_WARN:
+        tracked = sorted({s.sigma_rel for s in use})
+        why = (f"step {step:,} is past the newest snapshot up to it ({use[-1].step:,})" if step > use[-1].step else
+               f"sigma_rel {float(sigma_rel):g} is outside the tracked {', '.join(f'{v:g}' for v in tracked)}"
+               if not tracked[0] <= sigma_rel <= tracked[-1] else f"{len(use)} snapshots")
         warnings.warn(f"post-hoc EMA sigma_rel {float(sigma_rel):g} at step {step:,}: the snapshots fit its profile "
-                      f"poorly (error {100 * err:.1f}% > {100 * FIT_WARN:g}%): a target step past the newest "
-                      f"snapshot before it ({use[-1].step:,}), or a width far outside the tracked ones "
-                      f"({', '.join(f'{v:g}' for v in sorted({s.sigma_rel for s in use}))}), fits poorly")
+                      f"poorly (error {100 * err:.1f}% > {100 * FIT_WARN:g}%; {why}): a target step past the newest "
+                      f"snapshot, or a width far outside the tracked ones, fits poorly")
     weights = combine_snapshots([s.path for s in use], x, buffers=set(use[-1].buffers))
     record = {"sigma_rel": float(sigma_rel), "gamma": gamma, "step": step, "run": str(run),
-              "config_sha256": use[-1].config_sha256, "fit_error": err,
+              "run_id": use[-1].run_id, "fit_error": err,
               "images_seen": next((s.images_seen for s in use if s.step == step), None),
               "snapshots": [{"file": s.path.name, "step": s.step, "sigma_rel": s.sigma_rel, "coefficient": float(c)}
                             for s, c in zip(use, x)]}

@@ -28,11 +28,12 @@ from ..models import build_model, get_preset, model_config_from_dict, model_reco
 from ..models.presets import ModelConfig
 from ..plots import plot_loss
 from ..schedules import ScheduleConfig, make_schedule
-from ..checkpoints import (load_state_dict_into, load_tensors, read_config, resolve_checkpoint, restore_rng_state,
-                         rng_state, save_checkpoint, unflatten_optimizer_state)
+from ..checkpoints import (load_state_dict_into, load_tagged, load_tensors, read_config, resolve_checkpoint,
+                         restore_rng_state, rng_state, save_checkpoint, unflatten_optimizer_state)
 from .distributed import DistInfo
 from .ema import EMA
-from .posthoc_ema import STATE_FILE as POSTHOC_STATE, PowerEMA, disk_cost_line, run_config_sha256
+from .posthoc_ema import (STATE_FILE as POSTHOC_STATE, STATE_KIND as POSTHOC_KIND, PowerEMA, disk_cost_line,
+                          set_aside_stale)
 
 
 @dataclass
@@ -570,7 +571,7 @@ class Trainer:
             if self.distiller is not None:  # the consistency loss's target network, for an exact resume
                 extras["target.safetensors"] = (self.distiller.target.state_dict(), {"kind": "consistency-target"})
             if self.posthoc is not None:  # the post-hoc EMA profiles, for an exact resume
-                extras[POSTHOC_STATE] = (self.posthoc.state_dict(), {"kind": "posthoc-ema-state"})
+                extras[POSTHOC_STATE] = (self.posthoc.state_dict(), self.posthoc.state_metadata())
             path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
                                    self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
                                    extras=extras)
@@ -596,7 +597,8 @@ class Trainer:
         if self.posthoc is not None:
             if not (ckpt / POSTHOC_STATE).is_file():
                 raise CheckpointError(f"{ckpt}: no {POSTHOC_STATE} (the post-hoc EMA profiles this run tracks)")
-            self.posthoc.load_state_dict(load_tensors(ckpt / POSTHOC_STATE), str(ckpt / POSTHOC_STATE))
+            tensors, meta = load_tagged(ckpt / POSTHOC_STATE, POSTHOC_KIND, "post-hoc EMA state")
+            self.posthoc.load_state_dict(tensors, str(ckpt / POSTHOC_STATE), meta)  # (its run id too)
             if self.posthoc.step != state["step"]:
                 raise CheckpointError(f"{ckpt}: its post-hoc EMA is at step {self.posthoc.step}, the run at "
                                       f"{state['step']}")
@@ -735,6 +737,11 @@ class Trainer:
                    disable=None if cfg.progress and main else True, dynamic_ncols=True)
         if self.posthoc is not None:
             print(disk_cost_line(self.posthoc, self.model, cfg.steps, cfg.posthoc_every, self.out), flush=True)
+            folder, moved = set_aside_stale(self.out, self.posthoc.run_id, self.step)
+            if moved:
+                print(f"post-hoc EMA: {len(moved)} snapshot(s) not of this run's trajectory up to step {self.step:,} "
+                      f"(another run's, past step {self.step:,}, or an early stop's extra last-step ones) moved to "
+                      f"{folder}", flush=True)
         losses, t_last, step_last = [], time.perf_counter(), self.step
         t_start = time.perf_counter()
         ckpt = None
@@ -762,8 +769,8 @@ class Trainer:
                     if self.step >= cfg.log_every:
                         plot_loss(self.out / "log.jsonl", self.out / "loss.png")
                 if self.posthoc is not None and (self.step % cfg.posthoc_every == 0 or last):
-                    self.posthoc.save_snapshots(self.model, self.out, run_config_sha256(self.config),
-                                                self.step * cfg.batch_size)
+                    self.posthoc.save_snapshots(self.model, self.out, self.step * cfg.batch_size,
+                                                regular=self.step % cfg.posthoc_every == 0)
                 if self.step % cfg.checkpoint_every == 0 or last:
                     ckpt = self.save()
                 if last and self.step < cfg.steps:
