@@ -5,7 +5,7 @@ from several checkpoints / samplers / guidance settings, against one set of refe
         --extractor classifier:weights/classifier-mnist.safetensors -n 2000 \
         --row "label=current,ckpt=runs/mnist-base,sampler=unipc-2,steps=20,guidance=2" \
         --row "label=edm,ckpt=runs/mnist-edm,sampler=heun,steps=18,guidance=2" \
-        --row "label=auto,ckpt=runs/mnist-edm,guide=runs/mnist-edm/checkpoints/step-000500,guidance=2"
+        --row "label=auto,ckpt=runs/mnist-edm,guide=runs/mnist-edm/checkpoints/step-00000500,guidance=2"
 
 A row is comma-separated key=value: label, ckpt (required), sampler, steps, guidance (none: unguided), guide
 (autoguidance: the guiding checkpoint). Every row samples the same seed, n samples balanced over the classes.

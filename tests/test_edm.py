@@ -62,6 +62,18 @@ def test_target_and_reading_invert_each_other_and_hold_at_zero_snr():
     assert c_skip[-1] == 0 and c_out[-1] == SD and c_in[-1] == 1 / sigma[-1]
 
 
+def test_the_target_keeps_float32_precision_at_the_smallest_levels():
+    """F = (x0 - c_skip' x_t) / c_out cancels almost exactly where sigma~ is tiny; the closed form does not."""
+    s = make_schedule("edm")
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    alpha, sigma = s.alpha_sigma(t)
+    g = torch.Generator().manual_seed(4)
+    x0, eps = (torch.randn(3, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    exact = prediction_target("edm", x0, eps, alpha, sigma, SD)
+    f32 = prediction_target("edm", x0.float(), eps.float(), alpha.float(), sigma.float(), SD)
+    assert (f32.double() - exact).abs().max() < 1e-5
+
+
 def test_unit_variance_input_and_target_for_data_of_std_sigma_data():
     """EDM's reason for the preconditioning (appendix B.6): for data of standard deviation sigma_data, the
     network's input and its training target both have unit variance at every noise level; for Gaussian data the
@@ -168,6 +180,15 @@ def test_train_edm_runs_resumes_exactly_and_samples_with_heun_18(tmp_path, digit
     # every sampler reads the model through (alpha, sigma)
     for sampler in ("ddpm", "ddim", "dpmpp-2m", "unipc-2", "euler-ancestral"):
         assert torch.isfinite(pipe(class_label=3, sampler=sampler, steps=6, seed=0).images).all()
+    # fine-tuning an EDM base keeps its sigma_data, and says so when the objective changes
+    with pytest.raises(ConfigError, match="sigma_data 0.5, which a fine-tuning run keeps"):
+        Trainer(TrainConfig(out=str(tmp_path / "ft"), init_from=str(ckpt), sigma_data=0.7, steps=1, **{
+            k: v for k, v in kw.items() if k not in EDM_RECIPE}), digits)
+    with pytest.warns(UserWarning, match="trained with EDM's preconditioning"):
+        Trainer(TrainConfig(out=str(tmp_path / "ft"), init_from=str(ckpt), steps=1, **{
+            k: v for k, v in kw.items() if k not in EDM_RECIPE}), digits)
+    with pytest.raises(ConfigError, match="drop --noise-levels"):
+        TrainConfig(init_from=str(ckpt), distill=True, noise_levels="lognormal")
     # the CLI flag is the recipe, and flags beside it win
     assert main(["train", "--edm", "--prediction", "v", "--preset", "unet-tiny", "--dry-run", "--estimate-steps", "0",
                  "--out", str(tmp_path / "dry")]) == 0

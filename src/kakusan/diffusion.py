@@ -69,10 +69,13 @@ def edm_scalings(alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> tuple
 
 def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor,
                       sigma_data: float = 0.5) -> Tensor:
-    """What the network is trained to output (for 'edm': F = (x0 - c_skip' x_t) / c_out, EDM eq. 8)."""
+    """What the network is trained to output (for 'edm': F = (x0 - c_skip' x_t) / c_out, EDM eq. 8, written without
+    the cancellation: (sigma x0 / sigma_data - sigma_data alpha eps) / sqrt(sigma^2 + sigma_data^2 alpha^2))."""
     if prediction == "edm":
-        c_skip, c_out, _ = edm_scalings(alpha, sigma, sigma_data)
-        return (x0 - _bc(c_skip, x0) * q_sample(x0, alpha, sigma, eps)) / _bc(c_out, x0)
+        if not sigma_data > 0:
+            raise ConfigError(f"sigma_data must be positive, got {sigma_data}")
+        a, s = _bc(alpha, x0), _bc(sigma, x0)
+        return (s * x0 / sigma_data - sigma_data * a * eps) / (s**2 + sigma_data**2 * a**2).sqrt()
     if prediction == "eps":
         return eps
     if prediction == "x0":

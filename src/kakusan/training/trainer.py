@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,9 @@ class TrainConfig:
         if self.distill_guidance is not None and (not self.distill or self.cond == "none"):
             raise ConfigError("distill_guidance is the teacher's classifier-free guidance: it needs --distill and "
                               "a class- or text-conditional model")
+        if self.distill and self.noise_levels != "uniform":
+            raise ConfigError("consistency distillation draws its own points of the teacher's grid (uniform over "
+                              "the training times): drop --noise-levels / --edm with --distill")
         if not (isinstance(self.distill_points, int) and 1 <= self.distill_points <= self.num_timesteps):
             raise ConfigError(f"distill_points must be an integer in 1 .. {self.num_timesteps}, got "
                               f"{self.distill_points!r}")
@@ -334,6 +338,14 @@ class BaseModel:
 
         sc, dc = self.config["schedule"], self.config["diffusion"]
         ae = self.config.get("autoencoder")
+        base_sd = dc.get("sigma_data", DiffusionConfig.sigma_data)
+        if cfg.sigma_data not in (base_sd, DiffusionConfig.sigma_data):
+            raise ConfigError(f"--sigma-data {cfg.sigma_data:g}: {self.ckpt} reads its output with sigma_data "
+                              f"{base_sd:g}, which a fine-tuning run keeps")
+        if dc["prediction"] == "edm" and (cfg.weighting, cfg.noise_levels) != ("edm", "lognormal"):
+            warnings.warn(f"{self.ckpt} was trained with EDM's preconditioning; this run trains it with weighting "
+                          f"{cfg.weighting!r} and {cfg.noise_levels} noise levels (--edm, or --weighting edm "
+                          f"--noise-levels lognormal, keeps EDM's objective)")
         if cfg.autoencoder and not ae:
             raise ConfigError(f"{self.ckpt} is a pixel-space model: fine-tune it without --autoencoder")
         return replace(cfg, schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
