@@ -155,7 +155,7 @@ def test_a_guide_with_another_schedule_through_the_pipeline(run, tmp_path):
     conv = Pipeline.load(main_ckpt, device="cpu", precision="fp32", guide=other)
     d_same, _, _ = same.guided_denoiser(guidance=2.0)
     d_conv, _, _ = conv.guided_denoiser(guidance=2.0)
-    assert d_same.guide_schedule is None and d_conv.guide_schedule is conv._guide_pipe.schedule
+    assert d_same.guide_schedule is None and d_conv.guide_schedule is conv._guide_denoiser.schedule
     # the pipeline's denoiser is the hand-built one over the two networks, loaded on their own
     from kakusan.checkpoints import load_denoiser
     from kakusan.diffusion import ClippedDenoiser

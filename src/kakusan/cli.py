@@ -687,11 +687,9 @@ def cmd_sweep(args) -> int:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
     if args.ema:  # refuse a bad width or a run without snapshots before any feature is computed
-        from .training.posthoc_ema import gamma_of_sigma_rel, run_snapshots
+        from .training.posthoc_ema import check_reconstructable
 
-        for sr in args.ema:
-            gamma_of_sigma_rel(sr)
-        run_snapshots(args.checkpoint)
+        check_reconstructable(args.checkpoint, args.ema)
     args.device_resolved = resolve_device(args.device)
     extractor = load_extractor(args.extractor, download=args.download)
     ref = _reference(args, extractor)

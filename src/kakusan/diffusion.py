@@ -70,12 +70,11 @@ def edm_scalings(alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> tuple
 def prediction_target(prediction: Prediction, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor,
                       sigma_data: float = 0.5) -> Tensor:
     """What the network is trained to output (for 'edm': F = (x0 - c_skip' x_t) / c_out, EDM eq. 8, written without
-    the cancellation: (sigma x0 / sigma_data - sigma_data alpha eps) / sqrt(sigma^2 + sigma_data^2 alpha^2))."""
+    the cancellation as (sigma x0 / sigma_data - sigma_data alpha eps) c_in', c_in' = 1 / sqrt(sigma^2 +
+    sigma_data^2 alpha^2))."""
     if prediction == "edm":
-        if not sigma_data > 0:
-            raise ConfigError(f"sigma_data must be positive, got {sigma_data}")
-        a, s = _bc(alpha, x0), _bc(sigma, x0)
-        return (s * x0 / sigma_data - sigma_data * a * eps) / (s**2 + sigma_data**2 * a**2).sqrt()
+        c_in = _bc(edm_scalings(alpha, sigma, sigma_data)[2], x0)
+        return (_bc(sigma, x0) * x0 / sigma_data - sigma_data * _bc(alpha, x0) * eps) * c_in
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -186,7 +185,7 @@ class DiffusionConfig:
     weighting: str = "simple"
     min_snr_gamma: float = 5.0
     sigma_data: float = 0.5  # EDM's data standard deviation (prediction or weighting 'edm')
-    noise_levels: str = "uniform"  # training's t: 'uniform' in {0..T-1}, or 'lognormal': log sigma~ ~ N(p_mean, p_std^2)
+    noise_levels: str = "uniform"  # training's t: 'uniform' in {0..T-1}, or 'lognormal' (log sigma~ normal)
     p_mean: float = -1.2  # EDM's log-normal noise levels (Karras et al. 2022, table 1)
     p_std: float = 1.2
 

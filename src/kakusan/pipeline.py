@@ -225,7 +225,7 @@ class Pipeline:
         self.denoiser, self.config = denoiser, config
         self.controlnets: list[dict] = []  # the records of the attached ControlNets (attach_controlnet)
         self.guide: dict | None = None  # the record of the attached guide model (attach_guide)
-        self._guide_pipe: "Pipeline | None" = None
+        self._guide_denoiser = None  # the attached guide model's denoiser (attach_guide)
         self.schedule = denoiser.schedule
         self.source, self.weights_sha256 = source, weights_sha256
         self.autoencoder, self.device = autoencoder, torch.device(device)
@@ -376,12 +376,10 @@ class Pipeline:
         problem = _guide_mismatch(self.config, read_config(ckpt))
         if problem:
             raise ConfigError(f"guide model {ckpt}: {problem}")
-        denoiser, config = load_denoiser(ckpt, use_ema=self.use_ema, device=self.device, precision=self.precision)
-        guide = Pipeline(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights_file(ckpt,
-                                                                                                   self.use_ema)),
-                         device=self.device, use_ema=self.use_ema)
-        self._guide_pipe = guide
-        self.guide = {"path": guide.source, "sha256": guide.weights_sha256, "use_ema": self.use_ema}
+        self._guide_denoiser, _ = load_denoiser(ckpt, use_ema=self.use_ema, device=self.device,
+                                                precision=self.precision)
+        self.guide = {"path": str(ckpt), "sha256": file_sha256(weights_file(ckpt, self.use_ema)),
+                      "use_ema": self.use_ema}
         return self.guide
 
     def _control(self, control, n: int, control_type, control_scale, cond_only: bool
@@ -583,7 +581,7 @@ class Pipeline:
             record["classifier"] = {"path": str(classifier), "sha256": file_sha256(classifier),
                                     "scale": float(classifier_scale)}
             k = clf.cfg.num_classes
-        d = base if not clip or self.autoencoder is not None else ClippedDenoiser(base)
+        d = self._clipped(base, clip)
         if self.is_text:
             if negative_class is not None:
                 raise ConfigError("this checkpoint is text-conditional: give --negative-prompt, not --negative-class")
@@ -619,6 +617,10 @@ class Pipeline:
                                                                                     guidance_interval]})
         return d, k, record
 
+    def _clipped(self, d, clip: bool):
+        """``d`` with x0_hat clamped to the data range (``clip``; pixel models only: latents have no fixed range)."""
+        return d if not clip or self.autoencoder is not None else ClippedDenoiser(d)
+
     def _autoguided(self, guidance: float, negative_prompt, negative_class, guidance_rescale, guidance_interval,
                     clip: bool) -> tuple[torch.nn.Module, int, dict]:
         """guided_denoiser's result for autoguidance with the attached guide."""
@@ -629,11 +631,10 @@ class Pipeline:
         if guidance_rescale:
             raise ConfigError("guidance rescale is classifier-free guidance's option, not autoguidance's")
         check_interval(guidance_interval, self.schedule)
-        guide = self._guide_pipe
-        clipped = lambda d: d if not clip or self.autoencoder is not None else ClippedDenoiser(d)  # noqa: E731
+        guide = self._guide_denoiser
         same = (torch.equal(guide.schedule.alpha_bar, self.schedule.alpha_bar)
                 and guide.schedule.flow == self.schedule.flow)
-        d = AutoGuidance(clipped(self.denoiser), clipped(guide.denoiser), guidance,
+        d = AutoGuidance(self._clipped(self.denoiser, clip), self._clipped(guide, clip), guidance,
                          interval=None if guidance_interval is None else tuple(guidance_interval),
                          schedule=self.schedule, guide_schedule=None if same else guide.schedule)
         record = {"guidance": float(guidance), "guidance_kind": "auto", "guide": dict(self.guide),

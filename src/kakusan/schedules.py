@@ -296,19 +296,15 @@ def make_schedule(config: ScheduleConfig | str = "linear", **overrides) -> Sched
             return Schedule(flow_alpha_bar(config.num_timesteps, **config.params), config, flow=True)
         except TypeError as e:
             raise ConfigError(f"bad parameters for schedule 'flow': {e}") from None
-    if config.name == "edm":
-        try:
-            alpha_bar = edm_alpha_bar(config.num_timesteps, **config.params)
-        except TypeError as e:
-            raise ConfigError(f"bad parameters for schedule 'edm': {e}") from None
-        return Schedule(rescale_zero_terminal_snr(alpha_bar) if config.zero_terminal_snr else alpha_bar, config)
-    if config.name not in BETA_SCHEDULES:
+    if config.name != "edm" and config.name not in BETA_SCHEDULES:
         raise ConfigError(f"unknown schedule {config.name!r}; choose from {', '.join(SCHEDULE_NAMES)}")
     try:
-        betas = BETA_SCHEDULES[config.name](config.num_timesteps, **config.params)
+        if config.name == "edm":  # a table of noise levels rather than of betas
+            alpha_bar = edm_alpha_bar(config.num_timesteps, **config.params)
+        else:
+            alpha_bar = alpha_bar_from_betas(BETA_SCHEDULES[config.name](config.num_timesteps, **config.params))
     except TypeError as e:  # unknown parameter names
         raise ConfigError(f"bad parameters for schedule {config.name!r}: {e}") from None
-    alpha_bar = alpha_bar_from_betas(betas)
     if config.zero_terminal_snr:
         alpha_bar = rescale_zero_terminal_snr(alpha_bar)
     return Schedule(alpha_bar, config)

@@ -131,6 +131,18 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
                                       "images_sha256": tensor_sha256(images)})
 
 
+def _pipeline(checkpoint, guide=None, **load):
+    """``checkpoint`` as a :class:`~kakusan.pipeline.Pipeline`: itself if it is one (its guide, if any, already
+    attached), else loaded with ``load`` options and ``guide``."""
+    from ..pipeline import Pipeline
+
+    if not isinstance(checkpoint, Pipeline):
+        return Pipeline.load(checkpoint, guide=guide, **load)
+    if guide is not None:
+        raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
+    return checkpoint
+
+
 def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
              device="cpu", progress: bool = False, precision: str = "auto", prompt: list[str] | None = None,
@@ -140,18 +152,13 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
     arguments (negative prompt / class, guidance rescale / interval, ...). Returns (images, requested labels or
     None, source record with the wall time). ``guide``: a guide model for autoguidance (with a loaded pipeline,
     attach it there instead)."""
-    from ..pipeline import Pipeline
     from ..samplers import get_sampler
 
     if sampler is not None:
         get_sampler(sampler)  # a bad name fails before the checkpoint is read
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
-    if isinstance(checkpoint, Pipeline) and guide is not None:
-        raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
-    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device,
-                                                                             precision=precision, compile=compile,
-                                                                             guide=guide)
+    pipe = _pipeline(checkpoint, guide, device=device, precision=precision, compile=compile)
     labels = None
     if pipe.is_text:
         if not prompt:
@@ -268,14 +275,11 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
     """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
     ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there. ``guide``: a guide
     model: the guided points are autoguided."""
-    from ..pipeline import Pipeline
     from ..samplers import get_sampler
 
     for s in samplers:
         get_sampler(s)  # fail before any sampling
-    if isinstance(checkpoint, Pipeline) and guide is not None:
-        raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
-    pipe = checkpoint if isinstance(checkpoint, Pipeline) else Pipeline.load(checkpoint, device=device, guide=guide)
+    pipe = _pipeline(checkpoint, guide, device=device)
     rows = []
     for g in guidance:
         for s in samplers:
@@ -304,10 +308,9 @@ def ema_sweep(extractor: FeatureExtractor, run, ref: FeatureSet, sigma_rels: lis
     """:func:`sweep` over the post-hoc EMA reconstructions of ``run`` (trained with ``posthoc_ema``): each width
     in ``sigma_rels`` is reconstructed into ``out_dir/ema-srS`` (a checkpoint the rows' records point at) and
     scored; each row has ``sigma_rel`` and the ``ema_reconstruction`` record (snapshots, coefficients)."""
-    from ..training.posthoc_ema import gamma_of_sigma_rel, reconstruct_checkpoint
+    from ..training.posthoc_ema import check_reconstructable, reconstruct_checkpoint
 
-    for sr in sigma_rels:
-        gamma_of_sigma_rel(sr)  # every width is checked before any sampling
+    check_reconstructable(run, sigma_rels)  # every width, and the snapshots, before any sampling
     rows = []
     for sr in sigma_rels:
         ckpt = reconstruct_checkpoint(run, sr, step, Path(out_dir) / f"ema-sr{sr:.3f}")
@@ -346,8 +349,8 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_sigma_rel = len({r.get("sigma_rel") for r in rows}) > 1
     by_guidance = not by_sigma_rel and len({r["nfe"] for r in rows}) == 1 and len({r["guidance"] for r in rows}) > 1
+    second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"  # the right-hand plot
     if by_sigma_rel:  # post-hoc EMA widths: a line per (sampler, steps, guidance)
-        second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"
         groups: dict = {}
         for r in rows:
             groups.setdefault((r["sampler"], r["steps"], r["guidance"]), []).append(r)
@@ -361,7 +364,6 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "fid") -> Path:
             ax.set_ylabel(key)
             ax.grid(True, alpha=0.3)
     elif by_guidance:
-        second = "class_agreement" if all("class_agreement" in r for r in rows) else "recall"
         for s in dict.fromkeys(r["sampler"] for r in rows):
             rs = sorted((r for r in rows if r["sampler"] == s and r["guidance"] is not None),
                         key=lambda r: r["guidance"])

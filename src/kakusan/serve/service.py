@@ -170,6 +170,11 @@ def _model_info(name: str, path: Path) -> ModelInfo:
     return ModelInfo(name, path, kind, names if kind == "class" else [], (c, s, s), sampler, steps)
 
 
+def chosen(name) -> bool:
+    """Whether a page's optional choice (a LoRA, a guide model) names something: None, "" and "none" do not."""
+    return name not in (None, "", "none")
+
+
 class ModelPool:
     """The checkpoints given on the command line, by name; each loaded on first use, at most ``max_models``
     kept (least recently used dropped); one generation at a time per model (``use``)."""
@@ -213,7 +218,7 @@ class ModelPool:
         return self.info[name]
 
     def _lora_file(self, lora) -> Path | None:
-        if lora in (None, "", "none"):
+        if not chosen(lora):
             return None
         for f in self.loras:
             if f.name == lora:
@@ -227,7 +232,7 @@ class ModelPool:
 
         info = self.model_info(name)
         adapter = self._lora_file(lora)
-        guide_info = None if guide in (None, "", "none") else self.model_info(guide)
+        guide_info = self.model_info(guide) if chosen(guide) else None
         key = (name, None if adapter is None else adapter.name, round(float(lora_scale), 3) if adapter else None)
         if guide_info is not None:
             key += (guide_info.name,)
@@ -358,14 +363,14 @@ class Service:
         sampler step, with the batch's predicted clean images (in [-1, 1], decoded for a latent model)."""
         info = self.pool.model_info(req.model)
         guided = req.guidance not in (None, "") and float(req.guidance) != 0
-        if req.guide not in (None, "", "none") and not guided:
+        if chosen(req.guide) and not guided:
             raise ConfigError(f"guide model {req.guide!r} chosen with guidance 0: autoguidance needs a guidance scale "
                               f"w > 0 (e.g. 2; 1 = the model alone): set the guidance slider, or choose guide model "
                               f"none")
-        if info.kind == "unconditional" and guided and req.guide in (None, "", "none"):
+        if info.kind == "unconditional" and guided and not chosen(req.guide):
             raise ConfigError(f"model {req.model!r} is unconditional: guidance needs a guide model (autoguidance), "
                               f"or set guidance to 0")
-        if req.lora not in (None, "", "none"):
+        if chosen(req.lora):
             scale = float(req.lora_scale)
             if not -4.0 <= scale <= 4.0:
                 raise ConfigError(f"LoRA scale must lie in [-4, 4], got {scale}")

@@ -256,7 +256,7 @@ def list_snapshots(run: str | Path) -> list[Snapshot]:
             raise CheckpointError(f"{path}: not a readable snapshot ({type(e).__name__}: {e})") from None
         if meta.get("kind") != SNAPSHOT_KIND:
             raise CheckpointError(f"{path}: not a kakusan post-hoc EMA snapshot (kind {meta.get('kind')!r})")
-        run_id = meta.get("run_id") or f"config-{meta.get('config_sha256')}"  # (the first snapshots: a config hash)
+        run_id = meta.get("run_id", "")
         out.append(Snapshot(path, int(meta["step"]), float(meta["sigma_rel"]), float(meta["gamma"]),
                             int(meta["images_seen"]), run_id, tuple(json.loads(meta["buffers"])),
                             meta.get("regular", "1") == "1"))
@@ -302,6 +302,13 @@ def run_snapshots(run: str | Path) -> tuple[dict, list[Snapshot]]:
     if not snaps:
         raise ConfigError(f"{run}: none of its post-hoc EMA snapshots come from the run of its newest checkpoint")
     return config, snaps
+
+
+def check_reconstructable(run: str | Path, sigma_rels) -> None:
+    """Refuse, before any work, a width outside (0, 1/sqrt(12)] or a run without snapshots."""
+    for sr in sigma_rels:
+        gamma_of_sigma_rel(sr)
+    run_snapshots(run)
 
 
 def set_aside_stale(run: str | Path, run_id: str, step: int) -> tuple[Path | None, list[Path]]:

@@ -350,7 +350,7 @@ class BaseModel:
             raise ConfigError(f"{self.ckpt} is a pixel-space model: fine-tune it without --autoencoder")
         return replace(cfg, schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
                        zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"],
-                       sigma_data=dc.get("sigma_data", DiffusionConfig.sigma_data),
+                       sigma_data=base_sd,
                        autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
 
     def check_autoencoder(self, ae) -> None:
