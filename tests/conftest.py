@@ -33,6 +33,27 @@ def shared_data():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def assert_resume_exact(tmp_path: Path, data, steps: int, files=("model.safetensors", "ema.safetensors",
+                                                                 "optimizer.safetensors"), **cfg) -> Path:
+    """Train ``steps`` straight (``tmp_path/full``), and ``steps // 2`` then ``--resume`` to ``steps``
+    (``tmp_path/cut``): each of ``files`` of the last checkpoints is bitwise the same. Returns the straight run's
+    last checkpoint."""
+    from safetensors.torch import load_file
+
+    from kakusan.training import Trainer, TrainConfig
+
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), steps=steps, **cfg), data).fit()
+    Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps // 2, **cfg), data).fit()
+    tr = Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps, **cfg), data)
+    tr.resume()
+    assert tr.step == steps // 2
+    resumed = tr.fit()
+    for f in files:
+        a, b = load_file(full / f), load_file(resumed / f)
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    return full
+
+
 def save_tiny_autoencoder_kl(folder: Path, channels: int):
     """A small diffusers AutoencoderKL (factor 2, 4 latent channels, seeded), saved as a local folder; returns it."""
     import warnings

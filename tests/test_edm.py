@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_resume_exact
 
 from kakusan.diffusion import (PREDICTIONS, Denoiser, DiffusionConfig, edm_scalings, loss_weight, prediction_target,
                                q_sample, x0_error_scale, x0_from_prediction)
@@ -149,8 +150,6 @@ def test_lognormal_noise_levels_follow_p_mean_and_p_std():
 
 
 def test_train_edm_runs_resumes_exactly_and_samples_with_heun_18(tmp_path, digits, capsys):
-    from safetensors.torch import load_file
-
     from kakusan.cli import main
     from kakusan.pipeline import Pipeline
     from kakusan.samplers import model_calls
@@ -159,14 +158,7 @@ def test_train_edm_runs_resumes_exactly_and_samples_with_heun_18(tmp_path, digit
 
     kw = dict(preset="unet-tiny", cond="class", batch_size=16, log_every=5, sample_every=0, checkpoint_every=10,
               progress=False, warmup_steps=5, lr=1e-3, **EDM_RECIPE)
-    ckpt = Trainer(TrainConfig(out=str(tmp_path / "full"), steps=20, **kw), digits).fit()
-    Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=10, **kw), digits).fit()
-    tr = Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=20, **kw), digits)
-    tr.resume()
-    resumed = tr.fit()
-    for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        a, b = load_file(ckpt / f), load_file(resumed / f)
-        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    ckpt = assert_resume_exact(tmp_path, digits, 20, **kw)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["schedule"]["name"] == "edm"
     assert config["diffusion"] == {"prediction": "edm", "weighting": "edm", "min_snr_gamma": 5.0, "sigma_data": 0.5,

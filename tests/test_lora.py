@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_resume_exact
 from safetensors.torch import load_file
 
 pytest.importorskip("peft")
@@ -70,15 +71,8 @@ def test_lora_starts_at_the_base_and_trains_only_the_adapters(tmp_path, digits, 
 
 
 def test_lora_resume_is_exact(tmp_path, digits, base):
-    kw = dict(init_from=str(base), lora_rank=2, **TINY)
-    full = Trainer(TrainConfig(out=str(tmp_path / "full"), steps=10, **kw), digits).fit()
-    Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=5, **kw), digits).fit()
-    tr = Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=10, **kw), digits)
-    tr.resume()
-    cut = tr.fit()
-    for f in ("model.safetensors", "ema.safetensors", "lora.safetensors"):
-        a, b = load_file(full / f), load_file(cut / f)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert_resume_exact(tmp_path, digits, 10, ("model.safetensors", "ema.safetensors", "lora.safetensors"),
+                        init_from=str(base), lora_rank=2, **TINY)
 
 
 def test_full_fine_tuning_starts_from_the_base_weights(tmp_path, digits, base):
