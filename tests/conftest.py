@@ -33,18 +33,18 @@ def shared_data():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def assert_resume_exact(tmp_path: Path, data, steps: int, files=("model.safetensors", "ema.safetensors",
+def assert_resume_exact(tmp_path: Path, dataset, steps: int, files=("model.safetensors", "ema.safetensors",
                                                                  "optimizer.safetensors"), **cfg) -> Path:
     """Train ``steps`` straight (``tmp_path/full``), and ``steps // 2`` then ``--resume`` to ``steps``
-    (``tmp_path/cut``): each of ``files`` of the last checkpoints is bitwise the same. Returns the straight run's
-    last checkpoint."""
+    (``tmp_path/cut``): each of ``files`` of the last checkpoints is bitwise the same. ``dataset``: the loaded
+    data, or None to read ``cfg``'s ``data``. Returns the straight run's last checkpoint."""
     from safetensors.torch import load_file
 
     from kakusan.training import Trainer, TrainConfig
 
-    full = Trainer(TrainConfig(out=str(tmp_path / "full"), steps=steps, **cfg), data).fit()
-    Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps // 2, **cfg), data).fit()
-    tr = Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps, **cfg), data)
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), steps=steps, **cfg), dataset).fit()
+    Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps // 2, **cfg), dataset).fit()
+    tr = Trainer(TrainConfig(out=str(tmp_path / "cut"), steps=steps, **cfg), dataset)
     tr.resume()
     assert tr.step == steps // 2
     resumed = tr.fit()

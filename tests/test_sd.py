@@ -404,22 +404,22 @@ def test_bad_inputs_are_one_line_exit_2(sd, tmp_path, capsys):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     assert main([*sample, "--checkpoint", str(tmp_path / "cut.safetensors")]) == 2
     assert "damaged or truncated" in _error_line(capsys)
-    # an SD checkpoint where a kakusan one is needed (fine-tuning), and a kakusan one where an SD one is
+    # an SD base trains on captioned images only; a single file is imported first; a kakusan checkpoint is not SD
     assert main(["train", "--init-from", str(folder), "--data", "digits", "--steps", "1", "--lora-rank", "8",
                  "--out", str(tmp_path / "run")]) == 2
-    assert "Stable Diffusion pipeline folder, not a kakusan checkpoint" in _error_line(capsys)
+    assert "digits has 1 channel(s); the model expects 3" in _error_line(capsys)
     assert main(["train", "--init-from", str(single), "--data", "digits", "--steps", "1",
                  "--out", str(tmp_path / "run")]) == 2
-    assert "Stable Diffusion single-file checkpoint, not a kakusan checkpoint" in _error_line(capsys)
+    assert "import this single file first (kakusan import-sd" in _error_line(capsys)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(["import-sd", str(folder), "--out", str(tmp_path / "imp")])
     capsys.readouterr()
     assert main(["import-sd", str(tmp_path / "imp"), "--out", str(tmp_path / "imp2")]) == 2
     assert "is a kakusan checkpoint, not a Stable Diffusion one" in _error_line(capsys)
-    assert main(["train", "--init-from", str(tmp_path / "imp"), "--data", "digits", "--steps", "1", "--lora-rank",
-                 "8", "--out", str(tmp_path / "run")]) == 2
-    assert "fine-tuning it (--init-from, --lora-rank) is not supported yet" in _error_line(capsys)
+    assert main(["train", "--init-from", str(tmp_path / "imp"), "--data", "digits", "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "trains LoRA adapters: give --lora-rank" in _error_line(capsys)
     # a single file without a tokenizer
     assert main([*sample, "--checkpoint", str(single)]) == 2
     assert "--tokenizer" in _error_line(capsys)
@@ -443,3 +443,116 @@ def test_scheduler_mapping_matches_diffusers():
         levels = sampling_levels(ours, "ddim", 20, "leading")
         assert levels.t[:-1].tolist() == ref.timesteps.tolist()
         assert abs(levels.alpha[-1].item() ** 2 - ref.final_alpha_cumprod.item()) < 1e-6  # set_alpha_to_one False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA fine-tuning on an SD base: latents through its autoencoder, captions through its CLIP, adapters on its
+# attention, checkpoints that hold the adapters alone
+
+
+CAPTIONS = ["a cat", "a red cat", "a cat cat", "a blue cat", "cat", "a tac", "a cat a", "ca ca"]
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """Eight 24x24 RGB images (resized to the model's 16 px on load) with captions, as a captions folder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captioned")
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i, caption in enumerate(CAPTIONS):
+        img = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _lora_cfg(captioned, base, **kw):
+    return dict(data=f"captions:{captioned}", init_from=str(base), lora_rank=4, batch_size=4, lr=1e-2,
+                warmup_steps=0, sample_every=0, checkpoint_every=2, log_every=1, precision="fp32", device="cpu",
+                progress=False, **kw)
+
+
+def test_lora_training_on_an_sd_folder(sd, captioned, tmp_path):
+    """The trainer's x0 are the SD autoencoder's scaled latents and its conditions SD's padded CLIP states (as
+    diffusers computes them); only the adapters train, are saved, resume exactly, and sample through the base."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from conftest import assert_resume_exact
+    from kakusan.data import load_dataset, to_model_range
+    from kakusan.training import Trainer, TrainConfig
+
+    folder = sd["sd1"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = Trainer(TrainConfig(out=str(tmp_path / "probe"), steps=4, **_lora_cfg(captioned, folder)))
+        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        clip = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    pixels = to_model_range(load_dataset(f"captions:{captioned}", image_size=16, channels=3).images)
+    with torch.no_grad():
+        want = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        ids = tok(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        states = clip(ids)[0]
+    assert tuple(tr.images.shape) == (8, 4, 8, 8) and (tr.images - want).abs().max().item() < 1e-5
+    got = tr.text[torch.tensor([tr.text_index[c] for c in CAPTIONS])]
+    assert got.tokens.shape == (8, 77, 32) and bool(got.mask.all())
+    assert (got.tokens - states).abs().max().item() < 1e-5
+    trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert any(n.endswith("attn2.to_k.lora_A.default.weight") for n in trainable)  # cross-attention adapted too
+
+    ckpt = assert_resume_exact(tmp_path, None, 4, **_lora_cfg(captioned, folder))
+    saved = load_file(ckpt / "model.safetensors")
+    assert saved and all(".lora_" in k for k in saved)  # the adapters alone, not the U-Net again
+    assert set(saved) == {n for n in trainable}
+    assert any(v.abs().max().item() > 0 for k, v in saved.items() if "lora_B" in k)  # they trained
+    kw = dict(negative_prompt=NEGATIVE, guidance=7.5, sampler="ddim", steps=4, seed=3)
+    run = Pipeline.load(tmp_path / "full", device="cpu", precision="fp32")
+    assert [lr["path"] for lr in run.loras] == [str(ckpt / "lora.safetensors")]
+    tuned = run(PROMPT, **kw).images
+    by_file = Pipeline.load(folder, device="cpu", precision="fp32", lora=ckpt / "lora.safetensors")(PROMPT, **kw)
+    base = _load(sd, "sd1", "folder")(PROMPT, **kw).images
+    assert torch.equal(tuned, by_file.images)
+    assert (tuned - base).abs().max().item() > 1e-3
+    off = Pipeline.load(folder, device="cpu", precision="fp32", lora=ckpt / "lora.safetensors", lora_scale=0.0)
+    assert (off(PROMPT, **kw).images - base).abs().max().item() < 1e-6  # the base weights were not touched
+    regenerated = Pipeline.from_png(by_file.save_grid(tmp_path / "g.png"), device="cpu")
+    assert torch.equal(regenerated.images, tuned)
+
+
+def test_lora_training_on_an_imported_sd_and_refusals(sd, captioned, tmp_path, capsys):
+    from kakusan.checkpoints import load_denoiser
+    from kakusan.errors import CheckpointError
+    from kakusan.training import Trainer, TrainConfig
+
+    folder, single, tok = sd["sd2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["import-sd", str(single), "--tokenizer", str(tok), "--prediction", "v", "--image-size", "16",
+                     "--out", str(tmp_path / "imported")]) == 0
+        ckpt = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=2,
+                                   **_lora_cfg(captioned, tmp_path / "imported"))).fit()
+    kw = dict(guidance=3.0, sampler="unipc-2", steps=4, seed=1)
+    tuned = Pipeline.load(tmp_path / "run", device="cpu", precision="fp32")(PROMPT, **kw).images
+    by_file = Pipeline.load(tmp_path / "imported", device="cpu", precision="fp32", lora=ckpt / "lora.safetensors")
+    assert torch.equal(tuned, by_file(PROMPT, **kw).images)
+    with pytest.raises(CheckpointError, match="holds? the adapters alone"):
+        load_denoiser(ckpt)
+    with pytest.raises(CheckpointError, match="another base model"):  # the sd2 adapters on the sd1 model
+        Pipeline.load(sd["sd1"][0], device="cpu", lora=ckpt / "lora.safetensors")
+    train = ["train", "--init-from", str(folder), "--data", f"captions:{captioned}", "--steps", "1",
+             "--out", str(tmp_path / "bad")]
+    for extra, message in ((["--lora-rank", "4", "--image-size", "32"], "is sized for 16 px images"),
+                           (["--lora-rank", "4", "--cond", "class"], "is text-conditional"),
+                           (["--lora-rank", "4", "--autoencoder", str(folder / "vae")], "brings its own autoencoder"),
+                           (["--controlnet"], "not supported yet; LoRA fine-tuning is"),
+                           ([], "give --lora-rank")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main([*train, *extra]) == 2, extra
+        assert message in _error_line(capsys), extra

@@ -231,9 +231,13 @@ def load_tagged(path: str | Path, kind: str, what: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> None:
-    """Load ``tensors`` into ``module`` exactly; a mismatch names the missing, unexpected and mis-shaped keys."""
+def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path, only=None) -> None:
+    """Load ``tensors`` into ``module`` exactly; a mismatch names the missing, unexpected and mis-shaped keys.
+    ``only`` (a test of a key): the file holds exactly those of the module's tensors (e.g. a LoRA run's adapters);
+    the others are left as they are."""
     own = module.state_dict()
+    if only is not None:
+        own = {k: v for k, v in own.items() if only(k)}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     shapes = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
     problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
@@ -245,7 +249,7 @@ def load_state_dict_into(module: torch.nn.Module, tensors: dict, path: Path) -> 
     if problems:
         raise CheckpointError(f"{path}: weights do not match the configured model: {'; '.join(problems)}")
     try:
-        module.load_state_dict(tensors)
+        module.load_state_dict(tensors, strict=only is None)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the configured model ({first})") from None
@@ -264,6 +268,9 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     if "controlnet" in config:
         raise CheckpointError(f"{ckpt}: a ControlNet, not a model: load it with Pipeline.load / --checkpoint (which "
                               f"brings its base, {config['controlnet']['base']['path']}) or --controlnet")
+    if (config.get("lora") or {}).get("saved") == "adapters":
+        raise CheckpointError(f"{ckpt}: a LoRA run whose checkpoints hold the adapters alone: load it with "
+                              f"Pipeline.load / --checkpoint (which brings its base, {config['init_from']['path']})")
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))
     weights_path = weights_file(ckpt, use_ema)
     if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling

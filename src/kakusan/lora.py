@@ -28,6 +28,7 @@ def target_layers(model: nn.Module, targets: str) -> list[str]:
     convolution of the backbone."""
     from .models.dit import Attention as DiTAttention
     from .models.layers import CrossAttention
+    from .models.sd_unet import ATTENTION_PROJECTIONS
     from .models.unet import AttentionBlock
 
     if targets not in TARGETS:
@@ -39,9 +40,23 @@ def target_layers(model: nn.Module, targets: str) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, attention):
             names += [f"{name}.{c}" for c, sub in m.named_children() if isinstance(sub, nn.Linear)]
+        elif _is_diffusers_attention(m):  # Stable Diffusion's U-Net (diffusers): its q / k / v / output linears
+            names += [f"{name}.{c}" for c in ATTENTION_PROJECTIONS if _has(m, c)]
     if not names:
         raise ConfigError("this model has no attention layers for LoRA; use lora targets 'all'")
     return names
+
+
+def _is_diffusers_attention(m: nn.Module) -> bool:
+    return type(m).__name__ == "Attention" and type(m).__module__.startswith("diffusers.") and _has(m, "to_q")
+
+
+def _has(m: nn.Module, name: str) -> bool:
+    try:
+        m.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _require_peft():
@@ -67,14 +82,21 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: s
     return model
 
 
+def is_adapter_key(name: str) -> bool:
+    """Whether a state-dict key of a model with LoRA injected is one of its adapters' tensors."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' entries of ``model.state_dict()``, under their own keys (what a run whose checkpoints hold
+    the adapters alone saves and resumes from)."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters of a model with LoRA injected, by the names of the layers they adapt:
     ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight``."""
-    out = {}
-    for name, p in model.state_dict().items():
-        if ".lora_A." in name or ".lora_B." in name:
-            out[name.replace(".default.", ".")] = p.detach().contiguous().clone()
-    return out
+    return {k.replace(".default.", "."): p.detach().contiguous().clone() for k, p in adapter_state(model).items()}
 
 
 def lora_metadata(rank: int, alpha: float | None, targets: str, layers: list[str], base: dict) -> dict:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoints import (LoadedAutoencoder, apply_checkpoint_lora, autoencoder_for_checkpoint, load_denoiser,
+from .checkpoints import (LoadedAutoencoder, autoencoder_for_checkpoint, load_denoiser,
                           resolve_checkpoint, sampling_defaults, weights_file)
 from .data.datasets import load_image, to_model_range, to_uint8
 from .diffusion import ClippedDenoiser, randn, resolve_device
@@ -279,31 +279,40 @@ class Pipeline:
             return pipe
         from .sd import load_pipeline_parts, sd_layout
 
+        files = [] if lora is None else (list(lora) if isinstance(lora, (list, tuple)) else [lora])
+        scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(files)
+        if len(scales) != len(files):
+            raise ConfigError(f"{len(files)} LoRA files but {len(scales)} scales")
+        for s in scales:
+            _finite("lora_scale", s)
+        adapters = _adapter_run(checkpoint)
+        if adapters is not None:  # a LoRA run on a Stable Diffusion base: the base, with the run's adapters
+            base, adapter = adapters
+            if not use_ema:
+                raise ConfigError(f"{checkpoint}: a LoRA run's shared adapters are its EMA weights; --no-ema does "
+                                  f"not apply")
+            if not Path(base).exists():
+                raise CheckpointError(f"{checkpoint} is a LoRA run; its base {base} (as recorded in training) is not "
+                                      f"there: give it as --checkpoint BASE --lora {adapter}")
+            return cls.load(base, **{**options, "lora": [adapter, *files], "lora_scale": [1.0, *scales]})
         if sd_layout(checkpoint) is not None:
-            if lora or text_encoder or autoencoder or not use_ema:
-                raise ConfigError("--lora / --text-encoder / --autoencoder / --no-ema do not apply to a Stable "
-                                  "Diffusion checkpoint read directly (import it with kakusan import-sd first)")
+            if text_encoder or autoencoder or not use_ema:
+                raise ConfigError("--text-encoder / --autoencoder / --no-ema do not apply to a Stable Diffusion "
+                                  "checkpoint read directly (import it with kakusan import-sd first)")
             denoiser, config, encoder, ae, sha = load_pipeline_parts(
                 checkpoint, device=device, precision=precision, offload=offload, tokenizer=tokenizer,
                 prediction=prediction, image_size=image_size)
+            loras = [_merge_lora(denoiser, f, s, sha) for f, s in zip(files, scales)]
             if compile:
                 denoiser.compile(frozen=True)
             return cls(denoiser, config, source=str(checkpoint), weights_sha256=sha, autoencoder=ae,
-                       text_encoder=encoder, device=device, use_ema=True)
+                       text_encoder=encoder, device=device, use_ema=True, loras=loras)
         if tokenizer or prediction or image_size:
             raise ConfigError("--tokenizer / --prediction / --image-size are for Stable Diffusion single files")
         ckpt = resolve_checkpoint(checkpoint)
         weights = weights_file(ckpt, use_ema)
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
-        loras = []
-        files = [] if lora is None else (list(lora) if isinstance(lora, (list, tuple)) else [lora])
-        scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(files)
-        if len(scales) != len(files):
-            raise ConfigError(f"{len(files)} LoRA files but {len(scales)} scales")
-        for f, s in zip(files, scales):
-            _finite("lora_scale", s)
-            apply_checkpoint_lora(denoiser, ckpt, f, use_ema=use_ema, scale=s)
-            loras.append({"path": str(f), "sha256": file_sha256(f), "scale": float(s)})
+        loras = [_merge_lora(denoiser, f, s, file_sha256(weights)) for f, s in zip(files, scales)]
         if compile:  # after the LoRA merge: the compiled graph holds the final weights
             getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
         side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
@@ -983,20 +992,43 @@ class Pipeline:
         return Generation(gen.images[i:i + 1], gen.records[i:i + 1], gen.seconds, gen.nfe)
 
 
-def _controlnet_base(checkpoint) -> str | None:
-    """The recorded base of a kakusan ControlNet run / checkpoint, None for any other checkpoint."""
+def _merge_lora(denoiser, adapter, scale: float, base_sha256: str) -> dict:
+    """Merge the adapter file into the denoiser's network (its base checked by hash); the record of it."""
+    from .lora import apply_lora
+
+    apply_lora(denoiser.backbone, adapter, base_sha256=base_sha256, scale=scale)
+    return {"path": str(adapter), "sha256": file_sha256(adapter), "scale": float(scale)}
+
+
+def _kakusan_config(checkpoint) -> tuple[Path, dict] | tuple[None, None]:
+    """(checkpoint folder, config) of a kakusan checkpoint, (None, None) for anything else."""
     from .checkpoints import read_config
     from .sd import sd_layout
 
     path = Path(checkpoint).expanduser()
     if not path.exists() or sd_layout(path) is not None or (path / "model_index.json").is_file():
-        return None
+        return None, None
     try:
-        config = read_config(resolve_checkpoint(path))
+        ckpt = resolve_checkpoint(path)
+        return ckpt, read_config(ckpt)
     except CheckpointError:
-        return None
-    record = config.get("controlnet")
+        return None, None
+
+
+def _controlnet_base(checkpoint) -> str | None:
+    """The recorded base of a kakusan ControlNet run / checkpoint, None for any other checkpoint."""
+    _, config = _kakusan_config(checkpoint)
+    record = (config or {}).get("controlnet")
     return None if record is None else record["base"]["path"]
+
+
+def _adapter_run(checkpoint) -> tuple[str, Path] | None:
+    """(base path, adapter file) of a LoRA run whose checkpoints hold the adapters alone (on a Stable Diffusion
+    base), None for any other checkpoint."""
+    ckpt, config = _kakusan_config(checkpoint)
+    if config is None or (config.get("lora") or {}).get("saved") != "adapters":
+        return None
+    return config["init_from"]["path"], ckpt / "lora.safetensors"
 
 
 def _guide_mismatch(main: dict, guide: dict) -> str | None:

@@ -493,24 +493,32 @@ def _autoencoder(m: SDModel, device, source: str, sha256: str):
                              m.latent_scale, sha256, source)
 
 
+def kakusan_parts(m: SDModel, side="cpu"):
+    """(backbone, config, text encoder, autoencoder) of a read SD checkpoint in kakusan's contracts: the U-Net as
+    an ``SDUNet``, the text encoder padding to 77 tokens without a mask and the autoencoder with its latent scale
+    on ``side``, each recorded by the checkpoint's hash, and the run config a kakusan checkpoint of it holds."""
+    from .conditioning.text import TextEncoder
+    from .models.sd_unet import SDUNet, SDUNetConfig
+
+    encoder = TextEncoder.from_loaded(m.text_model, m.tokenizer, spec=f"{m.source}#text_encoder", sha256=m.sha256,
+                                      max_length=int(m.tokenizer.model_max_length), padding="max_length",
+                                      device=side)
+    ae = _autoencoder(m, side, f"{m.source}#vae", m.sha256)
+    config = sd_config(m, encoder.record(), ae.record())
+    backbone = SDUNet(SDUNetConfig.from_dict({k: v for k, v in config["model"].items() if k != "type"}), m.unet)
+    return backbone, config, encoder, ae
+
+
 def load_pipeline_parts(path: str | Path, *, device, precision: str = "auto", offload: bool = False,
                         tokenizer: str | None = None, prediction: str | None = None, image_size: int | None = None):
     """(denoiser, config, text encoder, autoencoder, weights sha256) of an SD checkpoint, for ``Pipeline``.
     ``offload``: the text encoder and autoencoder stay on the CPU, the U-Net alone on ``device``."""
-    from .conditioning.text import TextEncoder
     from .diffusion import Denoiser, DiffusionConfig
-    from .models.sd_unet import SDUNet, SDUNetConfig
     from .schedules import make_schedule
 
     m = read_sd(path, tokenizer=tokenizer, prediction=prediction, image_size=image_size)
-    side = torch.device("cpu") if offload else device
     sha = m.sha256
-    encoder = TextEncoder.from_loaded(m.text_model, m.tokenizer, spec=f"{m.source}#text_encoder", sha256=sha,
-                                      max_length=int(m.tokenizer.model_max_length), padding="max_length",
-                                      device=side)
-    ae = _autoencoder(m, side, f"{m.source}#vae", sha)
-    config = sd_config(m, encoder.record(), ae.record())
-    backbone = SDUNet(SDUNetConfig.from_dict({k: v for k, v in config["model"].items() if k != "type"}), m.unet)
+    backbone, config, encoder, ae = kakusan_parts(m, torch.device("cpu") if offload else device)
     denoiser = Denoiser(backbone.to(device).eval().requires_grad_(False), make_schedule(m.schedule),
                         DiffusionConfig(m.prediction))
     denoiser.set_precision(precision, device)

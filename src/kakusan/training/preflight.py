@@ -134,11 +134,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     make_schedule(ScheduleConfig(cfg.schedule, cfg.num_timesteps, cfg.schedule_params, cfg.zero_terminal_snr))
     check_spec(cfg.data)
     if cfg.init_from:  # the checkpoint a fine-tuning run starts from: there, and kakusan's
-        from ..checkpoints import read_config, resolve_checkpoint
+        from ..training.trainer import check_base_path
 
-        from ..training.trainer import refuse_sd_base
-
-        refuse_sd_base(cfg.init_from, read_config(resolve_checkpoint(cfg.init_from)))
+        check_base_path(cfg.init_from)
     if cfg.autoencoder and not Path(cfg.autoencoder).expanduser().exists():
         raise CheckpointError(f"autoencoder not found: {cfg.autoencoder}")
     if cfg.sample_sampler is not None:  # None: the checkpoint's default sampler

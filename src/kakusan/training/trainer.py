@@ -273,29 +273,33 @@ class NonFiniteLoss(KakusanError):
     pass
 
 
-SD_TRAINING_MISSING = ("training the SD U-Net needs its latents cached through the SD autoencoder with the "
-                       "0.18215 scale, captions through its CLIP padded to 77 tokens, and LoRA targets on diffusers' "
-                       "attention")
+def check_base_path(path: str | Path) -> Path | None:
+    """What a fine-tuning base is, read without loading weights: the kakusan checkpoint (an imported Stable
+    Diffusion one included), or None for a Stable Diffusion pipeline folder; an SD single file is refused, naming
+    the import that makes it a base."""
+    from ..sd import sd_layout
 
-
-def refuse_sd_base(path, config: dict | None = None) -> None:
-    """Fine-tuning (LoRA included) starts from kakusan-trained checkpoints only, for now: an imported Stable
-    Diffusion model is refused, naming what is missing."""
-    if config is not None and config.get("model", {}).get("type") == "sd-unet":
-        raise CheckpointError(f"{path}: an imported Stable Diffusion model; fine-tuning it (--init-from, "
-                              f"--lora-rank) is not supported yet ({SD_TRAINING_MISSING})")
+    layout = sd_layout(path)
+    if layout == "folder":
+        return None
+    if layout == "single-file":
+        raise ConfigError(f"{path}: fine-tuning starts from a Stable Diffusion pipeline folder or an imported "
+                          f"checkpoint; import this single file first (kakusan import-sd {path} --tokenizer DIR "
+                          f"--out DIR), then --init-from DIR")
+    ckpt = resolve_checkpoint(path)
+    read_config(ckpt)
+    return ckpt
 
 
 class BaseModel:
     """The trained checkpoint a fine-tuning run starts from (``init_from``): its config, and the EMA weights
     (or the model file given) with their hash."""
 
-    def __init__(self, ckpt: Path, config: dict, weights: Path):
+    def __init__(self, ckpt: Path, config: dict, weights: Path, sha256: str | None = None):
         from ..metrics.provenance import file_sha256
 
         self.ckpt, self.config, self.weights = ckpt, config, weights
-        refuse_sd_base(ckpt, config)
-        self.sha256 = file_sha256(weights)
+        self.sha256 = sha256 or file_sha256(weights)
         if "lora" in config:
             raise CheckpointError(f"{ckpt}: a LoRA run; fine-tune from its base ({config['init_from']['path']}) "
                                   f"or from a merged model")
@@ -308,8 +312,35 @@ class BaseModel:
 
     @classmethod
     def read(cls, path: str | Path) -> "BaseModel":
-        ckpt = resolve_checkpoint(path)
+        """A kakusan checkpoint (an imported Stable Diffusion one included), or a Stable Diffusion pipeline
+        folder read directly."""
+        ckpt = check_base_path(path)
+        if ckpt is None:
+            return SDFolderBase(Path(path).expanduser())
         return cls(ckpt, read_config(ckpt), ckpt if ckpt.is_file() else ckpt / "ema.safetensors")
+
+    @property
+    def is_sd(self) -> bool:
+        """A Stable Diffusion U-Net: fine-tuned as LoRA adapters, in its own latent space and text encoder."""
+        return self.config["model"].get("type") == "sd-unet"
+
+    def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
+        """The base network with its weights."""
+        model = build_model(model_cfg)
+        self.load_into(model)
+        return model
+
+    def text_encoder(self, device):
+        """A Stable Diffusion base's own text encoder (other bases take --text-encoder, checked in check_data)."""
+        from ..conditioning import encoder_for_checkpoint
+
+        return encoder_for_checkpoint(self.config["text_encoder"], None, device)
+
+    def sd_autoencoder(self, device):
+        """A Stable Diffusion base's own autoencoder, with its latent scale."""
+        from ..checkpoints import autoencoder_for_checkpoint
+
+        return autoencoder_for_checkpoint(self.config, None, device)
 
     def check_data(self, cfg: TrainConfig, data: ImageDataset, shape: tuple[int, int, int],
                    text_record: dict | None) -> ModelConfig:
@@ -320,7 +351,7 @@ class BaseModel:
         if (mc.in_channels, mc.image_size, mc.image_size) != tuple(shape):
             raise ConfigError(f"{self.ckpt} was trained on {mc.in_channels}x{mc.image_size}x{mc.image_size} "
                               f"inputs, {data.name} gives {'x'.join(map(str, shape))} (--image-size / --channels?)")
-        kind = "class" if mc.num_classes else "text" if mc.context_dim else "none"
+        kind = ("text" if self.is_sd else "class" if mc.num_classes else "text" if mc.context_dim else "none")
         if cfg.cond != kind:
             raise ConfigError(f"{self.ckpt} is {'unconditional' if kind == 'none' else kind + '-conditional'}; "
                               f"fine-tune it with --cond {kind}, not {cfg.cond}")
@@ -337,6 +368,10 @@ class BaseModel:
         from dataclasses import replace
 
         sc, dc = self.config["schedule"], self.config["diffusion"]
+        if self.is_sd:
+            return replace(self._adopt_sd(cfg), schedule=sc["name"], num_timesteps=sc["num_timesteps"],
+                           schedule_params=sc["params"], zero_terminal_snr=sc["zero_terminal_snr"],
+                           prediction=dc["prediction"])
         ae = self.config.get("autoencoder")
         base_sd = dc.get("sigma_data", DiffusionConfig.sigma_data)
         if cfg.sigma_data not in (base_sd, DiffusionConfig.sigma_data):
@@ -352,6 +387,35 @@ class BaseModel:
                        zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"],
                        sigma_data=base_sd,
                        autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
+
+    def _adopt_sd(self, cfg: TrainConfig) -> TrainConfig:
+        """A Stable Diffusion base: LoRA adapters on its U-Net, trained on captioned images at its pixel size,
+        through its own text encoder (77 padded tokens) and autoencoder (latents cached, scaled as SD's)."""
+        from dataclasses import replace
+
+        where = f"{self.ckpt} (Stable Diffusion)"
+        if cfg.controlnet or cfg.distill:
+            raise ConfigError(f"{where}: ControlNet training and consistency distillation on a Stable Diffusion "
+                              f"base are not supported yet; LoRA fine-tuning is (--lora-rank)")
+        if not cfg.lora_rank:
+            raise ConfigError(f"{where}: fine-tuning a Stable Diffusion U-Net trains LoRA adapters: give --lora-rank "
+                              f"(e.g. 8); full fine-tuning of its weights is not supported yet")
+        if cfg.posthoc_ema:
+            raise ConfigError(f"{where}: --posthoc-ema is not supported for Stable Diffusion LoRA runs yet")
+        if cfg.cond == "class":
+            raise ConfigError(f"{where}: a Stable Diffusion model is text-conditional: train it on captioned images "
+                              f"(--cond text), not with class labels")
+        te, ae = self.config["text_encoder"], self.config["autoencoder"]
+        if cfg.autoencoder:
+            raise ConfigError(f"{where} brings its own autoencoder ({ae['path']}): drop --autoencoder")
+        pixels = self.config["data"]["shape"]
+        if cfg.image_size not in (None, pixels[1]):
+            raise ConfigError(f"{where} is sized for {pixels[1]} px images; --image-size {cfg.image_size} differs "
+                              f"(leave it out: the images are resized to {pixels[1]})")
+        if cfg.channels not in (None, pixels[0]):
+            raise ConfigError(f"{where} takes {pixels[0]}-channel images, not --channels {cfg.channels}")
+        return replace(cfg, cond="text", text_encoder=te["spec"], text_max_length=te["max_length"],
+                       image_size=pixels[1], channels=pixels[0])
 
     def check_autoencoder(self, ae) -> None:
         want = self.config["autoencoder"]
@@ -373,16 +437,40 @@ class BaseModel:
         if cfg.controlnet:  # the ControlNet's own config is filled in by the trainer, which builds it
             out["controlnet"] = {"control": cfg.control,
                                  "base": {"path": str(self.ckpt), "weights": self.weights.name, "sha256": self.sha256}}
-        if cfg.lora_rank:
-            from ..lora import target_layers
-
-            layers = target_layers(build_model(model_config_from_dict(self.config["model"])), cfg.lora_targets)
+        if cfg.lora_rank:  # (the adapted layers are filled in by the trainer, which builds the model)
             out["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None
-                           else float(cfg.lora_rank), "targets": cfg.lora_targets, "layers": layers}
+                           else float(cfg.lora_rank), "targets": cfg.lora_targets, "layers": []}
+            if self.is_sd:  # a run's checkpoints hold the adapters alone: the U-Net is the base's, by hash
+                out["lora"]["saved"] = "adapters"
+        out["schedule"] = self.config["schedule"]  # exactly the base's (an SD scheduler's steps_offset included)
         return out
 
     def load_into(self, model: torch.nn.Module) -> None:
         load_state_dict_into(model, load_tensors(self.weights), self.weights)
+
+
+class SDFolderBase(BaseModel):
+    """A Stable Diffusion pipeline folder read directly as a fine-tuning base (see :mod:`kakusan.sd`): its U-Net
+    is used as read (not built again), its text encoder and autoencoder are the folder's own."""
+
+    def __init__(self, path: Path):
+        from ..sd import kakusan_parts, read_sd
+
+        m = read_sd(path)
+        self.backbone, config, self._encoder, self._ae = kakusan_parts(m)
+        super().__init__(path, config, path, sha256=m.sha256)
+
+    def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
+        return self.backbone
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.backbone.state_dict())
+
+    def text_encoder(self, device):
+        return self._encoder.to(device)
+
+    def sd_autoencoder(self, device):
+        return self._ae.to(device)
 
 
 class Distiller:
@@ -433,16 +521,17 @@ class Trainer:
                               f"{self.dist.world} processes")
         self.device = self.dist.device(cfg.device)
         self.dist.init_process_group(self.device)
-        self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                                         download_if_missing=cfg.download, limit=cfg.limit)
         self.base = BaseModel.read(cfg.init_from) if cfg.init_from else None
         if self.base is not None:  # the base model's noise schedule and prediction (sampling reads them)
             self.cfg = cfg = self.base.adopt(cfg)
+        self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                                         download_if_missing=cfg.download, limit=cfg.limit)
         self.text = self.text_record = None
         if cfg.cond == "text":
             self._encode_captions()
         self.autoencoder = None
-        if cfg.autoencoder:  # latent diffusion: x0 are the cached, scaled latents of the data
+        if cfg.autoencoder or (self.base is not None and self.base.is_sd):  # latent diffusion: x0 are the cached,
+            # scaled latents of the data
             self._encode_latents()
         else:
             self.images = to_model_range(self.data.images)  # (N, C, H, W) float on CPU
@@ -457,7 +546,8 @@ class Trainer:
             self.config.update(self.base.run_config_entries(cfg))
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
-        self.model = build_model(self.model_cfg)
+        self.model = build_model(self.model_cfg) if self.base is None or cfg.controlnet else \
+            self.base.build(self.model_cfg)
         self.control_base = None
         if cfg.controlnet:  # the base frozen, the model trained is the ControlNet (a copy of the base's encoder)
             self.base.load_into(self.model)
@@ -470,13 +560,11 @@ class Trainer:
             self.model = ControlNet.from_base(self.control_base, self.hints.shape[1],
                                               self.autoencoder.factor if self.autoencoder else 1)
             self.config["controlnet"]["config"] = self.model.config.to_dict()
-        elif self.base is not None:
-            self.base.load_into(self.model)
-            if cfg.lora_rank:
-                from ..lora import add_lora
+        elif cfg.lora_rank:
+            from ..lora import add_lora, target_layers
 
-                add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                         layers=self.config["lora"]["layers"])
+            self.config["lora"]["layers"] = layers = target_layers(self.model, cfg.lora_targets)
+            add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, layers=layers)
         self.model = self.model.to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
         net = self.model
         if self.control_base is not None:
@@ -508,6 +596,11 @@ class Trainer:
         self.bf16 = autocast_dtype(cfg.precision, self.device, net) is not None
         self.skipped_steps = 0
 
+    @property
+    def adapters_only(self) -> bool:
+        """A LoRA run whose checkpoints hold the adapters alone (on a Stable Diffusion base)."""
+        return self.config.get("lora", {}).get("saved") == "adapters"
+
     def _encode_captions(self) -> None:
         """Encode every distinct caption (and the empty prompt, the null condition) once with the frozen text
         encoder, through the on-disk cache; the encoder is then released. Batches index these embeddings."""
@@ -515,7 +608,8 @@ class Trainer:
         if not captions:
             raise ConfigError(f"--cond text needs captions, and {self.data.name} has none (use emoji:PATH or "
                               f"captions:DIR, a folder with captions.jsonl / metadata.jsonl)")
-        encoder = load_text_encoder(self.cfg.text_encoder, self.cfg.text_max_length)
+        encoder = (self.base.text_encoder(self.device) if self.base is not None and self.base.is_sd else
+                   load_text_encoder(self.cfg.text_encoder, self.cfg.text_max_length))
         unique = sorted(set(captions))
         index = {c: i for i, c in enumerate(unique)}
         self.caption_ids = torch.tensor([index[c] for c in captions])
@@ -534,7 +628,8 @@ class Trainer:
         from ..checkpoints import load_autoencoder
         from .autoencoder import measure_latent_scale
 
-        ae = load_autoencoder(self.cfg.autoencoder, self.device)
+        ae = (self.base.sd_autoencoder(self.device) if self.base is not None and self.base.is_sd else
+              load_autoencoder(self.cfg.autoencoder, self.device))
         if ae.in_channels != self.data.shape[0]:
             raise ConfigError(f"the autoencoder takes {ae.in_channels}-channel images, {self.data.name} has "
                               f"{self.data.shape[0]}")
@@ -584,7 +679,12 @@ class Trainer:
                 extras["target.safetensors"] = (self.distiller.target.state_dict(), {"kind": "consistency-target"})
             if self.posthoc is not None:  # the post-hoc EMA profiles, for an exact resume
                 extras[POSTHOC_STATE] = (self.posthoc.state_dict(), self.posthoc.state_metadata())
-            path = save_checkpoint(self.out / "checkpoints", self.step, self.config, self.model, self.ema.model,
+            model, ema = self.model, self.ema.model
+            if self.adapters_only:  # the base's weights are not saved again with every checkpoint
+                from ..lora import adapter_state
+
+                model, ema = adapter_state(model), adapter_state(ema)
+            path = save_checkpoint(self.out / "checkpoints", self.step, self.config, model, ema,
                                    self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
                                    extras=extras)
         self.dist.barrier()
@@ -601,8 +701,11 @@ class Trainer:
             raise CheckpointError(f"{ckpt}: its ControlNet (or its base) differs from this run's")
         if saved.get("autoencoder", {}).get("sha256") != self.config.get("autoencoder", {}).get("sha256"):
             raise CheckpointError(f"{ckpt}: it was trained in another autoencoder's latent space")
-        load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt)
-        load_state_dict_into(self.ema.model, load_tensors(ckpt / "ema.safetensors"), ckpt)
+        from ..lora import is_adapter_key
+
+        only = is_adapter_key if self.adapters_only else None
+        load_state_dict_into(self.model, load_tensors(ckpt / "model.safetensors"), ckpt, only=only)
+        load_state_dict_into(self.ema.model, load_tensors(ckpt / "ema.safetensors"), ckpt, only=only)
         if self.distiller is not None:
             load_state_dict_into(self.distiller.target, load_tensors(ckpt / "target.safetensors"), ckpt)
         state = json.loads((ckpt / "state.json").read_text())
