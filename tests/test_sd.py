@@ -556,3 +556,42 @@ def test_lora_training_on_an_imported_sd_and_refusals(sd, captioned, tmp_path, c
             warnings.simplefilter("ignore")
             assert main([*train, *extra]) == 2, extra
         assert message in _error_line(capsys), extra
+
+
+def test_eval_and_sweep_on_sd_prompts(sd, tmp_path):
+    """`eval` and `sweep` read an SD folder directly, sample its prompts with a negative prompt, and record them
+    (the shipped CIFAR-10 classifier's features against a folder of real-format RGB images)."""
+    from PIL import Image
+
+    from kakusan.metrics.provenance import file_sha256
+
+    folder = sd["sd1"][0]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(160):
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(ref / f"{i}.png")
+    cls = Path(__file__).resolve().parents[1] / "weights" / "classifier-cifar10.safetensors"
+    common = ["--checkpoint", str(folder), "--prompt", PROMPT, "--prompt", "a red cat", "--negative-prompt", NEGATIVE,
+              "--guidance", "3", "-n", "140", "--extractor", f"classifier:{cls}", "--ref", f"folder:{ref}",
+              "--device", "cpu"]
+    out = tmp_path / "eval.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["eval", *common, "--steps", "2", "--metrics", "fid,kid", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["scores"]["fid"] > 0 and "stderr" in res["scores"]["kid"]
+    rec = res["record"]["samples"]
+    assert rec["n"] == 140 and rec["guidance"] == 3.0 and rec["steps"] == 2
+    assert rec["checkpoint_sha256"] == file_sha256(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert json.dumps(rec).count(NEGATIVE) >= 1 and "a red cat" in json.dumps(rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["sweep", *common, "--samplers", "ddim,euler", "--steps", "1,2",
+                     "--out", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert {(r["sampler"], r["steps"]) for r in rows} == {("ddim", 1), ("ddim", 2), ("euler", 1), ("euler", 2)}
+    fid = {(r["sampler"], r["steps"]): r["fid"] for r in rows}
+    assert all(v > 0 for v in fid.values())
+    # one step of DDIM and of Euler is the same step (x0_hat at the next level); at two steps they differ
+    assert abs(fid["ddim", 1] - fid["euler", 1]) < 1e-6 and abs(fid["ddim", 2] - fid["euler", 2]) > 1e-6
