@@ -547,6 +547,11 @@ def test_lora_training_on_an_imported_sd_and_refusals(sd, captioned, tmp_path, c
         Pipeline.load(sd["sd1"][0], device="cpu", lora=ckpt / "lora.safetensors")
     train = ["train", "--init-from", str(folder), "--data", f"captions:{captioned}", "--steps", "1",
              "--out", str(tmp_path / "bad")]
+    with warnings.catch_warnings():  # the dry run builds the run on random data of the base's pixel size
+        warnings.simplefilter("ignore")
+        assert main([*train, "--lora-rank", "4", "--dry-run", "--estimate-steps", "1"]) == 0
+    dry = capsys.readouterr()
+    assert f'"init_from": "{folder}"' in dry.out and "s per step of" in dry.err and "1 steps take about" in dry.err
     for extra, message in ((["--lora-rank", "4", "--image-size", "32"], "is sized for 16 px images"),
                            (["--lora-rank", "4", "--cond", "class"], "is text-conditional"),
                            (["--lora-rank", "4", "--autoencoder", str(folder / "vae")], "brings its own autoencoder"),

@@ -222,13 +222,23 @@ def read_folder(path: Path) -> SDModel:
             from None
     if unet.config.get("addition_embed_type"):
         raise CheckpointError(f"{path}: the U-Net takes extra conditioning (SDXL-like); not supported yet")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = unet.config.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
     family = "sd2" if text_model.config.hidden_act == "gelu" else "sd1"
-    return SDModel(unet, text_model, tokenizer, vae, schedule, prediction, int(size) * factor,
+    return SDModel(unet, text_model, tokenizer, vae, schedule, prediction, folder_pixel_shape(path)[1],
                    float(vae.config.scaling_factor), family, "folder", str(path),
                    file_sha256(_weights_of(path / "unet")))
+
+
+def folder_pixel_shape(path: Path) -> list[int]:
+    """[channels, size, size] of the images a pipeline folder's model makes, from its unet / vae configs alone."""
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable unet/ or vae/ config.json ({e})") from None
+    size = unet.get("sample_size") or 64
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
+    return [int(vae.get("in_channels", 3)), int(size) * factor, int(size) * factor]
 
 
 # ---- the single file ------------------------------------------------------------------------------------------

@@ -157,9 +157,9 @@ def _random_data(cfg: TrainConfig, n: int):
     name = cfg.data.partition(":")[0]
     classes = 10
     if cfg.init_from:  # a fine-tuning run: the base model's data shape and classes
-        from ..checkpoints import read_config, resolve_checkpoint
+        from .trainer import base_record
 
-        base = read_config(resolve_checkpoint(cfg.init_from))
+        base = base_record(cfg.init_from)
         c, h, _ = base.get("data", {}).get("shape") or (base["model"]["in_channels"], base["model"]["image_size"], 0)
         classes = base["model"].get("num_classes") or classes
     else:
@@ -242,11 +242,12 @@ def estimate_or_reason(cfg: TrainConfig, steps: int, from_step: int = 0) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "no time estimate under torchrun (run --dry-run in one process)"
     if cfg.init_from:
-        from ..checkpoints import read_config, resolve_checkpoint
+        from .trainer import base_record
 
-        base = read_config(resolve_checkpoint(cfg.init_from))
-        if "imported" in base and "autoencoder" in base:  # its pixel size is not recorded, only the latents'
-            return "no time estimate for fine-tuning an imported latent model"
+        base = base_record(cfg.init_from)
+        if base.get("imported", {}).get("kind") == "dit" and "autoencoder" in base:  # its pixel size is not
+            return "no time estimate for fine-tuning an imported latent model"  # recorded, only the latents'
+
     try:
         est = estimate_step_seconds(cfg, max_steps=steps)
     except ConfigError as e:

@@ -291,6 +291,18 @@ def check_base_path(path: str | Path) -> Path | None:
     return ckpt
 
 
+def base_record(path: str | Path) -> dict:
+    """A fine-tuning base's config, read without its weights (an SD pipeline folder's: the model's type, the
+    images' shape, and that it is imported)."""
+    ckpt = check_base_path(path)
+    if ckpt is not None:
+        return read_config(ckpt)
+    from ..sd import folder_pixel_shape
+
+    return {"model": {"type": "sd-unet"}, "data": {"shape": folder_pixel_shape(Path(path).expanduser())},
+            "imported": {"kind": "stable-diffusion", "path": str(path)}}
+
+
 class BaseModel:
     """The trained checkpoint a fine-tuning run starts from (``init_from``): its config, and the EMA weights
     (or the model file given) with their hash."""
