@@ -4,6 +4,11 @@ autoencoder), the same DDIM scheduler (SD's: leading spacing, steps_offset 1), g
 
     python benchmarks/sd_sampling.py --device cuda                 # 512x512, 20 steps (the full benchmark)
     python benchmarks/sd_sampling.py --tiny --device cpu           # a tiny SD-shaped model: checks the script
+    python benchmarks/sd_sampling.py --device cpu --precision bf16 --repeats 1 --image-warmup 0   # 2 CPU cores
+
+``--precision bf16``: kakusan's bf16 autocast (its default on CUDA and on CPUs with native bf16) against diffusers'
+pipeline in bf16 weights (``torch_dtype=torch.bfloat16``, how diffusers runs in half precision); fp32 is both in
+fp32 (where the images agree to ~1e-6).
 
 Reports ms per U-Net evaluation (a guided batch of 2, as each sampling step makes) and ms per 512x512 image at 20
 steps (text encoding, 20 steps, decoding), median of --repeats after a warm-up, and the largest difference between
@@ -60,13 +65,14 @@ def build(folder: Path, tiny: bool, image_size: int) -> None:
     pipe.save_pretrained(folder)
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of fn() over ``repeats`` runs, after one warm-up."""
+def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over ``repeats`` runs, after ``warmup`` untimed ones."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
+    for _ in range(warmup):
+        fn()
     sync()
     out = []
     for _ in range(repeats):
@@ -84,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--image-size", type=int, help="pixels (default 512; 32 with --tiny)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-warmup", type=int, default=1, help="untimed whole images before the timed ones")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--json", default="benchmarks/results/sd_sampling.json")
     args = ap.parse_args()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -97,8 +105,10 @@ def main() -> None:
         warnings.simplefilter("ignore")
         folder = Path(tmp) / "sd"
         build(folder, args.tiny, size)
-        ours = Pipeline.load(folder, device=device, precision="fp32")
-        ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        ours = Pipeline.load(folder, device=device, precision=args.precision)
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                      torch_dtype=dtype)
         ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
         ref = ref.to(device)
         ref.set_progress_bar_config(disable=True)
@@ -115,29 +125,36 @@ def main() -> None:
             cond = ours._encode([prompt, negative])
             emb = cond.tokens.to(device)
             unet_ours = timed(lambda: ours.denoiser.raw(x, t, cond), args.repeats, device)
-            unet_ref = timed(lambda: ref.unet(x, t.long(), encoder_hidden_states=emb).sample, args.repeats, device)
+            xr, embr = x.to(dtype), emb.to(dtype)
+            unet_ref = timed(lambda: ref.unet(xr, t.long(), encoder_hidden_states=embr).sample, args.repeats, device)
 
         kw = dict(negative_prompt=negative, sampler="ddim", steps=args.steps, spacing="leading", guidance=7.5, n=1)
-        image_ours = timed(lambda: ours(prompt, noise=noise, **kw), args.repeats, device)
+        ours_call = lambda: ours(prompt, noise=noise, **kw).images  # noqa: E731
         ref_call = lambda: ref(prompt, negative_prompt=negative, num_inference_steps=args.steps,  # noqa: E731
                                guidance_scale=7.5, height=size, width=size, output_type="pt",
-                               latents=(noise * sigma0).to(device)).images
-        image_ref = timed(ref_call, args.repeats, device)
-        diff = ((ours(prompt, noise=noise, **kw).images + 1) / 2 - ref_call().cpu()).abs().max().item()
+                               latents=(noise * sigma0).to(device, dtype)).images
+        got = {}
+        image_ours = timed(lambda: got.__setitem__("ours", ours_call()), args.repeats, device, args.image_warmup)
+        image_ref = timed(lambda: got.__setitem__("ref", ref_call()), args.repeats, device, args.image_warmup)
+        diff = ((got["ours"] + 1) / 2 - got["ref"].float().cpu()).abs().max().item()
 
     rows = [("kakusan", unet_ours, image_ours), ("diffusers", unet_ref, image_ref)]
     print(f"SD-1.5-shaped{' (tiny)' if args.tiny else ''}, {size}x{size}, DDIM {args.steps} steps, guidance 7.5, "
-          f"{device}")
+          f"{device}, {args.precision}")
     print(f"{'':<10} {'ms / U-Net eval (batch 2)':>26} {'ms / image':>12}")
     for name, u, im in rows:
         print(f"{name:<10} {u:>26.1f} {im:>12.1f}")
     print(f"largest image difference: {diff:.2e}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import diffusers
+
     out.write_text(json.dumps({"tiny": args.tiny, "image_size": size, "steps": args.steps, "device": str(device),
-                               "torch": torch.__version__, "repeats": args.repeats,
+                               "precision": args.precision, "torch": torch.__version__,
+                               "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
+                               "repeats": args.repeats, "image_warmup": args.image_warmup,
                                "kakusan": {"ms_per_unet_eval": unet_ours, "ms_per_image": image_ours},
-                               "diffusers": {"ms_per_unet_eval": unet_ref, "ms_per_image": image_ref},
+                               "diffusers_pipeline": {"ms_per_unet_eval": unet_ref, "ms_per_image": image_ref},
                                "max_image_difference": diff}, indent=2))
     print(f"wrote {out}")
 
