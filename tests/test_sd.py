@@ -528,6 +528,7 @@ def test_lora_training_on_an_sd_folder(sd, captioned, tmp_path):
 def test_lora_training_on_an_imported_sd_and_refusals(sd, captioned, tmp_path, capsys):
     from kakusan.checkpoints import load_denoiser
     from kakusan.errors import CheckpointError
+    from kakusan.lora import adapter_state as lora_state
     from kakusan.training import Trainer, TrainConfig
 
     folder, single, tok = sd["sd2"]
@@ -537,6 +538,14 @@ def test_lora_training_on_an_imported_sd_and_refusals(sd, captioned, tmp_path, c
                      "--out", str(tmp_path / "imported")]) == 0
         ckpt = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=2,
                                    **_lora_cfg(captioned, tmp_path / "imported"))).fit()
+        # gradient checkpointing recomputes diffusers' blocks: the same step, the same adapters
+        steps = [Trainer(TrainConfig(out=str(tmp_path / f"gc{on}"), steps=1, gradient_checkpointing=on,
+                                     **_lora_cfg(captioned, tmp_path / "imported"))) for on in (False, True)]
+    for tr in steps:
+        tr.train_step()
+    a, b = (lora_state(tr.model) for tr in steps)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
     kw = dict(guidance=3.0, sampler="unipc-2", steps=4, seed=1)
     tuned = Pipeline.load(tmp_path / "run", device="cpu", precision="fp32")(PROMPT, **kw).images
     by_file = Pipeline.load(tmp_path / "imported", device="cpu", precision="fp32", lora=ckpt / "lora.safetensors")
