@@ -609,3 +609,73 @@ def test_eval_and_sweep_on_sd_prompts(sd, tmp_path):
     assert all(v > 0 for v in fid.values())
     # one step of DDIM and of Euler is the same step (x0_hat at the next level); at two steps they differ
     assert abs(fid["ddim", 1] - fid["euler", 1]) < 1e-6 and abs(fid["ddim", 2] - fid["euler", 2]) > 1e-6
+
+
+def _same_image_as_diffusers(ours, ref, atol=1e-3):
+    """kakusan's pipeline and diffusers' from the same latents: DDIM 10, guidance 7.5, a negative prompt."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma0 = ours.schedule.alpha_sigma(torch.tensor(901.0))[1].item()
+    got = ours(PROMPT, negative_prompt=NEGATIVE, sampler="ddim", steps=10, spacing="leading", guidance=7.5,
+               noise=noise, n=1).images
+    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=16, width=16,
+               latents=noise * sigma0, output_type="pt").images
+    assert ref.scheduler.timesteps[0].item() == 901
+    diff = ((got + 1) / 2 - want).abs().max().item()
+    assert diff < atol, diff
+    return got
+
+
+def test_lora_files_travel_between_kakusan_diffusers_and_kohya(sd, captioned, tmp_path, capsys):
+    """A kakusan SD LoRA (alpha != rank) loads in diffusers' load_lora_weights as it is, and in kohya's layout
+    after `kakusan lora convert`; a LoRA saved by diffusers (U-Net and text encoder, peft keys) and its kohya
+    form load in kakusan: each gives diffusers' image from the same latents."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from kakusan.training import Trainer, TrainConfig
+
+    folder = sd["sd1"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=2, lora_alpha=8.0,
+                                   **_lora_cfg(captioned, folder))).fit()
+    ours_file, kohya_file = ckpt / "lora.safetensors", tmp_path / "kohya.safetensors"
+    assert main(["lora", "convert", str(ours_file), "--out", str(kohya_file)]) == 0
+    assert main(["lora", "info", str(kohya_file)]) == 0 and "kohya layout" in capsys.readouterr().out
+    base = _load(sd, "sd1", "folder")(PROMPT, sampler="ddim", steps=10, seed=0).images
+    images = []
+    for f in (ours_file, kohya_file):
+        ref = _diffusers_pipe(folder)
+        ref.load_lora_weights(str(f))
+        images.append(_same_image_as_diffusers(_load(sd, "sd1", "folder", lora=f), ref))
+    assert (images[0] - images[1]).abs().max().item() < 1e-5
+    assert (_load(sd, "sd1", "folder", lora=ours_file)(PROMPT, sampler="ddim", steps=10, seed=0).images
+            - base).abs().max().item() > 1e-3  # the adapters change the image
+
+    # a LoRA made by diffusers / peft on the U-Net and the text encoder
+    ref = _diffusers_pipe(folder)
+    torch.manual_seed(7)
+    ref.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
+    te_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(te_config, ref.text_encoder)  # (transformers' own add_adapter wants a newer peft)
+    with torch.no_grad():  # random adapters (init_lora_weights=False), a tenth of peft's scale: they move the
+        for name, p in [*ref.unet.named_parameters(), *ref.text_encoder.named_parameters()]:  # image, and leave
+            if ".lora_B." in name:  # the random network well-conditioned (fused and unfused agree)
+                p.mul_(0.1)
+    theirs = tmp_path / "theirs"
+    ref.save_lora_weights(theirs, unet_lora_layers=get_peft_model_state_dict(ref.unet),
+                          text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder),
+                          unet_lora_adapter_metadata=ref.unet.peft_config["default"].to_dict(),
+                          text_encoder_lora_adapter_metadata=te_config.to_dict())
+    theirs_file = theirs / "pytorch_lora_weights.safetensors"
+    got = _same_image_as_diffusers(_load(sd, "sd1", "folder", lora=theirs_file), ref)  # ref: adapters live
+    assert (got - _load(sd, "sd1", "folder")(PROMPT, negative_prompt=NEGATIVE, sampler="ddim", steps=10,
+                                             spacing="leading", guidance=7.5, n=1,
+                                             noise=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+                                             ).images).abs().max().item() > 1e-3
+    from kakusan.lora import adapter_format
+
+    assert [adapter_format(f) for f in (ours_file, kohya_file, theirs_file)] == ["kakusan", "kohya", "diffusers"]
+    with pytest.raises(Exception, match="not a LoRA file kakusan reads"):
+        adapter_format(folder / "unet" / "diffusion_pytorch_model.safetensors")

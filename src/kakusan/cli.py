@@ -736,6 +736,27 @@ def cmd_ema_reconstruct(args) -> int:
     return 0
 
 
+def cmd_lora_convert(args) -> int:
+    from .lora import to_kohya
+
+    out = to_kohya(args.file, args.out)
+    print(f"{out}: kohya's layout (lora_unet_*.lora_down / lora_up / alpha), for AUTOMATIC1111, ComfyUI, kohya's "
+          f"scripts and diffusers' load_lora_weights")
+    return 0
+
+
+def cmd_lora_info(args) -> int:
+    from .lora import _file_keys_and_metadata, adapter_format
+
+    fmt = adapter_format(args.file)
+    keys, meta = _file_keys_and_metadata(Path(args.file).expanduser())
+    downs = [k for k in keys if k.endswith((".lora_A.weight", ".lora_down.weight"))]
+    te = [k for k in downs if k.startswith(("text_encoder.", "lora_te_"))]
+    print(f"{args.file}: {fmt} layout, {len(downs)} adapted layers ({len(downs) - len(te)} U-Net / backbone, "
+          f"{len(te)} text encoder)" + (f", rank {meta['rank']}, alpha {meta['alpha']}" if fmt == "kakusan" else ""))
+    return 0
+
+
 def cmd_ema_list(args) -> int:
     from .training.posthoc_ema import SNAPSHOT_DIR, run_snapshots
 
@@ -1006,6 +1027,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = ema.add_parser("list", help="the snapshots of a run and their profiles")
     q.add_argument("--run", required=True, help="the run folder")
     q.set_defaults(func=cmd_ema_list)
+
+    p = sub.add_parser("lora", help="LoRA files: what layout a file is in; a Stable Diffusion run's adapters in "
+                                    "kohya's layout")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    q = lora.add_parser("convert", help="write a kakusan SD LoRA file in kohya's layout (lora_unet_* keys with "
+                                        "alpha: AUTOMATIC1111, ComfyUI, kohya's scripts). Its own lora.safetensors "
+                                        "already has diffusers' / peft's keys")
+    q.add_argument("file", help="a lora.safetensors of an SD --lora-rank run")
+    q.add_argument("--to", choices=["kohya"], default="kohya")
+    q.add_argument("--out", required=True, help="the .safetensors file to write")
+    q.set_defaults(func=cmd_lora_convert)
+    q = lora.add_parser("info", help="the layout of a LoRA file (kakusan / diffusers / kohya), its layers and rank")
+    q.add_argument("file")
+    q.set_defaults(func=cmd_lora_info)
 
     p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory, samplers")
     p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory", "samplers"])

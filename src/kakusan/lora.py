@@ -20,6 +20,8 @@ from .errors import CheckpointError, ConfigError
 
 ADAPTER_KIND = "kakusan-lora"
 TARGETS = ("attention", "all")
+SD_UNET = "unet."  # where diffusers' U-Net sits in kakusan's SD backbone (SDUNet.unet): its LoRA keys' prefix too
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key for a LoRA's config
 
 
 def target_layers(model: nn.Module, targets: str) -> list[str]:
@@ -100,9 +102,17 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_metadata(rank: int, alpha: float | None, targets: str, layers: list[str], base: dict) -> dict:
-    """What an adapter file records besides its tensors (JSON strings, as safetensors metadata)."""
-    return {"kind": ADAPTER_KIND, "rank": str(rank), "alpha": str(alpha if alpha is not None else rank),
-            "targets": targets, "layers": json.dumps(layers), "base": json.dumps(base)}
+    """What an adapter file records besides its tensors (JSON strings, as safetensors metadata). On a Stable
+    Diffusion U-Net (layers ``unet.*``) the tensors' keys are already diffusers' / peft's, and the rank and alpha
+    are also written as diffusers reads them (``lora_adapter_metadata``), so ``load_lora_weights`` takes the file
+    as it is."""
+    alpha = alpha if alpha is not None else rank
+    meta = {"kind": ADAPTER_KIND, "rank": str(rank), "alpha": str(alpha), "targets": targets,
+            "layers": json.dumps(layers), "base": json.dumps(base)}
+    if layers and all(name.startswith(SD_UNET) for name in layers):
+        meta[DIFFUSERS_METADATA] = json.dumps({"unet.r": rank, "unet.lora_alpha": alpha,
+                                               "unet.target_modules": [n[len(SD_UNET):] for n in layers]})
+    return meta
 
 
 def merge_lora(model: nn.Module, scale: float = 1.0) -> nn.Module:
@@ -136,10 +146,16 @@ def read_adapter(path: str | Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def apply_lora(model: nn.Module, path: str | Path, base_sha256: str | None = None, scale: float = 1.0
-               ) -> nn.Module:
+def apply_lora(model: nn.Module, path: str | Path, base_sha256: str | None = None, scale: float = 1.0,
+               text_model: nn.Module | None = None) -> nn.Module:
     """Apply the adapter file ``path`` to ``model`` (the base it was trained on: refused when ``base_sha256``,
-    the base weights' hash, differs from the one the adapter records) and merge it."""
+    the base weights' hash, differs from the one the adapter records) and merge it. A file made elsewhere for a
+    Stable Diffusion model (diffusers / peft keys, or kohya's ``lora_unet_*`` / ``lora_te_*`` with ``alpha``;
+    see :func:`adapter_format`) is merged too, its text-encoder part into ``text_model``."""
+    fmt = adapter_format(path)
+    if fmt != "kakusan":
+        merge_foreign(model, text_model, path, fmt, scale)
+        return model
     tensors, meta = read_adapter(path)
     want = meta["base"].get("sha256")
     if base_sha256 is not None and want and want != base_sha256:
@@ -161,3 +177,148 @@ def apply_lora(model: nn.Module, path: str | Path, base_sha256: str | None = Non
         raise CheckpointError(f"{path}: adapter tensors of another shape, e.g. {shapes[0]}")
     model.load_state_dict(state, strict=False)
     return merge_lora(model, scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA files of the Stable Diffusion ecosystem: diffusers / peft keys and kohya's, read and written
+
+KOHYA_UNET, KOHYA_TE = "lora_unet_", "lora_te_"
+FORMATS = ("kakusan", "diffusers", "kohya")
+
+
+def _file_keys_and_metadata(path: Path) -> tuple[list[str], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"LoRA adapter not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable LoRA file ({type(e).__name__}: {e})") from None
+
+
+def adapter_format(path: str | Path) -> str:
+    """'kakusan' (a ``--lora-rank`` run's lora.safetensors), 'diffusers' (``unet.`` / ``text_encoder.`` keys with
+    ``lora_A`` / ``lora_B``: diffusers' and peft's layout) or 'kohya' (``lora_unet_*`` / ``lora_te_*`` with
+    ``lora_down`` / ``lora_up`` and ``alpha``); anything else is refused naming what it holds."""
+    path = Path(path).expanduser()
+    keys, meta = _file_keys_and_metadata(path)
+    if meta.get("kind") == ADAPTER_KIND:
+        return "kakusan"
+    if keys and all(k.startswith((KOHYA_UNET, KOHYA_TE)) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder.")) and (".lora_A." in k or ".lora_B." in k) for k in keys):
+        return "diffusers"
+    raise CheckpointError(f"{path}: not a LoRA file kakusan reads (kakusan's lora.safetensors, diffusers / peft "
+                          f"keys 'unet.*.lora_A.weight', or kohya's 'lora_unet_*.lora_down.weight'); it holds "
+                          f"{len(keys)} tensors, e.g. {keys[:3]}")
+
+
+def _foreign_pairs(path: Path, fmt: str) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]]:
+    """{(part, layer): (down A, up B, alpha)} of a diffusers / kohya file; part 'unet' or 'text_encoder', layer the
+    module's name in that part (diffusers' names) or, for kohya, its name with '_' for '.' (resolved later)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    _, meta = _file_keys_and_metadata(path)
+    pairs: dict = {}
+    if fmt == "kohya":
+        for k, v in tensors.items():
+            if k.endswith(".lora_down.weight"):
+                stem = k[: -len(".lora_down.weight")]
+                part, name = ("unet", stem[len(KOHYA_UNET):]) if stem.startswith(KOHYA_UNET) else \
+                    ("text_encoder", stem[len(KOHYA_TE):])
+                up = tensors.get(stem + ".lora_up.weight")
+                if up is None:
+                    raise CheckpointError(f"{path}: {stem} has lora_down but no lora_up")
+                alpha = tensors.get(stem + ".alpha")
+                pairs[part, name] = (v, up, float(alpha) if alpha is not None else float(v.shape[0]))
+        unused = [k for k in tensors if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+        if unused:
+            raise CheckpointError(f"{path}: kohya keys kakusan does not read (LoCon / LoHa / DoRA?), e.g. {unused[:3]}")
+        return pairs
+    config = json.loads(meta.get(DIFFUSERS_METADATA) or "{}")
+    for k, v in tensors.items():
+        if ".lora_A." in k:
+            part, _, rest = k.partition(".")
+            name = rest.rsplit(".lora_A.", 1)[0]
+            up = tensors.get(k.replace(".lora_A.", ".lora_B."))
+            if up is None:
+                raise CheckpointError(f"{path}: {k} has no lora_B")
+            alpha = config.get(f"{part}.lora_alpha", v.shape[0])
+            alpha = (config.get(f"{part}.alpha_pattern") or {}).get(name, alpha)
+            pairs[part, name] = (v, up, float(alpha))
+    return pairs
+
+
+def _resolve(module: nn.Module, name: str, fmt: str, where: str) -> nn.Module:
+    """The layer a file's name means in ``module``: diffusers' dotted name, or kohya's with '_' for '.' (matched
+    against the module's own names; a text model's ``text_model.`` prefix may be there or not)."""
+    if fmt != "kohya":
+        try:
+            return module.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: the LoRA names a layer this model does not have: {name}") from None
+    table = getattr(module, "_kakusan_kohya_names", None)
+    if table is None:
+        table = {}
+        for n, _ in module.named_modules():
+            table.setdefault(n.replace(".", "_"), n)
+            if n.startswith("text_model."):
+                table.setdefault(n[len("text_model."):].replace(".", "_"), n)
+            else:
+                table.setdefault("text_model_" + n.replace(".", "_"), n)
+        object.__setattr__(module, "_kakusan_kohya_names", table)
+    if name not in table:
+        raise CheckpointError(f"{where}: the LoRA names a layer this model does not have: {name} (a kohya file for "
+                              f"another model family, or in the original LDM naming?)")
+    return module.get_submodule(table[name])
+
+
+@torch.no_grad()
+def merge_foreign(model: nn.Module, text_model: nn.Module | None, path: str | Path, fmt: str,
+                  scale: float = 1.0) -> None:
+    """Merge a diffusers / kohya LoRA file into a Stable Diffusion backbone (``SDUNet``: its ``unet``) and,
+    where the file adapts the text encoder too, into ``text_model``: W += scale * alpha / rank * up @ down
+    (1x1 up-projections onto a convolution's kernel)."""
+    path = Path(path).expanduser()
+    unet = getattr(model, "unet", None)
+    if unet is None:
+        raise CheckpointError(f"{path}: a {fmt} LoRA file is for a Stable Diffusion U-Net; this model is kakusan's "
+                              f"own (its adapters come from --lora-rank runs)")
+    pairs = _foreign_pairs(path, fmt)
+    if any(part == "text_encoder" for part, _ in pairs) and text_model is None:
+        raise CheckpointError(f"{path}: this LoRA adapts the text encoder too, and none was given to merge it into")
+    for (part, name), (down, up, alpha) in pairs.items():
+        layer = _resolve(unet if part == "unet" else text_model, name, fmt, str(path))
+        w = layer.weight
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise CheckpointError(f"{path}: {name} is a {type(layer).__name__}; LoRA adapts linears and convolutions")
+        rank = down.shape[0]
+        delta = (up.reshape(up.shape[0], -1).double() @ down.reshape(rank, -1).double()).reshape(w.shape[0], -1)
+        if delta.numel() != w.numel():
+            raise CheckpointError(f"{path}: {name}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit "
+                                  f"the layer's weight {tuple(w.shape)}")
+        w.add_((scale * alpha / rank * delta).reshape(w.shape).to(w.dtype))
+
+
+def to_kohya(path: str | Path, out: str | Path) -> Path:
+    """Write the kakusan LoRA file ``path`` (of a Stable Diffusion run) in kohya's layout: ``lora_unet_<layer with
+    _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which kohya's scripts, AUTOMATIC1111 / ComfyUI and
+    diffusers' ``load_lora_weights`` read."""
+    from .checkpoints import save_file_atomic
+
+    tensors, meta = read_adapter(path)
+    if not all(name.startswith(SD_UNET) for name in meta["layers"]):
+        raise ConfigError(f"{path}: kohya's layout names Stable Diffusion layers; this adapter is for a kakusan "
+                          f"model (share its lora.safetensors as it is)")
+    out_t = {}
+    for name in meta["layers"]:
+        stem = KOHYA_UNET + name[len(SD_UNET):].replace(".", "_")
+        out_t[stem + ".lora_down.weight"] = tensors[f"{name}.lora_A.weight"].contiguous()
+        out_t[stem + ".lora_up.weight"] = tensors[f"{name}.lora_B.weight"].contiguous()
+        out_t[stem + ".alpha"] = torch.tensor(float(meta["alpha"]))
+    return save_file_atomic(Path(out), out_t, {"ss_network_dim": str(meta["rank"]),
+                                                "ss_network_alpha": str(meta["alpha"]),
+                                                "ss_network_module": "networks.lora"})

@@ -302,7 +302,7 @@ class Pipeline:
             denoiser, config, encoder, ae, sha = load_pipeline_parts(
                 checkpoint, device=device, precision=precision, offload=offload, tokenizer=tokenizer,
                 prediction=prediction, image_size=image_size)
-            loras = [_merge_lora(denoiser, f, s, sha) for f, s in zip(files, scales)]
+            loras = [_merge_lora(denoiser, f, s, sha, text_model=encoder.model) for f, s in zip(files, scales)]
             if compile:
                 denoiser.compile(frozen=True)
             return cls(denoiser, config, source=str(checkpoint), weights_sha256=sha, autoencoder=ae,
@@ -312,11 +312,7 @@ class Pipeline:
         ckpt = resolve_checkpoint(checkpoint)
         weights = weights_file(ckpt, use_ema)
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
-        loras = [_merge_lora(denoiser, f, s, file_sha256(weights)) for f, s in zip(files, scales)]
-        if compile:  # after the LoRA merge: the compiled graph holds the final weights
-            getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
         side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
-        decoder = autoencoder_for_checkpoint(config, autoencoder, side)
         encoder = None
         if config.get("text_encoder"):
             from .conditioning import encoder_for_checkpoint
@@ -325,6 +321,15 @@ class Pipeline:
             encoder = lambda: encoder_for_checkpoint(record, text_encoder, side)  # noqa: E731
         elif text_encoder:
             raise ConfigError("--text-encoder given, but this checkpoint is not text-conditional")
+        loras = []
+        for f, s in zip(files, scales):
+            if encoder is not None and not hasattr(encoder, "encode") and _adapts_text_encoder(f):
+                encoder = encoder()  # loaded now: this LoRA merges into it
+            loras.append(_merge_lora(denoiser, f, s, file_sha256(weights),
+                                     text_model=getattr(encoder, "model", None)))
+        if compile:  # after the LoRA merge: the compiled graph holds the final weights
+            getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
+        decoder = autoencoder_for_checkpoint(config, autoencoder, side)
         return cls(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights), autoencoder=decoder,
                    text_encoder=encoder, device=device, use_ema=use_ema, loras=loras)
 
@@ -992,12 +997,21 @@ class Pipeline:
         return Generation(gen.images[i:i + 1], gen.records[i:i + 1], gen.seconds, gen.nfe)
 
 
-def _merge_lora(denoiser, adapter, scale: float, base_sha256: str) -> dict:
-    """Merge the adapter file into the denoiser's network (its base checked by hash); the record of it."""
-    from .lora import apply_lora
+def _merge_lora(denoiser, adapter, scale: float, base_sha256: str, text_model=None) -> dict:
+    """Merge the adapter file into the denoiser's network (a kakusan one's base checked by hash) and, where it
+    adapts the text encoder too, into ``text_model``; the record of it (with the file's layout)."""
+    from .lora import adapter_format, apply_lora
 
-    apply_lora(denoiser.backbone, adapter, base_sha256=base_sha256, scale=scale)
-    return {"path": str(adapter), "sha256": file_sha256(adapter), "scale": float(scale)}
+    apply_lora(denoiser.backbone, adapter, base_sha256=base_sha256, scale=scale, text_model=text_model)
+    return {"path": str(adapter), "sha256": file_sha256(adapter), "scale": float(scale),
+            "format": adapter_format(adapter)}
+
+
+def _adapts_text_encoder(adapter) -> bool:
+    from .lora import KOHYA_TE, _file_keys_and_metadata
+
+    keys, _ = _file_keys_and_metadata(Path(adapter).expanduser())
+    return any(k.startswith(("text_encoder.", KOHYA_TE)) for k in keys)
 
 
 def _kakusan_config(checkpoint) -> tuple[Path, dict] | tuple[None, None]:
