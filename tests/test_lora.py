@@ -107,7 +107,7 @@ def test_fine_tuning_mistakes_are_named(tmp_path, digits, base):
     other = Trainer(TrainConfig(out=str(tmp_path / "other"), steps=3, seed=5, **TINY), digits).fit()
     with pytest.raises(CheckpointError, match="another base model"):
         apply_checkpoint_lora(load_denoiser(other)[0], other, lora_ckpt / "lora.safetensors")
-    with pytest.raises(CheckpointError, match="not a kakusan LoRA adapter"):
+    with pytest.raises(CheckpointError, match="not a LoRA file kakusan reads"):
         apply_checkpoint_lora(load_denoiser(base, precision="fp32")[0], base, base / "ema.safetensors")
     with pytest.raises(ConfigError, match="no attention layers"):
         target_layers(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 1, 3)), "attention")
