@@ -11,8 +11,8 @@ pipeline in bf16 weights (``torch_dtype=torch.bfloat16``, how diffusers runs in 
 fp32 (where the images agree to ~1e-6).
 
 Reports ms per U-Net evaluation (a guided batch of 2, as each sampling step makes) and ms per 512x512 image at 20
-steps (text encoding, 20 steps, decoding), median of --repeats after a warm-up, and the largest difference between
-the two pipelines' images (the same starting latents). Writes JSON to benchmarks/results/sd_sampling.json.
+steps (text encoding, 20 steps, decoding), median of --repeats after a warm-up (the two libraries' runs
+alternating), and the largest difference between the two pipelines' images (the same starting latents). Writes JSON to benchmarks/results/sd_sampling.json.
 """
 
 from __future__ import annotations
@@ -65,22 +65,23 @@ def build(folder: Path, tiny: bool, image_size: int) -> None:
     pipe.save_pretrained(folder)
 
 
-def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Median milliseconds of fn() over ``repeats`` runs, after ``warmup`` untimed ones."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(repeats):
+def timed_pair(fa, fb, repeats: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
+    """Median milliseconds of fa() and of fb(), the runs alternating (a, b, a, b, ...) so that a load elsewhere
+    on the machine falls on both alike."""
+    def one(fn):
         t0 = time.perf_counter()
         fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(one(fa))
+        tb.append(one(fb))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -124,9 +125,10 @@ def main() -> None:
         with torch.no_grad():
             cond = ours._encode([prompt, negative])
             emb = cond.tokens.to(device)
-            unet_ours = timed(lambda: ours.denoiser.raw(x, t, cond), args.repeats, device)
             xr, embr = x.to(dtype), emb.to(dtype)
-            unet_ref = timed(lambda: ref.unet(xr, t.long(), encoder_hidden_states=embr).sample, args.repeats, device)
+            unet_ours, unet_ref = timed_pair(lambda: ours.denoiser.raw(x, t, cond),
+                                             lambda: ref.unet(xr, t.long(), encoder_hidden_states=embr).sample,
+                                             args.repeats, device)
 
         kw = dict(negative_prompt=negative, sampler="ddim", steps=args.steps, spacing="leading", guidance=7.5, n=1)
         ours_call = lambda: ours(prompt, noise=noise, **kw).images  # noqa: E731
@@ -134,8 +136,9 @@ def main() -> None:
                                guidance_scale=7.5, height=size, width=size, output_type="pt",
                                latents=(noise * sigma0).to(device, dtype)).images
         got = {}
-        image_ours = timed(lambda: got.__setitem__("ours", ours_call()), args.repeats, device, args.image_warmup)
-        image_ref = timed(lambda: got.__setitem__("ref", ref_call()), args.repeats, device, args.image_warmup)
+        image_ours, image_ref = timed_pair(lambda: got.__setitem__("ours", ours_call()),
+                                           lambda: got.__setitem__("ref", ref_call()), args.repeats, device,
+                                           args.image_warmup)
         diff = ((got["ours"] + 1) / 2 - got["ref"].float().cpu()).abs().max().item()
 
     rows = [("kakusan", unet_ours, image_ours), ("diffusers", unet_ref, image_ref)]
