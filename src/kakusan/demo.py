@@ -15,7 +15,7 @@ from .pipeline import Pipeline
 from .training import Trainer, TrainConfig
 
 DEMO_DEFAULTS = dict(data="digits", preset="unet-digits", cond="class", schedule="cosine", prediction="v",
-                     weighting="min-snr", steps=1500, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.999,
+                     weighting="min-snr", steps=800, batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.999,
                      log_every=100, sample_every=500, checkpoint_every=500, guidance=2.0)
 
 
