@@ -8,11 +8,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo serve test readme-check bench clean
 
-# the core (what `make demo` needs), then the test extras (diffusers, transformers, gradio, ... for the cross-checks)
+# the core (what `make demo` needs), then the test extras (diffusers, transformers, gradio, ... for the cross-checks).
+# The core in one pip call without byte-compiling every file (torch has thousands): Python compiles the modules it
+# imports on first use. On 2 cores this halves the install (41 s -> about 20 s, docs/RESULTS.md).
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile "$(TORCH)" -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.core

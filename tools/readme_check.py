@@ -84,7 +84,7 @@ class Rule:
 
 RULES = [
     Rule(r"^make test\b", skip="the test suite itself: `make test`, run by CI"),
-    Rule(r"^make demo\b", skip="installs and trains ~5 min; `kakusan demo --steps N` below runs the same code"),
+    Rule(r"^make demo\b", skip="installs and trains ~2 min; `kakusan demo --steps N` below runs the same code"),
     Rule(r"^make readme-check\b", skip="this script"),
     Rule(r"^make serve\b|^kakusan serve\b", skip="a server that runs until stopped; tests/test_serve.py and "
                                                  "tests/test_serve_browser.py start one and use it"),

@@ -389,8 +389,8 @@ def cmd_demo(args) -> int:
                          indent=2))
         return 0
     r = run_demo(args.out, steps=args.steps, seed=args.seed)
-    print(f"\ntrained {r['steps']} steps in {r['train_s']:.0f} s; sampled 100 digits (DDIM, 50 steps) in "
-          f"{r['sample_s']:.1f} s")
+    print(f"\ntrained {r['steps']} steps in {r['train_s']:.0f} s; sampled 100 digits ({r['sampler']}, "
+          f"{r['sample_steps']} steps) in {r['sample_s']:.1f} s")
     print(f"an independent classifier (SVM, {100 * r['classifier_held_out_accuracy']:.1f}% on held-out real "
           f"digits) reads {100 * r['agreement']:.0f}% of the samples as the digit asked for")
     print(f"grid (one row per digit 0-9): {r['grid']}\ncheckpoint: {r['checkpoint']}")
