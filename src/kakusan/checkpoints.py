@@ -264,6 +264,9 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     if "controlnet" in config:
         raise CheckpointError(f"{ckpt}: a ControlNet, not a model: load it with Pipeline.load / --checkpoint (which "
                               f"brings its base, {config['controlnet']['base']['path']}) or --controlnet")
+    from .training.personalization import refuse_as_model
+
+    refuse_as_model(ckpt, config)
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))
     weights_path = weights_file(ckpt, use_ema)
     if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling
