@@ -130,8 +130,8 @@ def test_textual_inversion_resume_is_exact(world, tmp_path):
     kw = _ti(world, tmp_path).to_dict()
     for k in ("out", "data", "steps"):
         kw.pop(k)
-    assert_resume_exact(tmp_path, _subject(world), 4, files=("model.safetensors", "ema.safetensors",
-                                                             "optimizer.safetensors", "learned_embeds.safetensors"), **kw)
+    files = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "learned_embeds.safetensors")
+    assert_resume_exact(tmp_path, _subject(world), 4, files=files, **kw)
 
 
 def test_embedding_files_in_each_layout(world, tmp_path):

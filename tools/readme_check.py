@@ -102,6 +102,8 @@ RULES = [
     Rule(r"~/models/", skip="needs real Stable Diffusion 1.5 / 2.1 weights (downloads); tests/test_sd.py checks "
                             "both layouts with small SD-shaped models"),
     Rule(r"--checkpoint runs/sd15\b", skip="samples the imported SD 1.5 (import-sd is skipped)"),
+    Rule(r"photos/my-cat|runs/my-cat-", skip="needs pictures of your subject; tests/test_personalization.py trains "
+                                            "textual inversion and DreamBooth on small images"),
     Rule(r"^python benchmarks/sd_sampling\.py", extra={"--tiny": "", "--device": "cpu", "--repeats": "1"}),
     Rule(r"\bfashion-mnist\b", needs_fashion=True),
     Rule(r"^torchrun ", skip="8 processes and a global batch of 1024 on GPUs; tests/test_distributed.py runs "

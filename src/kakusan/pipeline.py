@@ -964,7 +964,8 @@ class Pipeline:
         mine = [(e["token"], e["sha256"]) for e in self.embeddings]
         theirs = [(e["token"], e["sha256"]) for e in record.get("embeddings", [])]
         if mine != theirs:
-            diffs.append(f"embeddings {[(t, h[:12]) for t, h in theirs]} recorded, {[(t, h[:12]) for t, h in mine]} here")
+            show = lambda es: [(t, h[:12]) for t, h in es]  # noqa: E731
+            diffs.append(f"embeddings {show(theirs)} recorded, {show(mine)} here")
         mine = [c["sha256"] for c in self.controlnets]
         theirs = [c["controlnet_sha256"] for c in record.get("control", [])]
         if theirs and mine != theirs:

@@ -215,7 +215,7 @@ def _draw_class_images(cfg, ckpt: Path, paths: list[Path], batches: list[int], d
 # The objectives
 
 
-def run_config_entries(cfg, trainer) -> dict:
+def run_config_entries(cfg) -> dict:
     """What a DreamBooth / textual-inversion run's config records of the method."""
     if cfg.dreambooth:
         rec = {"instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
@@ -362,6 +362,7 @@ class _EncoderWith:
 def refuse_as_model(ckpt, config: dict) -> None:
     """A textual-inversion checkpoint holds a word's vectors, not a model: say what to do instead."""
     if "textual_inversion" in config:
-        raise CheckpointError(f"{ckpt}: a textual-inversion run (the vectors of {config['textual_inversion']['placeholder']!r}, "
-                              f"not a model); sample its base {config['init_from']['path']} with --embedding "
-                              f"{Path(ckpt) / EMBEDDING_FILE if Path(ckpt).is_dir() else EMBEDDING_FILE}")
+        word = config["textual_inversion"]["placeholder"]
+        file = Path(ckpt) / EMBEDDING_FILE if Path(ckpt).is_dir() else EMBEDDING_FILE
+        raise CheckpointError(f"{ckpt}: a textual-inversion run (the vectors of {word!r}, not a model); sample its "
+                              f"base {config['init_from']['path']} with --embedding {file}")

@@ -482,7 +482,7 @@ class Trainer:
         if cfg.dreambooth or cfg.textual_inversion:
             from .personalization import run_config_entries
 
-            self.config.update(run_config_entries(cfg, self))
+            self.config.update(run_config_entries(cfg))
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = build_model(self.model_cfg)
