@@ -48,9 +48,9 @@ def main() -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--base-prompt", action="append", default=[])
     p.add_argument("--ti", help="a textual-inversion run (its base is --base)")
-    p.add_argument("--ti-prompt")
+    p.add_argument("--ti-prompt", action="append", default=[])
     p.add_argument("--db", help="a DreamBooth run")
-    p.add_argument("--db-prompt")
+    p.add_argument("--db-prompt", action="append", default=[])
     p.add_argument("--subject", required=True, help="the subject's images (folder:DIR)")
     p.add_argument("--data", required=True, help="the whole data set (its mean image; the control images)")
     p.add_argument("-n", type=int, default=64)
@@ -72,9 +72,11 @@ def main() -> None:
     grid = [subject[: min(len(subject), 8)]]
     runs = [("base", base, q) for q in a.base_prompt]
     if a.ti:
-        runs.append(("textual inversion", Pipeline.load(a.ti, device="cpu"), a.ti_prompt))
+        ti = Pipeline.load(a.ti, device="cpu")
+        runs += [("textual inversion", ti, q) for q in a.ti_prompt]
     if a.db:
-        runs.append(("DreamBooth", Pipeline.load(a.db, device="cpu"), a.db_prompt))
+        db = Pipeline.load(a.db, device="cpu")
+        runs += [("DreamBooth", db, q) for q in a.db_prompt]
     for name, pipe, prompt in runs:
         t0 = time.perf_counter()
         x = pipe(prompt=prompt, n=a.n, guidance=a.guidance, seed=a.seed).images
