@@ -104,6 +104,8 @@ RULES = [
     Rule(r"--checkpoint runs/sd15\b", skip="samples the imported SD 1.5 (import-sd is skipped)"),
     Rule(r"runs/sd15-style/", skip="converts the SD 1.5 LoRA run's adapters (that run needs real SD weights); "
                                    "tests/test_sd.py converts a small one"),
+    Rule(r"photos/my-cat|runs/my-cat-", skip="needs pictures of your subject; tests/test_personalization.py trains "
+                                            "textual inversion and DreamBooth on small images"),
     Rule(r"^python benchmarks/sd_sampling\.py", extra={"--tiny": "", "--device": "cpu", "--repeats": "1"}),
     Rule(r"\bfashion-mnist\b", needs_fashion=True),
     Rule(r"^torchrun ", skip="8 processes and a global batch of 1024 on GPUs; tests/test_distributed.py runs "

@@ -271,6 +271,9 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
     if (config.get("lora") or {}).get("saved") == "adapters":
         raise CheckpointError(f"{ckpt}: a LoRA run whose checkpoints hold the adapters alone: load it with "
                               f"Pipeline.load / --checkpoint (which brings its base, {config['init_from']['path']})")
+    from .training.personalization import refuse_as_model
+
+    refuse_as_model(ckpt, config)
     model = build_model(model_config_from_dict(config["model"], str(ckpt)))
     weights_path = weights_file(ckpt, use_ema)
     if "lora" in config:  # a LoRA run: base + adapters, merged into plain weights for sampling

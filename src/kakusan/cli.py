@@ -72,6 +72,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --init-from (the frozen base): train a ControlNet that steers it by control maps")
     p.add_argument("--control", help="--controlnet: canny | sobel | scribble (maps computed from the training "
                                      "images) | folder:DIR (control images paired with the data in sorted order)")
+    p.add_argument("--dreambooth", action="store_true", default=None,
+                   help="with --init-from (a text model): fine-tune it on a subject's images (--instance-data) "
+                        "captioned --instance-prompt; all weights, or --lora-rank")
+    p.add_argument("--instance-data", help="DreamBooth / textual inversion: the subject's images, folder:DIR (resized "
+                                           "to the base's size); the run's --data")
+    p.add_argument("--instance-prompt", help="their caption, e.g. 'a sks cat' (textual inversion: must hold the "
+                                             "placeholder; default the placeholder alone)")
+    p.add_argument("--class-prompt", help="DreamBooth prior preservation: the base draws --num-class-images of this "
+                                          "prompt once (RUN/class-images) and each step adds a batch of them")
+    p.add_argument("--num-class-images", type=int, help="prior preservation's class images")
+    p.add_argument("--prior-loss-weight", type=float, help="w in L = L_instance + w L_class (0: no prior "
+                                                          "preservation)")
+    p.add_argument("--class-data", help="the class images' folder (default RUN/class-images; a folder without "
+                                        "provenance.json: class images of your own)")
+    p.add_argument("--class-guidance", type=float, help="classifier-free guidance of the class images")
+    p.add_argument("--train-text-encoder", action="store_true", default=None,
+                   help="(refused: kakusan's text encoders are frozen, recorded by hash; see the README)")
+    p.add_argument("--textual-inversion", action="store_true", default=None,
+                   help="with --init-from (a text model): learn a new word (--placeholder) from a subject's images; "
+                        "only its embeddings train (checkpoints hold learned_embeds.safetensors)")
+    p.add_argument("--placeholder", help="textual inversion: the new word, e.g. '<my-cat>'")
+    p.add_argument("--initializer", help="textual inversion: the word its vectors start from, e.g. 'cat'")
+    p.add_argument("--num-vectors", type=int, help="textual inversion: tokens (vectors) the word stands for")
     p.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, help="images per step (the global batch under torchrun)")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
@@ -133,6 +156,14 @@ def _config_values(args, cls) -> dict:
 
             raise ConfigError(f"config {args.config}: expected a JSON object of config values")
     flags = {k: v for k, v in vars(args).items() if v is not None and k in cls.__dataclass_fields__}
+    if getattr(args, "instance_data", None) is not None:  # DreamBooth's / textual inversion's name for --data
+        from .errors import ConfigError
+
+        if flags.get("data") not in (None, args.instance_data):
+            raise ConfigError("--instance-data is the run's data: give it or --data, not both")
+        if not ({**base, **flags}.get("dreambooth") or {**base, **flags}.get("textual_inversion")):
+            raise ConfigError("--instance-data is the subject's images of --dreambooth or --textual-inversion")
+        flags["data"] = args.instance_data
     recipe = {}
     if getattr(args, "edm", None):
         from .training.trainer import EDM_RECIPE
@@ -248,7 +279,8 @@ def cmd_sample(args) -> int:
             print(json.dumps(read_png_record(args.from_png), indent=2))
             return 0
         gen = Pipeline.from_png(args.from_png, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                                autoencoder=args.autoencoder, controlnet=args.controlnet, guide=args.guide_model)
+                                autoencoder=args.autoencoder, controlnet=args.controlnet, guide=args.guide_model,
+                                embedding=args.embedding)
         out = args.out or (None if args.out_dir else "regenerated.png")
         if len(gen) == 1 and out:  # one image of a call: written as it was, at its own size
             print(f"image: {gen.save_image(out)}")
@@ -285,7 +317,8 @@ def cmd_sample(args) -> int:
     pipe = Pipeline.load(args.checkpoint, device=args.device, precision=args.precision, use_ema=not args.no_ema,
                          lora=lora, lora_scale=scales if lora else 1.0, text_encoder=args.text_encoder,
                          autoencoder=args.autoencoder, offload=args.offload, compile=args.compile,
-                         controlnet=args.controlnet, guide=args.guide_model, **_sd_args(args))
+                         controlnet=args.controlnet, guide=args.guide_model, embedding=args.embedding,
+                         **_sd_args(args))
     kw["n"] = 64 if kw["n"] is None else kw["n"]
     gen = pipe(**kw, noise=noise, progress=True)
     out = args.out if args.out is not None else (None if args.out_dir else "samples.png")
@@ -866,6 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", help="a LoRA adapter (lora.safetensors of a --lora-rank run) to apply "
                                                    "to this checkpoint, the base it was trained on; FILE:SCALE sets "
                                                    "its strength; repeat to stack adapters")
+    p.add_argument("--embedding", action="append",
+                   help="text models: a textual-inversion embedding file (learned_embeds.safetensors of a "
+                        "--textual-inversion run, diffusers' or A1111 / kohya's layout), its word usable in the "
+                        "prompts (repeat for several)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of adapters given without :SCALE "
                                                                  "(default 1)")
     p.add_argument("--precision", default="auto",

@@ -235,6 +235,8 @@ class Pipeline:
         self.use_ema, self.loras = use_ema, loras or []
         self.precision = "fp32" if denoiser.autocast_dtype is None else "bf16"
         self._null_text = None
+        self.embeddings: list[dict] = []  # textual-inversion embeddings loaded (add_embedding): their records
+        self._pending_embeddings: list = []  # ... not yet added to the (lazily loaded) text encoder
 
     # ---- loading -----------------------------------------------------------------------------------------
     @classmethod
@@ -242,7 +244,8 @@ class Pipeline:
              lora: str | Path | list | None = None, lora_scale: float | list = 1.0, text_encoder: str | None = None,
              autoencoder: str | None = None, offload: bool = False, tokenizer: str | None = None,
              prediction: str | None = None, image_size: int | None = None, compile: bool = False,
-             controlnet: str | Path | list | None = None, guide: str | Path | None = None) -> "Pipeline":
+             controlnet: str | Path | list | None = None, guide: str | Path | None = None,
+             embedding: str | Path | list | None = None) -> "Pipeline":
         """Any kakusan checkpoint (folder, run folder or model file): pixel or latent, class / text /
         unconditional, a LoRA run, a distilled model; or a Stable Diffusion 1.x / 2.x checkpoint (a diffusers
         pipeline folder or the original single file; see :mod:`kakusan.sd`: ``tokenizer``, ``prediction`` and
@@ -253,7 +256,9 @@ class Pipeline:
         through torch.compile with its weights frozen (see ``Denoiser.compile``; pays over many calls).
         ``controlnet``: ControlNet checkpoint(s) to attach (see :meth:`attach_controlnet`); a ControlNet run given as
         ``checkpoint`` loads the base it was trained on, with that ControlNet attached. ``guide``: a weaker
-        version of this model to guide it with (autoguidance; see :meth:`attach_guide`)."""
+        version of this model to guide it with (autoguidance; see :meth:`attach_guide`). ``embedding``:
+        textual-inversion embedding file(s) whose words the prompts may use (see :meth:`add_embedding`); a
+        textual-inversion run given as ``checkpoint`` loads its base with its learned word."""
         # every option but the checkpoint, the ControlNets and the guide, in one dict (from the signature itself,
         # so an option added to it travels through the calls below too)
         options = {k: v for k, v in locals().items() if k not in ("cls", "checkpoint", "controlnet", "guide")}
@@ -306,10 +311,16 @@ class Pipeline:
             if compile:
                 denoiser.compile(frozen=True)
             return cls(denoiser, config, source=str(checkpoint), weights_sha256=sha, autoencoder=ae,
-                       text_encoder=encoder, device=device, use_ema=True, loras=loras)
+                       text_encoder=encoder, device=device, use_ema=True, loras=loras).add_embeddings(embedding)
         if tokenizer or prediction or image_size:
             raise ConfigError("--tokenizer / --prediction / --image-size are for Stable Diffusion single files")
         ckpt = resolve_checkpoint(checkpoint)
+        learned = _textual_inversion_run(ckpt)
+        if learned is not None:  # a textual-inversion run: its base, with its word
+            base, file = learned
+            more = [] if embedding is None else (list(embedding) if isinstance(embedding, (list, tuple)) else
+                                                  [embedding])
+            return cls.load(base, **{**options, "embedding": [file, *more]})
         weights = weights_file(ckpt, use_ema)
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
         side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
@@ -331,7 +342,47 @@ class Pipeline:
             getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
         decoder = autoencoder_for_checkpoint(config, autoencoder, side)
         return cls(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights), autoencoder=decoder,
-                   text_encoder=encoder, device=device, use_ema=use_ema, loras=loras)
+                   text_encoder=encoder, device=device, use_ema=use_ema, loras=loras).add_embeddings(embedding)
+
+    def add_embeddings(self, files) -> "Pipeline":
+        for f in [] if files is None else (list(files) if isinstance(files, (list, tuple)) else [files]):
+            self.add_embedding(f)
+        return self
+
+    def add_embedding(self, path: str | Path) -> dict:
+        """Teach this text model's encoder the word of a textual-inversion embedding file (diffusers'
+        ``learned_embeds.safetensors`` layout, kakusan's own, or A1111 / kohya's ``emb_params`` /
+        ``string_to_param``: see :mod:`kakusan.conditioning.embeddings`), for use in prompts. A kakusan file made
+        for another text encoder is refused; so is a word already known. Returns its record (path, sha256, word,
+        vectors), which goes into every image's record."""
+        from .conditioning.embeddings import read_embedding_file
+
+        if not self.is_text:
+            raise ConfigError(f"--embedding {path}: this checkpoint is not text-conditional (embeddings are new "
+                              f"words for a text model's prompts)")
+        emb = read_embedding_file(path)
+        rec = self.config["text_encoder"]
+        if emb.text_encoder is not None and emb.text_encoder.get("sha256") != rec["sha256"]:
+            raise CheckpointError(f"{path}: an embedding for another text encoder ({emb.text_encoder.get('spec')!r}, "
+                                  f"sha256 {str(emb.text_encoder.get('sha256'))[:12]}); this model reads "
+                                  f"{rec['spec']!r} (sha256 {rec['sha256'][:12]})")
+        if rec.get("dim") and emb.vectors.shape[1] != rec["dim"]:
+            raise ConfigError(f"{path}: {emb.vectors.shape[1]}-wide vectors; this model's text encoder "
+                              f"({rec['spec']}) has {rec['dim']}-wide tokens")
+        if emb.token in {e["token"] for e in self.embeddings}:
+            raise ConfigError(f"{path}: the word {emb.token!r} is already loaded (from another embedding file)")
+        record = {"path": str(path), "sha256": file_sha256(path), "token": emb.token,
+                  "num_vectors": int(emb.vectors.shape[0])}
+        self._pending_embeddings.append(emb)
+        self.embeddings.append(record)
+        if not callable(self._text_encoder) or hasattr(self._text_encoder, "encode"):  # already loaded: now
+            self._add_pending()
+        return record
+
+    def _add_pending(self) -> None:
+        while self._pending_embeddings:
+            emb = self._pending_embeddings.pop(0)
+            self._text_encoder.add_tokens(emb.token, emb.vectors)
 
     @classmethod
     def from_png(cls, png: str | Path, checkpoint: str | Path | None = None, *, device="cpu",
@@ -347,6 +398,8 @@ class Pipeline:
             if not Path(load_options["guide"]).exists():
                 raise CheckpointError(f"this image was autoguided by {load_options['guide']}, which is not there: "
                                       f"give the same guide model where it is now (guide=, --guide-model)")
+        if record.get("embeddings") and not load_options.get("embedding"):
+            load_options["embedding"] = [e["path"] for e in record["embeddings"]]
         pipe = cls.load(checkpoint or record["checkpoint"], device=device, use_ema=record.get("use_ema", True),
                         lora=[lr["path"] for lr in record.get("lora", [])] or None,
                         lora_scale=[lr["scale"] for lr in record.get("lora", [])] or 1.0,
@@ -487,6 +540,7 @@ class Pipeline:
     def text_encoder(self):
         if callable(self._text_encoder) and not hasattr(self._text_encoder, "encode"):
             self._text_encoder = self._text_encoder()
+            self._add_pending()
         return self._text_encoder
 
     # ---- conditions --------------------------------------------------------------------------------------
@@ -745,7 +799,8 @@ class Pipeline:
             start_record["noise_sha256"] = tensor_sha256(noise)
 
         record = {"kakusan_version": __version__, "checkpoint": self.source, "checkpoint_sha256": self.weights_sha256,
-                  "use_ema": self.use_ema, "lora": self.loras, "sampler": sampler, "steps": steps,
+                  "use_ema": self.use_ema, "lora": self.loras, **({"embeddings": self.embeddings} if self.embeddings
+                                                                  else {}), "sampler": sampler, "steps": steps,
                   "spacing": spacing or info.default_spacing,
                   "sigma_max": sigma_max if sigma_max is not None or spacing else info.default_sigma_max,
                   "eta": options.get("eta"), "nfe": model_calls(sampler, self.schedule, steps, spacing, sigma_max),
@@ -920,6 +975,11 @@ class Pipeline:
         theirs = [(lr["sha256"], lr["scale"]) for lr in record.get("lora", [])]
         if mine != theirs:
             diffs.append(f"LoRA adapters {theirs} recorded, {mine} here")
+        mine = [(e["token"], e["sha256"]) for e in self.embeddings]
+        theirs = [(e["token"], e["sha256"]) for e in record.get("embeddings", [])]
+        if mine != theirs:
+            show = lambda es: [(t, h[:12]) for t, h in es]  # noqa: E731
+            diffs.append(f"embeddings {show(theirs)} recorded, {show(mine)} here")
         mine = [c["sha256"] for c in self.controlnets]
         theirs = [c["controlnet_sha256"] for c in record.get("control", [])]
         if theirs and mine != theirs:
@@ -1043,6 +1103,29 @@ def _adapter_run(checkpoint) -> tuple[str, Path] | None:
     if config is None or (config.get("lora") or {}).get("saved") != "adapters":
         return None
     return config["init_from"]["path"], ckpt / "lora.safetensors"
+
+
+def _textual_inversion_run(ckpt: Path) -> tuple[str, Path] | None:
+    """(base checkpoint, embedding file) of a textual-inversion run's checkpoint; None for any other checkpoint.
+    The base must be there with the weights it was trained on."""
+    from .checkpoints import read_config
+    from .training.personalization import EMBEDDING_FILE
+
+    try:
+        config = read_config(ckpt)
+    except CheckpointError:
+        return None
+    if "textual_inversion" not in config:
+        return None
+    file = (ckpt.parent if ckpt.is_file() else ckpt) / EMBEDDING_FILE
+    base = config["init_from"]
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt}: a textual-inversion checkpoint without its {EMBEDDING_FILE}")
+    if not Path(base["path"]).exists() or file_sha256(weights_file(resolve_checkpoint(base["path"]), True)) != \
+            base["sha256"]:
+        raise CheckpointError(f"{ckpt} is a textual-inversion run whose base {base['path']} is not there with the "
+                              f"weights it was trained on; sample a base with --embedding {file}")
+    return base["path"], file
 
 
 def _guide_mismatch(main: dict, guide: dict) -> str | None:

@@ -181,6 +181,7 @@ class TextEncoder(torch.nn.Module):
         # the network and tokenizer load on the first encode(): a run whose embeddings are cached needs only
         # the hash and the width above
         self._model = self._tokenizer = None
+        self.placeholders: dict[str, list[str]] = {}  # textual-inversion words added (add_tokens): their tokens
 
     @classmethod
     def from_loaded(cls, model: torch.nn.Module, tokenizer, *, spec: str, sha256: str, max_length: int,
@@ -197,6 +198,7 @@ class TextEncoder(torch.nn.Module):
         self.dim = int(cfg.hidden_size)
         self._model = model.eval().requires_grad_(False).to(self.device)
         self._tokenizer = tokenizer
+        self.placeholders = {}
         return self
 
     def _load(self) -> None:
@@ -237,10 +239,53 @@ class TextEncoder(torch.nn.Module):
             rec["tokenizer"] = str(self.tokenizer_path)
         return rec
 
-    def encode(self, prompts: list[str] | str, batch_size: int = 256) -> TextCond:
-        """Token embeddings (last hidden state) and mask of each prompt, padded to the longest in the batch."""
+    def add_tokens(self, placeholder: str, vectors):
+        """Teach the encoder a new word (textual inversion): ``placeholder`` becomes K new tokens of the tokenizer
+        whose input embeddings are ``vectors`` (K, D), a tensor or a :class:`TokenVectors` (kept by reference: a
+        trained one is what the encoder then reads). The encoder's own weights stay as they are. Returns the
+        TokenVectors."""
+        from .embeddings import MAX_VECTORS, ExtendedEmbedding, TokenVectors, check_placeholder, token_strings
+
+        check_placeholder(placeholder)
+        part = vectors if isinstance(vectors, TokenVectors) else TokenVectors(vectors)
+        k, d = part.weight.shape
+        if not 1 <= k <= MAX_VECTORS:
+            raise ConfigError(f"{placeholder!r}: an embedding has 1 to {MAX_VECTORS} vectors, got {k}")
+        table = self.model.get_input_embeddings()
+        if not isinstance(table, ExtendedEmbedding):
+            table = ExtendedEmbedding(table, len(self.tokenizer))
+            self.model.set_input_embeddings(table)
+        if d != table.embedding_dim:
+            raise ConfigError(f"{placeholder!r}: an embedding of {d}-wide vectors; the tokens of this text encoder "
+                              f"({self.spec}) are {table.embedding_dim}-wide")
+        tokens = token_strings(placeholder, k)
+        vocab = self.tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab]
+        if taken:
+            raise ConfigError(f"{taken[0]!r} is already a token of this text encoder's tokenizer: choose a new word "
+                              f"(e.g. <my-{taken[0].strip('<>')}>)")
+        start = len(self.tokenizer)
+        if start != table.first_id + table.num_added:
+            raise ConfigError(f"the tokenizer has {start} tokens, the extended token table "
+                              f"{table.first_id + table.num_added}: tokens were added to one and not the other")
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer(" ".join(tokens), add_special_tokens=False)["input_ids"]
+        if ids != list(range(start, start + k)):
+            raise ConfigError(f"the tokenizer does not read {placeholder!r} as its new token(s) (ids {ids}, expected "
+                              f"{list(range(start, start + k))}); a tokenizer that lowercases needs a lowercase word")
+        table.parts.append(part.to(table.base.weight.device))
+        self.placeholders[placeholder] = tokens
+        return part
+
+    def encode(self, prompts: list[str] | str, batch_size: int = 256, grad: bool = False) -> TextCond:
+        """Token embeddings (last hidden state) and mask of each prompt, padded to the longest in the batch.
+        ``grad``: keep the graph (textual inversion trains added token vectors through the frozen encoder)."""
+        from .embeddings import expand_placeholders
+
         if isinstance(prompts, str):
             prompts = [prompts]
+        if self.placeholders:
+            prompts = [expand_placeholders(p, self.placeholders) for p in prompts]
         long = []
         parts = []
         device = next(self.model.parameters()).device
@@ -250,7 +295,7 @@ class TextEncoder(torch.nn.Module):
             long += [p for p, ids in zip(chunk, full) if len(ids) > self.max_length]
             batch = self.tokenizer(chunk, padding=self.padding, truncation=True, max_length=self.max_length,
                                    return_tensors="pt").to(device)
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 if self.padding == "max_length":  # Stable Diffusion: every position read, as in its training
                     out = self.model(input_ids=batch["input_ids"])
                     mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
@@ -280,7 +325,13 @@ def cached_embeddings(encoder: TextEncoder, captions: list[str], cache_dir: Path
 
     from ..checkpoints import save_file_atomic
 
-    key_src = json.dumps({"encoder": encoder.sha256, "max_length": encoder.max_length, "captions": captions})
+    key = {"encoder": encoder.sha256, "max_length": encoder.max_length, "captions": captions}
+    if getattr(encoder, "placeholders", None):  # words added by textual inversion: their vectors too
+        from ..metrics.provenance import tensor_sha256
+
+        table = encoder.model.get_input_embeddings()
+        key["added"] = [list(encoder.placeholders), [tensor_sha256(p.weight.detach()) for p in table.parts]]
+    key_src = json.dumps(key)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"text-{key}.safetensors"
     if path.is_file():

@@ -171,6 +171,16 @@ def _random_data(cfg: TrainConfig, n: int):
                         f"random {c}x{h}x{h} images", captions=[f"caption {k % 8}" for k in range(n)])
 
 
+def _random_class_images(folder: Path, images: torch.Tensor) -> str:
+    """A DreamBooth estimate's class images: ``images`` (uint8 (N, C, H, W)) as PNGs in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(folder / f"{i}.png")
+    return str(folder)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -197,7 +207,11 @@ def estimate_step_seconds(cfg: TrainConfig, max_steps: int = 3, budget_s: float 
         try:
             probe = replace(cfg, batch_size=batch, progress=False, compile=False, latent_cache=None,
                             out=str(Path(tmp) / "run"))
-            tr = Trainer(probe, data=_random_data(probe, max(batch, 8)))
+            data = _random_data(probe, max(batch, 8))
+            if probe.dreambooth and probe.class_prompt:  # random class images of its own: none drawn, none written
+                probe = replace(probe, class_data=_random_class_images(Path(tmp) / "class", data.images[:8]),
+                                num_class_images=8)
+            tr = Trainer(probe, data=data)
             tr.train_step()  # warm-up, untimed: the first step pays for allocations and kernel selection
             times, start = [], time.perf_counter()
             while len(times) < max_steps and (not times or time.perf_counter() - start < budget_s):

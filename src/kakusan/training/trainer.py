@@ -71,6 +71,19 @@ class TrainConfig:
     huber_c: float = 0.001  # the pseudo-Huber loss's c
     controlnet: bool = False  # (with init_from, the frozen base) train a ControlNet steering it by control maps
     control: str = "canny"  # the maps: canny, sobel, scribble (computed from the images), or folder:DIR (paired)
+    # teaching a text model a subject (training/personalization.py); data: the subject's images (--instance-data)
+    dreambooth: bool = False  # (with init_from) fine-tune on the subject's images captioned with instance_prompt
+    instance_prompt: str | None = None  # their caption (textual inversion: default the placeholder alone)
+    class_prompt: str | None = None  # DreamBooth: prior preservation with the base's images of this prompt
+    num_class_images: int = 100  # ... this many, drawn once into RUN/class-images (or class_data)
+    prior_loss_weight: float = 1.0  # L = L_instance + w L_class (0: no prior preservation)
+    class_data: str | None = None  # the class images' folder (drawn there; or your own images, without provenance)
+    class_guidance: float = 2.0  # classifier-free guidance of the class images
+    train_text_encoder: bool = False  # refused: kakusan's text encoders are frozen (see personalization.py)
+    textual_inversion: bool = False  # (with init_from) learn a new word's input embeddings only
+    placeholder: str | None = None  # the new word, e.g. "<my-cat>"
+    initializer: str | None = None  # a word whose embedding it starts from, e.g. "cat"
+    num_vectors: int = 1  # tokens (vectors) the new word stands for
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-4
@@ -167,6 +180,9 @@ class TrainConfig:
             if self.control not in CONTROL_TYPES and not self.control.startswith("folder:"):
                 raise ConfigError(f"control must be one of {', '.join(CONTROL_TYPES)} or folder:DIR (paired control "
                                   f"images), got {self.control!r}")
+        from .personalization import check_config as check_personalization
+
+        check_personalization(self)
         if self.lora_targets not in ("attention", "all"):
             raise ConfigError(f"lora_targets must be 'attention' or 'all', got {self.lora_targets!r}")
         if (self.zero_terminal_snr or self.schedule == "flow") and self.prediction == "eps":
@@ -321,6 +337,9 @@ class BaseModel:
         if "controlnet" in config:
             raise CheckpointError(f"{ckpt}: a ControlNet run; fine-tune or steer its base "
                                   f"({config['controlnet']['base']['path']})")
+        from .personalization import refuse_as_model
+
+        refuse_as_model(ckpt, config)
 
     @classmethod
     def read(cls, path: str | Path) -> "BaseModel":
@@ -536,8 +555,13 @@ class Trainer:
         self.base = BaseModel.read(cfg.init_from) if cfg.init_from else None
         if self.base is not None:  # the base model's noise schedule and prediction (sampling reads them)
             self.cfg = cfg = self.base.adopt(cfg)
-        self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                                         download_if_missing=cfg.download, limit=cfg.limit)
+        if cfg.dreambooth or cfg.textual_inversion:  # the subject's images (+ the base's class images), captioned
+            from .personalization import personalization_data
+
+            self.data = personalization_data(cfg, data, self.device)
+        else:
+            self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                                             download_if_missing=cfg.download, limit=cfg.limit)
         self.text = self.text_record = None
         if cfg.cond == "text":
             self._encode_captions()
@@ -556,6 +580,10 @@ class Trainer:
                                  self.autoencoder.record() if self.autoencoder else None)
         if self.base is not None:  # the base model's diffusion, and where the run started
             self.config.update(self.base.run_config_entries(cfg))
+        if cfg.dreambooth or cfg.textual_inversion:
+            from .personalization import run_config_entries
+
+            self.config.update(run_config_entries(cfg))
         self.schedule = make_schedule(ScheduleConfig.from_dict(self.config["schedule"]))
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = build_model(self.model_cfg) if self.base is None or cfg.controlnet else \
@@ -579,6 +607,13 @@ class Trainer:
             add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, layers=layers)
         self.model = self.model.to(self.device).enable_gradient_checkpointing(cfg.gradient_checkpointing)
         net = self.model
+        self.objective = None  # DreamBooth / textual inversion: the loss of a step, what trains, what is saved
+        if cfg.dreambooth or cfg.textual_inversion:
+            from .personalization import make_objective
+
+            self.objective = make_objective(self, net)
+            if self.objective.trainable is not None:  # textual inversion: the new word's vectors; the U-Net frozen
+                self.model = self.objective.trainable.to(self.device)
         if self.control_base is not None:
             from ..models.controlnet import ControlledUNet
 
@@ -696,6 +731,8 @@ class Trainer:
                 from ..lora import adapter_state
 
                 model, ema = adapter_state(model), adapter_state(ema)
+            if self.objective is not None:  # textual inversion: learned_embeds.safetensors
+                extras.update(self.objective.extras())
             path = save_checkpoint(self.out / "checkpoints", self.step, self.config, model, ema,
                                    self.optimizer, self.state(), self.cfg.keep_checkpoints, self.cfg.keep_every,
                                    extras=extras)
@@ -736,11 +773,12 @@ class Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def get_batch(self, step: int):
-        """The global batch of ``step`` (a pure function of seed and step) with its random flips, label
-        dropout and training noise, all drawn for the whole batch; each process keeps its own slice, so N
-        processes see exactly the examples and noise of one process with the same global batch."""
-        idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
+    def get_batch(self, step: int, idx: torch.Tensor | None = None):
+        """The global batch of ``step`` (a pure function of seed and step; or the examples ``idx``) with its random
+        flips, label dropout and training noise, all drawn for the whole batch; each process keeps its own slice,
+        so N processes see exactly the examples and noise of one process with the same global batch."""
+        if idx is None:
+            idx = batch_indices(len(self.images), self.cfg.batch_size, step, self.cfg.seed)
         x0 = self.images[idx].to(self.device, non_blocking=True)
         hint = None if self.control_base is None else self.hints[idx].to(self.device, non_blocking=True).float() / 255
         if self.cfg.hflip:
@@ -768,11 +806,13 @@ class Trainer:
     def train_step(self) -> float:
         cfg = self.cfg
         self.model.train()
-        x0, cond, noise = self.get_batch(self.step)
+        x0, cond, noise = self.get_batch(self.step) if self.objective is None else (None, None, None)
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, self.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.distiller is not None:
+            if self.objective is not None:  # it draws its own batch
+                loss = self.objective.loss(self.step)
+            elif self.distiller is not None:
                 loss = self.distiller.loss(x0, cond, noise).mean()
             else:
                 loss = self.train_denoiser.loss(x0, cond, noise=noise).mean()
@@ -808,13 +848,15 @@ class Trainer:
             from ..models.controlnet import ControlledUNet
 
             net = ControlledUNet(self.control_base, [self.ema.model])
+        encoder = _CachedCaptions(self.text, self.text_index) if self.text is not None else None
+        if self.objective is not None:  # textual inversion: the frozen U-Net, the encoder with the EMA's vectors
+            net, encoder = self.objective.sampling_parts(net, encoder)
         denoiser = Denoiser(net, self.schedule, self.denoiser.config)
         denoiser.autocast_dtype = torch.bfloat16 if self.bf16 else None  # as the training forward runs
         if self.distiller is not None:  # a few-step model, guidance baked in
             from ..consistency import ConsistencyDenoiser
 
             denoiser = ConsistencyDenoiser(denoiser)
-        encoder = _CachedCaptions(self.text, self.text_index) if self.text is not None else None
         pipe = Pipeline(denoiser, self.config, source=str(self.out), autoencoder=self.autoencoder,
                         text_encoder=encoder, device=self.device)
         if self.control_base is not None:
