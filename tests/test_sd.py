@@ -349,9 +349,15 @@ def test_gradient_checkpointing_bf16_and_offload(sd):
     assert grads[0].abs().max().item() > 0
     assert (grads[0] - grads[1]).abs().max().item() < 1e-5 * grads[0].abs().max().item() + 1e-7
     fp32 = pipe(PROMPT, sampler="ddim", steps=4, guidance=3.0).images
-    bf16 = _load(sd, "sd2", "folder", precision="bf16", offload=True)(PROMPT, sampler="ddim", steps=4,
-                                                                      guidance=3.0).images
+    half = _load(sd, "sd2", "folder", precision="bf16", offload=True)
+    bf16 = half(PROMPT, sampler="ddim", steps=4, guidance=3.0).images
     assert 0 < (bf16 - fp32).abs().mean().item() < 0.05  # bf16 forward passes: close, not bitwise
+    # the U-Net's weights are held in bf16: the outputs of autocast over the fp32 weights, bitwise
+    assert {p.dtype for p in half.denoiser.backbone.parameters()} == {torch.bfloat16}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = unet.eval().requires_grad_(False).enable_gradient_checkpointing(False)(x, t, cond)
+    with torch.no_grad():
+        assert torch.equal(half.denoiser.raw(x, t, cond), want)
 
 
 def test_cli_sample_and_import_sd(sd, tmp_path, capsys):
