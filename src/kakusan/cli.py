@@ -102,6 +102,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M (default "
                                                    "0: none)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--eval-every", type=int, help="score the EMA weights every N steps (FID, KID, precision / "
+                                                  "recall, class agreement) into log.jsonl; checkpoints/best names "
+                                                  "the best (needs --extractor and --ref)")
+    p.add_argument("--eval-n", type=int, help="samples per evaluation, from the same noises each time")
+    p.add_argument("--extractor", dest="eval_extractor", help="--eval-every: classifier:FILE | inception | "
+                                                               "inception:FILE (as kakusan eval)")
+    p.add_argument("--ref", dest="eval_ref", help="--eval-every: the real data (e.g. mnist:DIR; its --ref-split) or "
+                                                  "a stats file from 'kakusan stats'")
+    p.add_argument("--ref-split", dest="eval_ref_split", help="split of --ref")
+    p.add_argument("--eval-sampler", help="the evaluation's sampler (default: the model's own, as kakusan eval)")
+    p.add_argument("--eval-steps", type=int, help="the evaluation's sampling steps")
+    p.add_argument("--eval-guidance", type=float, help="the evaluation's classifier-free guidance (default none)")
+    p.add_argument("--eval-seed", type=int, help="seed of the evaluation's fixed noises")
+    p.add_argument("--eval-batch-size", type=int, help="images per sampling batch of the evaluation")
+    p.add_argument("--eval-best", help="the score naming checkpoints/best: fid | kid | precision | recall | "
+                                       "class_agreement")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint, with the run's own config.json: "
                         "flags given beside it must match, except run control (--steps, --max-minutes, --*-every, "
