@@ -20,7 +20,8 @@ import torch
 from ..errors import ConfigError, DataError
 from .features import FeatureExtractor
 from .provenance import environment, load_stats, sample_count_label, save_stats, tensor_sha256
-from .stats import GaussianStats, fid_from_stats, inception_score, kernel_inception_distance, precision_recall
+from .stats import (GaussianStats, fid_from_stats, inception_score, kernel_inception_distance, knn_radii,
+                    precision_recall)
 
 Tensor = torch.Tensor
 
@@ -225,8 +226,11 @@ def score(extractor: FeatureExtractor, fake: FeatureSet, ref: FeatureSet,
         mean, std = inception_score(fake.logits, splits=min(10, fake.n))
         scores["is"] = {"mean": mean, "std": std, "splits": min(10, fake.n)}
     if "pr" in metrics:
+        key = ("knn_radii", pr_k, pr_max)  # the real side's radii: the same for every score against ``ref``
+        if key not in ref.extra:
+            ref.extra[key] = knn_radii(ref.features[:pr_max], pr_k)
         scores["precision"], scores["recall"] = precision_recall(ref.features[:pr_max], fake.features[:pr_max],
-                                                                 pr_k)
+                                                                 pr_k, ref.extra[key])
         scores["pr_k"], scores["pr_n"] = pr_k, min(pr_max, fake.n, ref.n)
     if fake.labels is not None and fake.logits is not None and extractor.name == "kakusan-domain-classifier":
         k = extractor.extra.get("num_classes")

@@ -168,10 +168,13 @@ def load_lpips(net: str = "alex", backbone: str | Path | None = None, heads: str
     sd = {k: v for k, v in _torch_load(path).items() if k.startswith("features.")}
     lin = {f"lins.{k[3]}.weight": v for k, v in _torch_load(heads_path).items()
            if k.startswith("lin") and k.endswith(".model.1.weight")}
-    missing, unexpected = model.load_state_dict({**sd, **lin}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} / {heads_path}: not LPIPS-{net} weights (missing {missing[:4]}, unexpected "
-                              f"{unexpected[:4]})")
+    given, want = {**sd, **lin}, model.state_dict()
+    missing = [k for k in want if k not in given]
+    wrong = [f"{k} {tuple(v.shape)}" for k, v in given.items() if k not in want or want[k].shape != v.shape]
+    if missing or wrong:
+        raise CheckpointError(f"{path} / {heads_path}: not LPIPS-{net} weights (missing {missing[:3]}, not of "
+                              f"this network: {wrong[:3]})")
+    model.load_state_dict(given)
     record = {"name": "lpips", "net": net, "version": "0.1", "backbone_sha256": digest,
               "heads_sha256": file_sha256(heads_path), "input": "[-1, 1], grey -> RGB, bilinear up to "
               f"{MIN_SIZE}x{MIN_SIZE} when smaller"}
