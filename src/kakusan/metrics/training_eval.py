@@ -53,6 +53,8 @@ def check_eval_config(cfg) -> None:
         if cfg.controlnet:
             raise ConfigError("eval_every: evaluating a ControlNet while it trains is not supported (its samples "
                               "need control images)")
+        if cfg.eval_guidance is not None and cfg.cond == "none":
+            raise ConfigError("eval_guidance: an unconditional model has no classifier-free guidance")
         if cfg.eval_sampler is not None:
             from ..samplers import get_sampler
 
