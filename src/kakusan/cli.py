@@ -551,15 +551,9 @@ def cmd_train_classifier(args) -> int:
 
 
 def _reference(args, extractor):
-    from .metrics.evaluate import reference_features, stats_features
+    from .metrics.evaluate import reference_set
 
-    if args.ref_stats:
-        return stats_features(args.ref_stats, extractor)
-    if not args.ref:
-        from .errors import ConfigError
-
-        raise ConfigError("give the real side: --ref DATA (e.g. mnist) or --ref-stats FILE")
-    return reference_features(extractor, args.ref, args.ref_split, args.ref_limit, device=args.device_resolved)
+    return reference_set(extractor, args.ref, args.ref_split, args.ref_limit, args.ref_stats, args.device_resolved)
 
 
 GUIDE_HELP = ("autoguidance: guide with this weaker version of the model (an earlier checkpoint or a smaller "

@@ -75,6 +75,17 @@ def reference_features(extractor: FeatureExtractor, data: str, split: str = "tes
     return FeatureSet(feats, logits, source, labels)
 
 
+def reference_set(extractor: FeatureExtractor, data: str | None = None, split: str = "test", limit: int | None = None,
+                  stats: str | Path | None = None, device="cpu") -> FeatureSet:
+    """The real side of a score (``eval``, ``sweep``, ``train --eval-every``): a stats file written by ``kakusan
+    stats`` (refused if another extractor made it), or a data set's split through the stats cache."""
+    if stats:
+        return stats_features(stats, extractor)
+    if not data:
+        raise ConfigError("give the real side: --ref DATA (e.g. mnist) or --ref-stats FILE")
+    return reference_features(extractor, data, split, limit, device=device)
+
+
 def stats_features(path: str | Path, extractor: FeatureExtractor) -> FeatureSet:
     """A feature set from a stats file (refused if another extractor made it)."""
     tensors, record = load_stats(path, extractor.record)

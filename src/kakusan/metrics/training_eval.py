@@ -61,22 +61,12 @@ def check_eval_config(cfg) -> None:
             get_sampler(cfg.eval_sampler)
 
 
-def reference_set(extractor, ref: str, split: str = "test", device="cpu"):
-    """The real side: a stats file (``kakusan stats``; refused if another extractor made it) or a data set's split,
-    computed once and then read from kakusan's stats cache with its record."""
-    from .evaluate import reference_features, stats_features
-
-    p = Path(ref).expanduser()
-    if p.suffix == ".safetensors":
-        return stats_features(p, extractor)
-    return reference_features(extractor, ref, split, device=device)
-
-
 class TrainingEvaluator:
     """Scores a trainer's EMA weights every ``cfg.eval_every`` steps (main process only); keeps the best so far and
     the time spent, both saved in every checkpoint's state so that a resumed run goes on with them."""
 
     def __init__(self, cfg, device, data_channels: int | None = None):
+        from .evaluate import reference_set
         from .features import load_extractor
 
         self.cfg, self.device = cfg, device
@@ -87,7 +77,10 @@ class TrainingEvaluator:
         if cfg.eval_n <= self.extractor.feature_dim:
             raise ConfigError(f"eval_n {cfg.eval_n}: a Frechet distance of {self.extractor.feature_dim}-D features "
                               f"needs more than {self.extractor.feature_dim} samples (--eval-n)")
-        self.ref = reference_set(self.extractor, cfg.eval_ref, cfg.eval_ref_split, device)
+        # the real side: a stats file (``kakusan stats``) or a data set's split, computed once into the stats cache
+        stats = Path(cfg.eval_ref).expanduser() if cfg.eval_ref.endswith(".safetensors") else None
+        self.ref = reference_set(self.extractor, None if stats else cfg.eval_ref, cfg.eval_ref_split, stats=stats,
+                                 device=device)
         self.best: dict | None = None  # {"metric", "value", "step"}
         self.train_s = self.eval_s = 0.0  # totals over the run (resumes included)
         self.evaluations = 0
