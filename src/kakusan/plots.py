@@ -281,7 +281,12 @@ def plot_metrics(runs: list[str | Path], path: str | Path, labels: list[str] | N
             ax.grid(alpha=0.3)
             values = [r["eval"][m] for log in logs for r in log if r["eval"].get(m) is not None]
             if m in ("fid", "kid") and min(values) > 0 and max(values) > 5 * min(values):  # spans a decade or so
+                from matplotlib.ticker import ScalarFormatter
+
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
+                ax.tick_params(which="minor", labelsize=7)
             if i == len(metrics) - 1:
                 ax.set_xlabel(xlabel)
             if j == 0:
@@ -290,7 +295,7 @@ def plot_metrics(runs: list[str | Path], path: str | Path, labels: list[str] | N
     rec = logs[0][-1].get("record", {})
     ex, ref, smp = rec.get("extractor", {}), rec.get("reference", {}), rec.get("samples", {})
     fig.suptitle(f"metrics while training: {smp.get('n', '?')} samples ({smp.get('sampler')}, {smp.get('steps')} "
-                 f"steps) per point, {ex.get('name')} features vs {ref.get('n', '?')} of {ref.get('data')} "
+                 f"steps) per point, {ex.get('name')} features vs {ref.get('n', '?')} of {str(ref.get('data')).partition(':')[0]} "
                  f"({ref.get('split')}); ringed: the best checkpoint", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
