@@ -101,6 +101,8 @@ class TrainingEvaluator:
         self._clock = (time.perf_counter(), self.train_s, self.eval_s)
 
     def _train_seconds(self) -> float:
+        if self._clock is None:  # evaluated outside a fit: the clock starts now
+            self.start()
         t0, train0, eval0 = self._clock
         return train0 + (time.perf_counter() - t0) - (self.eval_s - eval0)
 
