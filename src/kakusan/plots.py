@@ -294,8 +294,9 @@ def plot_metrics(runs: list[str | Path], path: str | Path, labels: list[str] | N
     axes[0][0].legend(fontsize=8)
     rec = logs[0][-1].get("record", {})
     ex, ref, smp = rec.get("extractor", {}), rec.get("reference", {}), rec.get("samples", {})
+    data = str(ref.get("data")).partition(":")[0]  # the data set's name, not where it lies
     fig.suptitle(f"metrics while training: {smp.get('n', '?')} samples ({smp.get('sampler')}, {smp.get('steps')} "
-                 f"steps) per point, {ex.get('name')} features vs {ref.get('n', '?')} of {str(ref.get('data')).partition(':')[0]} "
+                 f"steps) per point, {ex.get('name')} features vs {ref.get('n', '?')} of {data} "
                  f"({ref.get('split')}); ringed: the best checkpoint", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -125,9 +125,9 @@ def lpips_heads_file(net: str) -> Path:
     """The lpips package's linear heads (v0.1) for ``net``, found without importing the package."""
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"LPIPS's linear heads ship inside the lpips package, which is not installed: "
-                              f"pip install --no-deps lpips (only its weight files are read; its torchvision is "
-                              f"not needed)")
+        raise CheckpointError("LPIPS's linear heads ship inside the lpips package, which is not installed: "
+                              "pip install --no-deps lpips (only its weight files are read; its torchvision is "
+                              "not needed)")
     path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / f"{net}.pth"
     if not path.is_file():
         raise CheckpointError(f"the lpips package has no {path.relative_to(path.parents[2])} (lpips >= 0.1.4 ships it)")

@@ -169,7 +169,8 @@ class TrainingEvaluator:
         total = self.train_s if self._clock is None else self._train_seconds()
         best = (f"; best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']:,}"
                 if self.best else "")
-        return (f"evaluation: {self.evaluations} run(s), {self.eval_s:.0f} s = {100 * self.eval_s / max(total, 1e-9):.1f}%"
+        share = 100 * self.eval_s / max(total, 1e-9)
+        return (f"evaluation: {self.evaluations} run(s), {self.eval_s:.0f} s = {share:.1f}%"
                 f" of the training time ({total:.0f} s without them){best}")
 
 
