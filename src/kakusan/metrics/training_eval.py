@@ -141,6 +141,14 @@ class TrainingEvaluator:
                             "eval_s": seconds, "eval_total_s": self.eval_s, "train_s": train_s,
                             "preliminary": result["preliminary"], "record": result["record"]})
 
+    @staticmethod
+    def line(rec: dict) -> str:
+        """One printed line of an evaluation's record."""
+        s = rec["eval"]
+        shown = ", ".join(f"{k} {s[k]:.4g}" for k in ("fid", "kid", "precision", "recall", "class_agreement")
+                          if s.get(k) is not None)
+        return f"step {rec['step']:,}: {shown} ({rec['eval_s']:.0f} s)" + (" best" if rec["new_best"] else "")
+
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"key": self.key, "best": self.best, "train_s": self._train_seconds() if self._clock else self.train_s,

@@ -771,10 +771,7 @@ class Trainer:
             rec = self.evaluator.evaluate(self.pipeline(), self.step, self.step * self.cfg.batch_size, prompts)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            s = rec["eval"]
-            print(f"step {self.step:,}: " + ", ".join(f"{k} {s[k]:.4g}" for k in ("fid", "kid", "precision", "recall",
-                                                                                  "class_agreement") if k in s)
-                  + f" ({rec['eval_s']:.0f} s)" + (" best" if rec["new_best"] else ""), flush=True)
+            print(self.evaluator.line(rec), flush=True)
         return self.dist.any(bool(rec and rec["new_best"]))
 
     # ---- the loop ----------------------------------------------------------------------------------------
