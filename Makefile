@@ -18,6 +18,8 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# LPIPS's heads ship in the lpips package; --no-deps: it declares torchvision, which the CPU torch cannot import
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "lpips>=0.1.4"
 	touch $@
 
 install: $(VENV)/.installed

@@ -48,7 +48,8 @@ def train_steps(v: int) -> int:
 
 # per subcommand: flags capped at a value ("cap"), set to a value ("set"), added when absent ("add")
 SIZES = {
-    "train": {"add": {"--batch-size": "16", "--limit": "512", "--steps": "2"}, "cap": {"--batch-size": 16}},
+    "train": {"add": {"--batch-size": "16", "--limit": "512", "--steps": "2", "--eval-n": "150", "--eval-steps": "4"},
+              "cap": {"--batch-size": 16, "--eval-n": 150, "--eval-steps": 4}},
     "train-autoencoder": {"add": {"--batch-size": "8", "--limit": "256", "--eval-limit": "64", "--steps": "2"},
                           "cap": {"--batch-size": 8}},
     "train-classifier": {"add": {"--epochs": "1", "--limit": "2048"}, "cap": {"--epochs": 1}},
@@ -95,6 +96,7 @@ RULES = [
                  "kakusan plot loss --run {1}", "kakusan plot trajectory --checkpoint {2} --steps 8"]),
     Rule(r"^kakusan sweep .* \.\.\. ", replace=("...", "--extractor classifier:cls/mnist.safetensors "
                                                        "--ref mnist:/path/to/mnist")),
+    Rule(r"^kakusan sweep .*--reference ddpm:1000", replace=("ddpm:1000", "ddpm:8")),
     Rule(r"^kakusan import-dit ", skip="needs the DiT paper's released weights (DiT-XL-2-256x256.pt) and "
                                        "Stable Diffusion's sd-vae-ft-ema: downloads (tests/test_dit.py checks the "
                                        "formats with small models)"),

@@ -127,11 +127,20 @@ def save_checkpoint(ckpt_root: Path, step: int, config: dict, model: torch.nn.Mo
     os.replace(latest_tmp, ckpt_root / "latest")
     _fsync_dir(ckpt_root)
     old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    best = _pointer(ckpt_root / "best")  # the best so far of a run evaluated while training: kept
     for p in old[:-keep] if keep > 0 else []:
-        if keep_every > 0 and int(p.name.split("-")[1]) % keep_every == 0:
+        if (keep_every > 0 and int(p.name.split("-")[1]) % keep_every == 0) or p.name == best:
             continue
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _pointer(path: Path) -> str | None:
+    """The checkpoint folder name a pointer file (``checkpoints/latest``, ``checkpoints/best``) holds, or None."""
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -161,6 +170,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         from .sd import not_kakusan_message
 
         raise CheckpointError(not_kakusan_message(path, "folder"))
+    if path.is_file() and path.name in ("latest", "best"):  # a pointer: checkpoints/best names the best so far
+        named = path.parent / (_pointer(path) or "")
+        if not (named / "model.safetensors").is_file():
+            raise CheckpointError(f"{path} names {named.name!r}, which is not a checkpoint folder there")
+        return named
     if path.is_file():
         return path
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():

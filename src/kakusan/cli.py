@@ -125,6 +125,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-every", type=int, help="also keep every checkpoint whose step is a multiple of M (default "
                                                    "0: none)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this much wall time")
+    p.add_argument("--eval-every", type=int, help="score the EMA weights every N steps (FID, KID, precision / "
+                                                  "recall, class agreement) into log.jsonl; checkpoints/best names "
+                                                  "the best (needs --extractor and --ref)")
+    p.add_argument("--eval-n", type=int, help="samples per evaluation, from the same noises each time")
+    p.add_argument("--extractor", dest="eval_extractor", help="--eval-every: classifier:FILE | inception | "
+                                                               "inception:FILE (as kakusan eval)")
+    p.add_argument("--ref", dest="eval_ref", help="--eval-every: the real data (e.g. mnist:DIR; its --ref-split) or "
+                                                  "a stats file from 'kakusan stats'")
+    p.add_argument("--ref-split", dest="eval_ref_split", help="split of --ref")
+    p.add_argument("--eval-sampler", help="the evaluation's sampler (default: the model's own, as kakusan eval)")
+    p.add_argument("--eval-steps", type=int, help="the evaluation's sampling steps")
+    p.add_argument("--eval-guidance", type=float, help="the evaluation's classifier-free guidance (default none)")
+    p.add_argument("--eval-seed", type=int, help="seed of the evaluation's fixed noises")
+    p.add_argument("--eval-batch-size", type=int, help="images per sampling batch of the evaluation")
+    p.add_argument("--eval-best", help="the score naming checkpoints/best: fid | kid | precision | recall | "
+                                       "class_agreement")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint, with the run's own config.json: "
                         "flags given beside it must match, except run control (--steps, --max-minutes, --*-every, "
@@ -568,15 +584,9 @@ def cmd_train_classifier(args) -> int:
 
 
 def _reference(args, extractor):
-    from .metrics.evaluate import reference_features, stats_features
+    from .metrics.evaluate import reference_set
 
-    if args.ref_stats:
-        return stats_features(args.ref_stats, extractor)
-    if not args.ref:
-        from .errors import ConfigError
-
-        raise ConfigError("give the real side: --ref DATA (e.g. mnist) or --ref-stats FILE")
-    return reference_features(extractor, args.ref, args.ref_split, args.ref_limit, device=args.device_resolved)
+    return reference_set(extractor, args.ref, args.ref_split, args.ref_limit, args.ref_stats, args.device_resolved)
 
 
 GUIDE_HELP = ("autoguidance: guide with this weaker version of the model (an earlier checkpoint or a smaller "
@@ -723,13 +733,32 @@ def cmd_sweep(args) -> int:
         from .training.posthoc_ema import check_reconstructable
 
         check_reconstructable(args.checkpoint, args.ema)
+    distance = None
+    if args.reference:  # the distance to the reference sampler's samples: checked and loaded before sampling
+        from .metrics.evaluate import parse_reference
+        from .metrics.lpips import default_distance, load_distance
+
+        parse_reference(args.reference)
+        spec = args.distance
+        if spec is None:
+            spec, note = default_distance(args.extractor)
+            if note:
+                print(f"kakusan: {note}", file=sys.stderr)
+        distance = load_distance(spec)
+    elif args.distance:
+        from .errors import ConfigError
+
+        raise ConfigError("--distance measures each point against --reference SAMPLER:STEPS (e.g. ddpm:1000): "
+                          "give it")
     args.device_resolved = resolve_device(args.device)
     extractor = load_extractor(args.extractor, download=args.download)
     ref = _reference(args, extractor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    dist_col = {"lpips": "LPIPS", "feature_distance": "featdist"}.get(distance.label) if distance else None
     header = ("sigma_rel " if args.ema else "") + f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'w':>5} {'FID':>9} " \
-             f"{'KID x1e3':>9} {'prec':>6} {'recall':>6} {'agree':>6} {'time s':>7}"
+             f"{'KID x1e3':>9} {'prec':>6} {'recall':>6} {'agree':>6} {'time s':>7}" \
+             + (f" {dist_col:>8}" if dist_col else "")
     print(header)
 
     def show(r):
@@ -738,10 +767,12 @@ def cmd_sweep(args) -> int:
         sr = f"{r['sigma_rel']:>9g} " if "sigma_rel" in r else ""
         print(f"{sr}{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>4} {g:>5} {r.get('fid', float('nan')):>9.3f} "
               f"{1e3 * r.get('kid', float('nan')):>9.3f} {r.get('precision', float('nan')):>6.3f} "
-              f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}", flush=True)
+              f"{r.get('recall', float('nan')):>6.3f} {agree} {r['sample_seconds']:>7.1f}"
+              + (f" {r[distance.label]:>8.4f}" if distance else ""), flush=True)
 
     kw = dict(seed=args.seed, device=args.device_resolved, batch_size=args.batch_size, on_row=show,
-              grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, **_guidance_options(args))
+              grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, reference=args.reference,
+              distance=distance, **_guidance_options(args))
     if args.ema:  # --checkpoint is the run; each width reconstructed into OUT/ema-srS, then swept
         rows = ema_sweep(extractor, args.checkpoint, ref, args.ema, args.samplers, args.steps, args.guidance, args.n,
                          out, **kw)
@@ -821,9 +852,11 @@ def cmd_plot(args) -> int:
     elif what == "loss":
         from .errors import ConfigError
 
-        if not args.run:
-            raise ConfigError("plot loss needs --run RUN_DIR (or a log.jsonl path)")
-        path = plots.plot_loss(args.run, out)
+        if not args.run or len(args.run) > 1:
+            raise ConfigError("plot loss needs one --run RUN_DIR (or a log.jsonl path)")
+        path = plots.plot_loss(args.run[0], out)
+    elif what == "metrics":
+        path = plots.plot_metrics(args.run or [], out, args.label)
     elif what == "samplers":
         from .errors import ConfigError
 
@@ -1047,6 +1080,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=_csv(float), metavar="SIGMA_RELS",
                    help="post-hoc EMA widths to score, e.g. 0.02,0.05,0.10,0.15: --checkpoint is then a run trained "
                         "with --posthoc-ema, each width is reconstructed into OUT/ema-srS and swept")
+    p.add_argument("--reference", metavar="SAMPLER:STEPS",
+                   help="e.g. ddpm:1000: add each point's distance to this sampler's samples from the same noises "
+                        "(--distance)")
+    p.add_argument("--distance", help="with --reference: lpips:alex | lpips:vgg (torchvision's weights file from "
+                                      "the torch hub cache) | lpips:NET:FILE | classifier:FILE (a labelled stand-in "
+                                      "in the domain classifier's features). Default: lpips:alex where its weights "
+                                      "are on disk, else the stand-in with --extractor's classifier")
     _eval_guidance_args(p)
     _eval_common(p)
     p.set_defaults(func=cmd_sweep)
@@ -1079,12 +1119,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.set_defaults(func=cmd_lora_info)
 
-    p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, trajectory, samplers")
-    p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "trajectory", "samplers"])
+    p = sub.add_parser("plot", help="pictures: schedules, forward, embedding, loss, metrics, trajectory, samplers")
+    p.add_argument("what", choices=["schedules", "forward", "embedding", "loss", "metrics", "trajectory", "samplers"])
     p.add_argument("--out", help="PNG path (default WHAT.png)")
     p.add_argument("--schedule", default="linear", help="for 'forward'")
     p.add_argument("--dim", type=int, default=128, help="for 'embedding'")
-    p.add_argument("--run", help="for 'loss': a run folder or log.jsonl")
+    p.add_argument("--run", action="append", help="for 'loss': a run folder or log.jsonl; for 'metrics': a run "
+                                                  "trained with --eval-every (repeat to compare runs on one figure)")
+    p.add_argument("--label", action="append", help="for 'metrics': a legend label per --run (default: the folders' "
+                                                    "names)")
     p.add_argument("--checkpoint", help="for 'trajectory' and 'samplers'")
     p.add_argument("--configs", type=_csv(str), default=["ddim:10", "unipc-2:10", "ddpm:1000"],
                    help="for 'samplers': rows, SAMPLER[:STEPS] comma-separated (default ddim:10,unipc-2:10,ddpm:1000)")

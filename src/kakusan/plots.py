@@ -241,3 +241,62 @@ def sampler_rows(checkpoint: str | Path, path: str | Path, configs: list[tuple[s
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+METRIC_LABELS = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
+                 "class_agreement": "class agreement", "lpips": "LPIPS"}
+
+
+def plot_metrics(runs: list[str | Path], path: str | Path, labels: list[str] | None = None) -> Path:
+    """Each metric logged by ``train --eval-every`` (a row) against step, images seen and training wall time
+    (evaluation excluded; a column each), a line per run: several runs on one figure for comparisons. The
+    best point of each run's ``eval_best`` score is ringed."""
+    from .errors import ConfigError
+    from .metrics.training_eval import read_eval_log
+
+    if not runs:
+        raise ConfigError("plot metrics needs --run RUN_DIR (repeat it to compare runs)")
+    logs = [read_eval_log(r) for r in runs]
+    labels = labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+    metrics = [m for m in METRIC_LABELS if any(m in rec["eval"] and rec["eval"][m] is not None
+                                               for log in logs for rec in log)]
+    axes_x = (("step", "step"), ("images_seen", "images seen"),
+              ("train_s", "training wall time, s (evaluation excluded)"))
+    plt = _plt()
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(13, 2.6 * len(metrics) + 0.6), squeeze=False)
+    for log, label in zip(logs, labels):
+        best = log[-1].get("best") or {}
+        for i, m in enumerate(metrics):
+            rows = [r for r in log if r["eval"].get(m) is not None]
+            for j, (key, _) in enumerate(axes_x):
+                ax = axes[i][j]
+                (line,) = ax.plot([r[key] for r in rows], [r["eval"][m] for r in rows], "o-", ms=3, label=label)
+                if m == best.get("metric"):
+                    at = [r for r in rows if r["step"] == best["step"]]
+                    if at:
+                        ax.plot([at[0][key]], [at[0]["eval"][m]], "o", ms=10, mfc="none", color=line.get_color())
+    for i, m in enumerate(metrics):
+        for j, (_, xlabel) in enumerate(axes_x):
+            ax = axes[i][j]
+            ax.grid(alpha=0.3)
+            values = [r["eval"][m] for log in logs for r in log if r["eval"].get(m) is not None]
+            if m in ("fid", "kid") and min(values) > 0 and max(values) > 5 * min(values):  # spans a decade or so
+                from matplotlib.ticker import ScalarFormatter
+
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
+                ax.tick_params(which="minor", labelsize=7)
+            if i == len(metrics) - 1:
+                ax.set_xlabel(xlabel)
+            if j == 0:
+                ax.set_ylabel(METRIC_LABELS[m])
+    axes[0][0].legend(fontsize=8)
+    rec = logs[0][-1].get("record", {})
+    ex, ref, smp = rec.get("extractor", {}), rec.get("reference", {}), rec.get("samples", {})
+    data = str(ref.get("data")).partition(":")[0]  # the data set's name, not where it lies
+    fig.suptitle(f"metrics while training: {smp.get('n', '?')} samples ({smp.get('sampler')}, {smp.get('steps')} "
+                 f"steps) per point, {ex.get('name')} features vs {ref.get('n', '?')} of {data} "
+                 f"({ref.get('split')}); ringed: the best checkpoint", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

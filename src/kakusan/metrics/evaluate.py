@@ -20,7 +20,8 @@ import torch
 from ..errors import ConfigError, DataError
 from .features import FeatureExtractor
 from .provenance import environment, load_stats, sample_count_label, save_stats, tensor_sha256
-from .stats import GaussianStats, fid_from_stats, inception_score, kernel_inception_distance, precision_recall
+from .stats import (GaussianStats, fid_from_stats, inception_score, kernel_inception_distance, knn_radii,
+                    precision_recall)
 
 Tensor = torch.Tensor
 
@@ -72,6 +73,17 @@ def reference_features(extractor: FeatureExtractor, data: str, split: str = "tes
     if cache:
         save_stats(path, feats, logits, {"extractor": extractor.record, "source": source, **environment()}, labels)
     return FeatureSet(feats, logits, source, labels)
+
+
+def reference_set(extractor: FeatureExtractor, data: str | None = None, split: str = "test", limit: int | None = None,
+                  stats: str | Path | None = None, device="cpu") -> FeatureSet:
+    """The real side of a score (``eval``, ``sweep``, ``train --eval-every``): a stats file written by ``kakusan
+    stats`` (refused if another extractor made it), or a data set's split through the stats cache."""
+    if stats:
+        return stats_features(stats, extractor)
+    if not data:
+        raise ConfigError("give the real side: --ref DATA (e.g. mnist) or --ref-stats FILE")
+    return reference_features(extractor, data, split, limit, device=device)
 
 
 def stats_features(path: str | Path, extractor: FeatureExtractor) -> FeatureSet:
@@ -225,8 +237,11 @@ def score(extractor: FeatureExtractor, fake: FeatureSet, ref: FeatureSet,
         mean, std = inception_score(fake.logits, splits=min(10, fake.n))
         scores["is"] = {"mean": mean, "std": std, "splits": min(10, fake.n)}
     if "pr" in metrics:
+        key = ("knn_radii", pr_k, pr_max)  # the real side's radii: the same for every score against ``ref``
+        if key not in ref.extra:
+            ref.extra[key] = knn_radii(ref.features[:pr_max], pr_k)
         scores["precision"], scores["recall"] = precision_recall(ref.features[:pr_max], fake.features[:pr_max],
-                                                                 pr_k)
+                                                                 pr_k, ref.extra[key])
         scores["pr_k"], scores["pr_n"] = pr_k, min(pr_max, fake.n, ref.n)
     if fake.labels is not None and fake.logits is not None and extractor.name == "kakusan-domain-classifier":
         k = extractor.extra.get("num_classes")
@@ -271,17 +286,27 @@ def format_scores(result: dict) -> str:
 def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: list[str], steps: list[int],
           guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
           metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None, grid_dir: str | Path | None = None,
-          grid_n: int = 40, guide: str | Path | None = None, **options) -> list[dict]:
+          grid_n: int = 40, guide: str | Path | None = None, reference: str | None = None, distance=None,
+          **options) -> list[dict]:
     """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
     ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there. ``guide``: a guide
-    model: the guided points are autoguided."""
+    model: the guided points are autoguided. ``reference`` (``SAMPLER:STEPS``, e.g. ``ddpm:1000``) with
+    ``distance`` (a :class:`~kakusan.metrics.lpips.PerceptualDistance`): each row also has the mean distance of
+    its samples to the reference sampler's from the same noises (same seed, batches and classes or prompts, same
+    guidance), under the distance's label (``lpips``, or ``feature_distance`` for the stand-in)."""
     from ..samplers import get_sampler
 
     for s in samplers:
         get_sampler(s)  # fail before any sampling
+    ref_sampler = parse_reference(reference) if reference else None
+    if ref_sampler and distance is None:
+        raise ConfigError("a reference sampler needs a distance to measure (lpips:alex, classifier:FILE, ...)")
     pipe = _pipeline(checkpoint, guide, device=device)
     rows = []
     for g in guidance:
+        if ref_sampler:  # the reference samples of this guidance scale, from the same noises as every row's
+            ref_images, _, ref_source = generate(pipe, n, sampler=ref_sampler[0], steps=ref_sampler[1], guidance=g,
+                                                 seed=seed, batch_size=batch_size, device=device, **options)
         for s in samplers:
             for st in steps:
                 fake = sample_features(extractor, pipe, n, device=device, sampler=s, steps=st, guidance=g,
@@ -296,10 +321,32 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
                     save_grid(to_model_range(fake.extra["images"][:grid_n]), Path(grid_dir) / name, nrow=k)
                 row = {"sampler": s, "steps": st, "nfe": fake.source["nfe"], "guidance": g,
                        "sample_seconds": fake.source["sample_seconds"], **_flat(res["scores"]), "result": res}
+                if ref_sampler:
+                    d = distance(fake.extra["images"], ref_images, device=device).double()
+                    row[distance.label] = float(d.mean())
+                    row[distance.label + "_stderr"] = float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
+                    res["record"]["distance"] = {**distance.record, "to": {
+                        k: ref_source[k] for k in ("sampler", "steps", "nfe", "spacing", "seed", "n", "batch_size",
+                                                   "guidance", "sample_seconds")}}
                 rows.append(row)
                 if on_row:
                     on_row(row)
     return rows
+
+
+def parse_reference(spec: str) -> tuple[str, int]:
+    """``SAMPLER:STEPS`` (e.g. ``ddpm:1000``), the sampler checked by name."""
+    from ..samplers import get_sampler
+
+    name, _, steps = spec.partition(":")
+    try:
+        n = int(steps)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--reference takes SAMPLER:STEPS (e.g. ddpm:1000), got {spec!r}")
+    get_sampler(name)
+    return name, n
 
 
 def ema_sweep(extractor: FeatureExtractor, run, ref: FeatureSet, sigma_rels: list[float], samplers: list[str],

@@ -160,6 +160,11 @@ def _kth_radius(f: Array, k: int, block: int = 2048) -> Array:
     return out
 
 
+def knn_radii(features, k: int = 3) -> Array:
+    """Squared distance of each feature vector to its k-th nearest neighbour in the set (precision's manifold)."""
+    return _kth_radius(_as_features(features), k)
+
+
 def _coverage_of(manifold: Array, radii: Array, queries: Array, block: int = 2048) -> float:
     """Fraction of ``queries`` inside the union of balls (manifold point, its k-NN radius)."""
     inside = 0
@@ -169,16 +174,18 @@ def _coverage_of(manifold: Array, radii: Array, queries: Array, block: int = 204
     return inside / len(queries)
 
 
-def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+def precision_recall(real, fake, k: int = 3, real_radii: Array | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): precision = fraction of generated samples
-    inside the k-NN manifold of the real features; recall = fraction of real samples inside the generated one."""
+    inside the k-NN manifold of the real features; recall = fraction of real samples inside the generated one.
+    ``real_radii``: the real side's k-NN radii from :func:`knn_radii` (the same ``real`` and ``k``), when
+    one reference is scored many times."""
     r, f = _as_features(real, "real features"), _as_features(fake, "generated features")
     if r.shape[1] != f.shape[1]:
         raise DataError(f"precision/recall between different feature dimensions: {r.shape[1]} vs {f.shape[1]}")
     if min(len(r), len(f)) <= k:
         raise DataError(f"precision/recall with k={k} needs more than {k} samples on each side, "
                         f"got {len(r)} real and {len(f)} generated")
-    precision = _coverage_of(r, _kth_radius(r, k), f)
+    precision = _coverage_of(r, _kth_radius(r, k) if real_radii is None else real_radii, f)
     recall = _coverage_of(f, _kth_radius(f, k), r)
     return precision, recall
 

@@ -31,7 +31,11 @@ from .trainer import TrainConfig
 # would make the resumed run a different run.
 RUN_CONTROL = ("steps", "max_minutes", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
                "keep_every", "progress", "device", "compile", "gradient_checkpointing", "nan_policy", "sample_sampler",
-               "sample_steps", "guidance", "download", "posthoc_every")
+               "sample_steps", "guidance", "download", "posthoc_every",
+               # metrics while training: what is measured, not what is trained (the evaluation draws no training
+               # randomness); a changed evaluation forgets the best so far (kakusan.metrics.training_eval)
+               "eval_every", "eval_n", "eval_extractor", "eval_ref", "eval_ref_split", "eval_sampler", "eval_steps",
+               "eval_guidance", "eval_seed", "eval_batch_size", "eval_best")
 MOVABLE_PATHS = ("data", "autoencoder", "latent_cache")  # may move, not change kind (data) or appear / vanish
 MAY_CHANGE_ON_RESUME = RUN_CONTROL + MOVABLE_PATHS  # and out: the run folder resumed, wherever it now is
 
@@ -141,6 +145,13 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise CheckpointError(f"autoencoder not found: {cfg.autoencoder}")
     if cfg.sample_sampler is not None:  # None: the checkpoint's default sampler
         get_sampler(cfg.sample_sampler)
+    if cfg.eval_every:  # the evaluation's extractor file (its weights are read when the run starts)
+        kind, _, path = cfg.eval_extractor.partition(":")
+        if kind not in ("classifier", "inception"):
+            raise ConfigError(f"unknown feature extractor {cfg.eval_extractor!r}; use inception, inception:FILE or "
+                              f"classifier:FILE")
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(f"--extractor {cfg.eval_extractor}: {path} not found")
     try:
         torch.device(cfg.device if cfg.device != "auto" else "cpu")
     except RuntimeError:
@@ -206,7 +217,7 @@ def estimate_step_seconds(cfg: TrainConfig, max_steps: int = 3, budget_s: float 
         os.environ["KAKUSAN_CACHE"] = tmp  # text-embedding / latent caches of the random data go here
         try:
             probe = replace(cfg, batch_size=batch, progress=False, compile=False, latent_cache=None,
-                            out=str(Path(tmp) / "run"))
+                            out=str(Path(tmp) / "run"), eval_every=0)
             data = _random_data(probe, max(batch, 8))
             if probe.dreambooth and probe.class_prompt:  # random class images of its own: none drawn, none written
                 probe = replace(probe, class_data=_random_class_images(Path(tmp) / "class", data.images[:8]),

@@ -117,10 +117,26 @@ class TrainConfig:
     download: bool = False  # fetch MNIST / Fashion-MNIST / CIFAR-10 when missing (needs a network)
     progress: bool = True
     max_minutes: float | None = None  # stop (with a checkpoint) once this much wall time has passed
+    # metrics while training (kakusan.metrics.training_eval): every eval_every steps (0: never) the EMA weights
+    # sample eval_n images from a fixed noise set (eval_seed), scored by eval_extractor against eval_ref
+    eval_every: int = 0
+    eval_n: int = 1000
+    eval_extractor: str | None = None  # classifier:FILE | inception[:FILE], as kakusan eval's --extractor
+    eval_ref: str | None = None  # a data spec (its eval_ref_split) or a stats file from kakusan stats
+    eval_ref_split: str = "test"
+    eval_sampler: str | None = None  # default: the checkpoint's own sampler and steps, as kakusan eval's
+    eval_steps: int | None = None
+    eval_guidance: float | None = None  # classifier-free guidance of the evaluation samples (default none)
+    eval_seed: int = 0
+    eval_batch_size: int = 250
+    eval_best: str = "fid"  # the score that names checkpoints/best: fid | kid | precision | recall | class_agreement
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
         self._check_posthoc()
+        from ..metrics.training_eval import check_eval_config
+
+        check_eval_config(self)
         positive = ("steps", "batch_size", "num_timesteps", "log_every", "checkpoint_every")
         if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ConfigError(f"sample_every must be an integer >= 0 (0: no sample grids), got {self.sample_every!r}")
@@ -642,6 +658,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.bf16 = autocast_dtype(cfg.precision, self.device, net) is not None
         self.skipped_steps = 0
+        self.evaluator = None  # metrics while training (main process): kakusan.metrics.training_eval
+        if cfg.eval_every and self.dist.is_main:
+            from ..metrics.training_eval import TrainingEvaluator
+
+            self.evaluator = TrainingEvaluator(cfg, self.device, self.data.shape[0])
 
     @property
     def adapters_only(self) -> bool:
@@ -710,7 +731,10 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {**rng_state(self.generator, self.device), "skipped_steps": self.skipped_steps}
+        state = {**rng_state(self.generator, self.device), "skipped_steps": self.skipped_steps}
+        if self.evaluator is not None:  # the best so far and the time spent evaluating
+            state["eval"] = self.evaluator.state_dict()
+        return state
 
     def save(self) -> Path:
         path = self.out / "checkpoints" / f"step-{self.step:08d}"
@@ -771,6 +795,10 @@ class Trainer:
         restore_rng_state(state, self.generator, self.device)
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        if self.evaluator is not None:
+            note = self.evaluator.load_state_dict(state.get("eval"), ckpt.parent)
+            if note:
+                print(f"kakusan: {note}", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def get_batch(self, step: int, idx: torch.Tensor | None = None):
@@ -891,6 +919,18 @@ class Trainer:
         nrow = len(kw["class_label"]) // self.model_cfg.num_classes if "class_label" in kw else gen.nrow
         return gen.save_grid(path, nrow=nrow)
 
+    def evaluate(self, log) -> bool:
+        """Metrics of the EMA weights now (``eval_every``), one line in the log; True (on every process) when this
+        step is the best so far, so that its checkpoint is written and named by ``checkpoints/best``."""
+        rec = None
+        if self.evaluator is not None:
+            prompts = self.grid_captions if self.text is not None else None
+            rec = self.evaluator.evaluate(self.pipeline(), self.step, self.step * self.cfg.batch_size, prompts)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(self.evaluator.line(rec), flush=True)
+        return self.dist.any(bool(rec and rec["new_best"]))
+
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> Path:
         cfg = self.cfg
@@ -913,6 +953,8 @@ class Trainer:
                       f"{folder}", flush=True)
         losses, t_last, step_last = [], time.perf_counter(), self.step
         t_start = time.perf_counter()
+        if self.evaluator is not None:
+            self.evaluator.start()
         ckpt = None
         try:
             while self.step < cfg.steps:
@@ -925,6 +967,8 @@ class Trainer:
                            "lr": lr_at(cfg, self.step - 1),
                            "images_per_s": (self.step - step_last) * cfg.batch_size / (now - t_last),
                            "elapsed_s": now - t_start, "skipped_steps": self.skipped_steps}
+                    if self.evaluator is not None:  # evaluation time so far (images_per_s leaves it out)
+                        rec["eval_total_s"] = self.evaluator.eval_s
                     if self.dist.world > 1:
                         rec["processes"] = self.dist.world
                     log.write(json.dumps(rec) + "\n")
@@ -940,8 +984,17 @@ class Trainer:
                 if self.posthoc is not None and (self.step % cfg.posthoc_every == 0 or last):
                     self.posthoc.save_snapshots(self.model, self.out, self.step * cfg.batch_size,
                                                 regular=self.step % cfg.posthoc_every == 0)
-                if self.step % cfg.checkpoint_every == 0 or last:
+                best = False
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    t_eval = time.perf_counter()
+                    best = self.evaluate(log)
+                    t_last += time.perf_counter() - t_eval  # the throughput is training's alone
+                if self.step % cfg.checkpoint_every == 0 or last or best:
                     ckpt = self.save()
+                if best and main:
+                    from ..metrics.training_eval import write_best
+
+                    write_best(self.out / "checkpoints", self.step)
                 if last and self.step < cfg.steps:
                     if main:
                         print(f"stopping at step {self.step}: the {cfg.max_minutes} minute budget is spent",
@@ -951,6 +1004,8 @@ class Trainer:
             bar.close()
             if log:
                 log.close()
+        if self.evaluator is not None:
+            print(self.evaluator.summary(), flush=True)
         return ckpt or resolve_checkpoint(self.out)
 
 
