@@ -252,28 +252,31 @@ def _foreign_pairs(path: Path, fmt: str) -> dict[tuple[str, str], tuple[torch.Te
     return pairs
 
 
-def _resolve(module: nn.Module, name: str, fmt: str, where: str) -> nn.Module:
-    """The layer a file's name means in ``module``: diffusers' dotted name, or kohya's with '_' for '.' (matched
-    against the module's own names; a text model's ``text_model.`` prefix may be there or not)."""
-    if fmt != "kohya":
+def _kohya_names(module: nn.Module) -> dict[str, str]:
+    """{kohya's name ('_' for '.'): the module's own name} of every layer of ``module``; a text model's
+    ``text_model.`` prefix may be in kohya's name or not."""
+    table = {}
+    for n, _ in module.named_modules():
+        table.setdefault(n.replace(".", "_"), n)
+        if n.startswith("text_model."):
+            table.setdefault(n[len("text_model."):].replace(".", "_"), n)
+        else:
+            table.setdefault("text_model_" + n.replace(".", "_"), n)
+    return table
+
+
+def _resolve(module: nn.Module, name: str, kohya: dict[str, str] | None, where: str) -> nn.Module:
+    """The layer a file's name means in ``module``: diffusers' dotted name, or (``kohya``: the module's
+    :func:`_kohya_names`) kohya's with '_' for '.'."""
+    if kohya is None:
         try:
             return module.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{where}: the LoRA names a layer this model does not have: {name}") from None
-    table = getattr(module, "_kakusan_kohya_names", None)
-    if table is None:
-        table = {}
-        for n, _ in module.named_modules():
-            table.setdefault(n.replace(".", "_"), n)
-            if n.startswith("text_model."):
-                table.setdefault(n[len("text_model."):].replace(".", "_"), n)
-            else:
-                table.setdefault("text_model_" + n.replace(".", "_"), n)
-        object.__setattr__(module, "_kakusan_kohya_names", table)
-    if name not in table:
+    if name not in kohya:
         raise CheckpointError(f"{where}: the LoRA names a layer this model does not have: {name} (a kohya file for "
                               f"another model family, or in the original LDM naming?)")
-    return module.get_submodule(table[name])
+    return module.get_submodule(kohya[name])
 
 
 @torch.no_grad()
@@ -290,11 +293,15 @@ def merge_foreign(model: nn.Module, text_model: nn.Module | None, path: str | Pa
     pairs = _foreign_pairs(path, fmt)
     if any(part == "text_encoder" for part, _ in pairs) and text_model is None:
         raise CheckpointError(f"{path}: this LoRA adapts the text encoder too, and none was given to merge it into")
+    parts = {"unet": unet, "text_encoder": text_model}
+    kohya = {}  # each part's kohya names, listed once
     for (part, name), (down, up, alpha) in pairs.items():
-        layer = _resolve(unet if part == "unet" else text_model, name, fmt, str(path))
-        w = layer.weight
+        if fmt == "kohya" and part not in kohya:
+            kohya[part] = _kohya_names(parts[part])
+        layer = _resolve(parts[part], name, kohya.get(part), str(path))
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise CheckpointError(f"{path}: {name} is a {type(layer).__name__}; LoRA adapts linears and convolutions")
+        w = layer.weight
         rank = down.shape[0]
         delta = (up.reshape(up.shape[0], -1).double() @ down.reshape(rank, -1).double()).reshape(w.shape[0], -1)
         if delta.numel() != w.numel():

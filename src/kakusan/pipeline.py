@@ -267,8 +267,7 @@ class Pipeline:
             pipe = cls.load(checkpoint, **options, controlnet=controlnet)
             pipe.attach_guide(guide)
             return pipe
-        controlnets = [] if controlnet is None else (list(controlnet) if isinstance(controlnet, (list, tuple))
-                                                     else [controlnet])
+        controlnets = _listed(controlnet)
         base = _controlnet_base(checkpoint)
         if base is not None:  # a ControlNet run: its base, with it attached
             if not Path(base).exists():
@@ -284,7 +283,7 @@ class Pipeline:
             return pipe
         from .sd import load_pipeline_parts, sd_layout
 
-        files = [] if lora is None else (list(lora) if isinstance(lora, (list, tuple)) else [lora])
+        files = _listed(lora)
         scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(files)
         if len(scales) != len(files):
             raise ConfigError(f"{len(files)} LoRA files but {len(scales)} scales")
@@ -321,9 +320,7 @@ class Pipeline:
         learned = _textual_inversion_run(ckpt)
         if learned is not None:  # a textual-inversion run: its base, with its word
             base, file = learned
-            more = [] if embedding is None else (list(embedding) if isinstance(embedding, (list, tuple)) else
-                                                  [embedding])
-            return cls.load(base, **{**options, "embedding": [file, *more]})
+            return cls.load(base, **{**options, "embedding": [file, *_listed(embedding)]})
         weights = weights_file(ckpt, use_ema)
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
         side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
@@ -348,7 +345,7 @@ class Pipeline:
                    text_encoder=encoder, device=device, use_ema=use_ema, loras=loras).add_embeddings(embedding)
 
     def add_embeddings(self, files) -> "Pipeline":
-        for f in [] if files is None else (list(files) if isinstance(files, (list, tuple)) else [files]):
+        for f in _listed(files):
             self.add_embedding(f)
         return self
 
@@ -1060,6 +1057,11 @@ class Pipeline:
         return Generation(gen.images[i:i + 1], gen.records[i:i + 1], gen.seconds, gen.nfe)
 
 
+def _listed(items) -> list:
+    """None as [], one item as [item], a list or tuple as a list (the options that take one or several)."""
+    return [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
+
+
 def _merge_lora(denoiser, adapter, scale: float, base_sha256: str, text_model=None) -> dict:
     """Merge the adapter file into the denoiser's network (a kakusan one's base checked by hash) and, where it
     adapts the text encoder too, into ``text_model``; the record of it (with the file's layout)."""
@@ -1111,14 +1113,10 @@ def _adapter_run(checkpoint) -> tuple[str, Path] | None:
 def _textual_inversion_run(ckpt: Path) -> tuple[str, Path] | None:
     """(base checkpoint, embedding file) of a textual-inversion run's checkpoint; None for any other checkpoint.
     The base must be there with the weights it was trained on."""
-    from .checkpoints import read_config
     from .training.personalization import EMBEDDING_FILE
 
-    try:
-        config = read_config(ckpt)
-    except CheckpointError:
-        return None
-    if "textual_inversion" not in config:
+    _, config = _kakusan_config(ckpt)
+    if config is None or "textual_inversion" not in config:
         return None
     file = (ckpt.parent if ckpt.is_file() else ckpt) / EMBEDDING_FILE
     base = config["init_from"]

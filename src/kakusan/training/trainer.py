@@ -415,10 +415,10 @@ class BaseModel:
         from dataclasses import replace
 
         sc, dc = self.config["schedule"], self.config["diffusion"]
+        adopted = dict(schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
+                       zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"])
         if self.is_sd:
-            return replace(self._adopt_sd(cfg), schedule=sc["name"], num_timesteps=sc["num_timesteps"],
-                           schedule_params=sc["params"], zero_terminal_snr=sc["zero_terminal_snr"],
-                           prediction=dc["prediction"])
+            return replace(self._adopt_sd(cfg), **adopted)
         ae = self.config.get("autoencoder")
         base_sd = dc.get("sigma_data", DiffusionConfig.sigma_data)
         if cfg.sigma_data not in (base_sd, DiffusionConfig.sigma_data):
@@ -430,10 +430,7 @@ class BaseModel:
                           f"--noise-levels lognormal, keeps EDM's objective)")
         if cfg.autoencoder and not ae:
             raise ConfigError(f"{self.ckpt} is a pixel-space model: fine-tune it without --autoencoder")
-        return replace(cfg, schedule=sc["name"], num_timesteps=sc["num_timesteps"], schedule_params=sc["params"],
-                       zero_terminal_snr=sc["zero_terminal_snr"], prediction=dc["prediction"],
-                       sigma_data=base_sd,
-                       autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
+        return replace(cfg, **adopted, sigma_data=base_sd, autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
 
     def _adopt_sd(self, cfg: TrainConfig) -> TrainConfig:
         """A Stable Diffusion base: LoRA adapters on its U-Net, trained on captioned images at its pixel size,
