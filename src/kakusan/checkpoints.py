@@ -162,10 +162,15 @@ def restore_rng_state(state: dict, generator: torch.Generator, device: torch.dev
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, a run folder (its newest checkpoint), or a model .safetensors file."""
-    path = Path(path).expanduser()
+    """A checkpoint folder, a run folder (its newest checkpoint), a model .safetensors file, or the name of a
+    shipped model (``kakusan models``)."""
+    from .zoo import locate, names
+
+    path = Path(locate(path)).expanduser()
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        shipped = f" (nor the name of a shipped model: {', '.join(names())})" if names() and "/" not in str(path) \
+            else ""
+        raise CheckpointError(f"checkpoint not found: {path}{shipped}")
     if (path / "model_index.json").is_file():
         from .sd import not_kakusan_message
 
@@ -308,6 +313,39 @@ def load_denoiser(path: str | Path, use_ema: bool = True, device: str | torch.de
         c = config["consistency"]
         return ConsistencyDenoiser(denoiser, c["sigma_data"], c["timestep_scaling"]), config
     return denoiser, config
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_model(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True,
+                 extra: dict | None = None) -> Path:
+    """One model file for sampling: a checkpoint's EMA (or raw) weights in ``dtype``, the run's config in the
+    metadata (with an ``export`` record: where from, which weights, the dtype and the source file's sha256), without
+    the optimizer, the raw weights or the run's state. Loading casts the weights back to float32, so fp16 / bf16
+    halve the file at the cost of the weights' rounding (measure it: ``kakusan eval`` on both). ``extra``: more
+    fields for the export record."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype {dtype!r}: one of {', '.join(EXPORT_DTYPES)}")
+    ckpt = resolve_checkpoint(checkpoint)
+    config = read_config(ckpt)
+    for part, why in (("controlnet", "a ControlNet"), ("textual_inversion", "a textual-inversion run")):
+        if part in config:
+            raise CheckpointError(f"{ckpt}: {why} is not a model on its own; export the model it was trained on")
+    if (config.get("lora") or {}).get("saved") == "adapters":
+        raise CheckpointError(f"{ckpt}: a LoRA run on a Stable Diffusion base holds its adapters alone; share its "
+                              f"lora.safetensors instead")
+    weights = weights_file(ckpt, use_ema)
+    tensors = load_tensors(weights)
+    if "lora" in config:  # adapters merged into plain weights: the exported file is an ordinary model
+        denoiser, _ = load_denoiser(ckpt, use_ema=use_ema, precision="fp32")
+        tensors = denoiser.backbone.state_dict()
+        config = {k: v for k, v in config.items() if k != "lora"}
+    cast = {k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    record = {"source": str(ckpt), "weights": "ema" if use_ema else "raw", "dtype": dtype,
+              "source_sha256": file_sha256(weights), **(extra or {})}
+    full = {**config, "format": FORMAT_VERSION, "kakusan_version": __version__, "export": record}
+    return save_file_atomic(Path(out).expanduser(), cast, {"kakusan_config": json.dumps(full)})
 
 
 def sampling_defaults(config: dict) -> tuple[str, int]:

@@ -519,6 +519,34 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from .zoo import SHIPPED_DIR, shipped_models
+
+    models = shipped_models()
+    if not models:
+        print(f"no shipped models in {SHIPPED_DIR}")
+        return 0
+    print(f"{'name':<14} {'size':>8} {'weights':<8} {'score':<44} what")
+    for m in models:
+        score = "; ".join(s["summary"] for s in m.get("scores", [])[:1]) or "-"
+        print(f"{m['name']:<14} {m['bytes'] / 1e6:6.1f}MB {m['dtype']:<8} {score:<44} {m['title']}")
+    print()
+    for m in models:
+        print(f"  {m['example']}")
+    print(f"\nUse a name wherever a checkpoint goes (--checkpoint, --init-from, Pipeline.load). How each was trained "
+          f"and scored\n(command, data hash, evaluation records): {SHIPPED_DIR / 'index.json'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoints import export_model
+
+    out = export_model(args.checkpoint, args.out, dtype=args.dtype, use_ema=not args.no_ema)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {args.dtype}, "
+          f"{'raw' if args.no_ema else 'EMA'} weights)")
+    return 0
+
+
 def cmd_import_dit(args) -> int:
     from .errors import ConfigError
     from .interop import import_dit
@@ -892,7 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample from a checkpoint")
-    p.add_argument("--checkpoint", help="checkpoint folder, run folder or model .safetensors")
+    p.add_argument("--checkpoint", help="checkpoint folder, run folder, model .safetensors, or a shipped model's "
+                                        "name ('kakusan models')")
     p.add_argument("--from-png", help="make the image (or grid) of a kakusan PNG again, from the record it carries "
                                       "(--checkpoint: the same weights in another place)")
     p.add_argument("--sampler", help=f"see 'kakusan samplers' (default {DEFAULT_SAMPLER}; lcm for a distilled model)")
@@ -1179,6 +1208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_sd)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=cmd_samplers)
+    sub.add_parser("models", help="list the small trained models shipped with kakusan (use a name as --checkpoint)"
+                   ).set_defaults(func=cmd_models)
+    p = sub.add_parser("export", help="one model file for sampling: a checkpoint's EMA weights and its config, "
+                                      "optionally in fp16 / bf16")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model file")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="the weights' storage type (default fp32; loading casts back to fp32)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_export)
     sub.add_parser("presets", help="list the model presets (U-Nets and DiTs)").set_defaults(func=cmd_presets)
     for command in sub.choices.values():  # every default in every --help
         _show_defaults(command)

@@ -41,6 +41,7 @@ from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, 
 from .metrics.provenance import file_sha256, tensor_sha256
 from .samplers import get_sampler, model_calls, run_sampler, sampling_levels
 from .schedules import NoiseLevels
+from .zoo import locate
 
 Tensor = torch.Tensor
 
@@ -262,6 +263,7 @@ class Pipeline:
         # every option but the checkpoint, the ControlNets and the guide, in one dict (from the signature itself,
         # so an option added to it travels through the calls below too)
         options = {k: v for k, v in locals().items() if k not in ("cls", "checkpoint", "controlnet", "guide")}
+        checkpoint = locate(checkpoint)  # the name of a shipped model (kakusan models): its file
         device = options["device"] = resolve_device(device)
         if guide is not None:  # the guide itself is loaded by attach_guide: this device / precision / use_ema only
             pipe = cls.load(checkpoint, **options, controlnet=controlnet)
