@@ -196,3 +196,9 @@ def test_the_stand_in_is_labelled_and_sweep_reference_is_zero_on_itself(tmp_path
     assert by["ddpm"]["feature_distance"] == 0.0 and by["ddim"]["feature_distance"] > 0
     rec = by["ddim"]["result"]["record"]["distance"]
     assert rec["name"] == "classifier-feature-distance" and rec["to"]["sampler"] == "ddpm" and rec["to"]["steps"] == 3
+    # a reference that is not one of the points is scored as the last row, the same as when it was one
+    again = sweep(ex, run, reference_features(ex, "digits", limit=300), ["ddim"], [3], [None], 40, batch_size=20,
+                  reference="ddpm:3", distance=dist)
+    assert [(r["sampler"], r.get("reference", False)) for r in again] == [("ddim", False), ("ddpm", True)]
+    assert again[1]["feature_distance"] == 0.0 and again[1]["fid"] == by["ddpm"]["fid"]
+    assert again[0]["fid"] == by["ddim"]["fid"] and again[0]["feature_distance"] == by["ddim"]["feature_distance"]

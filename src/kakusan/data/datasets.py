@@ -59,6 +59,18 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def sha256(self) -> str:
+        """A content hash of the data as a model sees it (the uint8 images after loading and resizing, the labels,
+        the captions): the same for the same data whatever files or archive it came from."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        if self.labels is not None:
+            h.update(self.labels.to(torch.int64).contiguous().numpy().tobytes())
+        if self.captions is not None:
+            h.update("\n".join(self.captions).encode())
+        return h.hexdigest()
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names) if self.labels is not None else 0

@@ -293,7 +293,9 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
     model: the guided points are autoguided. ``reference`` (``SAMPLER:STEPS``, e.g. ``ddpm:1000``) with
     ``distance`` (a :class:`~kakusan.metrics.lpips.PerceptualDistance`): each row also has the mean distance of
     its samples to the reference sampler's from the same noises (same seed, batches and classes or prompts, same
-    guidance), under the distance's label (``lpips``, or ``feature_distance`` for the stand-in)."""
+    guidance), under the distance's label (``lpips``, or ``feature_distance`` for the stand-in); the reference's
+    own samples are scored too, as the last row (``reference``: True) when they are not one of the points, so a
+    sweep against ``ddpm:1000`` also says what DDPM-1000 scores and costs."""
     from ..samplers import get_sampler
 
     for s in samplers:
@@ -303,34 +305,40 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
         raise ConfigError("a reference sampler needs a distance to measure (lpips:alex, classifier:FILE, ...)")
     pipe = _pipeline(checkpoint, guide, device=device)
     rows = []
+    points = [(s, st) for s in samplers for st in steps]
+    if ref_sampler and ref_sampler not in points:  # the reference is scored too (its FID, its time): the last row
+        points.append(ref_sampler)
     for g in guidance:
+        ref_fake = None
         if ref_sampler:  # the reference samples of this guidance scale, from the same noises as every row's
-            ref_images, _, ref_source = generate(pipe, n, sampler=ref_sampler[0], steps=ref_sampler[1], guidance=g,
-                                                 seed=seed, batch_size=batch_size, device=device, **options)
-        for s in samplers:
-            for st in steps:
-                fake = sample_features(extractor, pipe, n, device=device, sampler=s, steps=st, guidance=g,
-                                       seed=seed, batch_size=batch_size, **options)
-                res = score(extractor, fake, ref, metrics)
-                if grid_dir is not None:
-                    from ..data.datasets import to_model_range
-                    from ..images import save_grid
+            ref_fake = sample_features(extractor, pipe, n, device=device, sampler=ref_sampler[0],
+                                       steps=ref_sampler[1], guidance=g, seed=seed, batch_size=batch_size, **options)
+            ref_images, ref_source = ref_fake.extra["images"], ref_fake.source
+        for s, st in points:
+            is_ref = (s, st) == ref_sampler
+            fake = ref_fake if is_ref else sample_features(extractor, pipe, n, device=device, sampler=s, steps=st,
+                                                           guidance=g, seed=seed, batch_size=batch_size, **options)
+            res = score(extractor, fake, ref, metrics)
+            if grid_dir is not None:
+                from ..data.datasets import to_model_range
+                from ..images import save_grid
 
-                    k = extractor.extra.get("num_classes") if fake.labels is not None else None
-                    name = f"{s}-{st}" + ("" if g is None else f"-w{g:g}") + ".png"
-                    save_grid(to_model_range(fake.extra["images"][:grid_n]), Path(grid_dir) / name, nrow=k)
-                row = {"sampler": s, "steps": st, "nfe": fake.source["nfe"], "guidance": g,
-                       "sample_seconds": fake.source["sample_seconds"], **_flat(res["scores"]), "result": res}
-                if ref_sampler:
-                    d = distance(fake.extra["images"], ref_images, device=device).double()
-                    row[distance.label] = float(d.mean())
-                    row[distance.label + "_stderr"] = float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
-                    res["record"]["distance"] = {**distance.record, "to": {
-                        k: ref_source[k] for k in ("sampler", "steps", "nfe", "spacing", "seed", "n", "batch_size",
-                                                   "guidance", "sample_seconds")}}
-                rows.append(row)
-                if on_row:
-                    on_row(row)
+                k = extractor.extra.get("num_classes") if fake.labels is not None else None
+                name = f"{s}-{st}" + ("" if g is None else f"-w{g:g}") + ".png"
+                save_grid(to_model_range(fake.extra["images"][:grid_n]), Path(grid_dir) / name, nrow=k)
+            row = {"sampler": s, "steps": st, "nfe": fake.source["nfe"], "guidance": g,
+                   "sample_seconds": fake.source["sample_seconds"], **_flat(res["scores"]), "result": res,
+                   **({"reference": True} if is_ref else {})}
+            if ref_sampler:
+                d = distance(fake.extra["images"], ref_images, device=device).double()
+                row[distance.label] = float(d.mean())
+                row[distance.label + "_stderr"] = float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
+                res["record"]["distance"] = {**distance.record, "to": {
+                    k: ref_source[k] for k in ("sampler", "steps", "nfe", "spacing", "seed", "n", "batch_size",
+                                               "guidance", "sample_seconds")}}
+            rows.append(row)
+            if on_row:
+                on_row(row)
     return rows
 
 
