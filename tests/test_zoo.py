@@ -102,3 +102,54 @@ def test_cli_export_and_sample_by_name(fake_zoo, tmp_path, capsys):
     assert main(["sample", "--checkpoint", "tiny", "--class", "4", "-n", "2", "--steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+# ---- the models that ship ------------------------------------------------------------------------------------
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+
+def test_every_shipped_model_is_listed_small_and_intact():
+    models = zoo.shipped_models()
+    assert {m["name"] for m in models} >= {"mnist", "fashion-mnist", "emoji"}
+    for m in models:
+        path = zoo.shipped_file(m["name"])  # the sha256 is checked here
+        assert path.stat().st_size == m["bytes"] < 6e6  # "a few MB each": the repository stays small
+        config = read_config(path)
+        assert config["export"]["weights"] == "ema" and config["export"]["dtype"] == m["dtype"]
+        assert m["data"]["sha256"] and m["train"]["command"].startswith("kakusan train")
+        assert m["scores"] and all(s["record"] for s in m["scores"])  # how each number was made
+
+
+@pytest.mark.parametrize("name,classifier,at_least", [("mnist", "classifier-mnist", 0.9),
+                                                      ("fashion-mnist", "classifier-fashion-mnist", 0.8)])
+def test_a_shipped_class_model_draws_the_class_asked(name, classifier, at_least):
+    from kakusan.metrics.features import load_extractor
+
+    pipe = Pipeline.load(name, device="cpu")
+    labels = [c for c in range(10) for _ in range(3)]
+    out = pipe(class_label=labels, steps=10, guidance=2.0, seed=0)
+    _, logits = load_extractor(f"classifier:{WEIGHTS / (classifier + '.safetensors')}")(out.uint8())
+    agree = (logits.argmax(1) == torch.tensor(labels)).float().mean().item()
+    assert agree >= at_least, f"{name}: {agree:.0%} of 30 samples read as the class asked"
+
+
+def test_the_shipped_text_model_follows_colour_words():
+    pipe = Pipeline.load("emoji", device="cpu")
+    out = pipe(prompt=["red heart"] * 4 + ["blue heart"] * 4, steps=10, guidance=3.0, seed=0)
+    rgb = out.images.mean((2, 3))  # (8, 3) in [-1, 1]
+    red, blue = rgb[:4], rgb[4:]
+    # red hearts are redder than blue (red minus blue channel), blue hearts bluer, by a clear margin
+    assert (red[:, 0] - red[:, 2]).mean() - (blue[:, 0] - blue[:, 2]).mean() > 0.2
+
+
+def test_serve_with_no_checkpoint_offers_the_shipped_models(fake_zoo, tmp_path, monkeypatch):
+    from kakusan.serve import ModelPool, default_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    assert default_checkpoints() == ["tiny"]
+    assert list(ModelPool(default_checkpoints()).info) == ["tiny"]
+    (fake_zoo / "index.json").write_text(json.dumps({"models": []}))
+    zoo._index.cache_clear()
+    with pytest.raises(CheckpointError, match="no --checkpoint given, no model at runs/demo"):
+        default_checkpoints()

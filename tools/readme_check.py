@@ -61,7 +61,7 @@ SIZES = {
     "demo": {"cap": {"--steps": 40}},
     "plot": {"cap": {"--steps": 8}},
     "invert": {"cap": {"--steps": 8}},
-    "samplers": {}, "presets": {}, "compare": {}, "import-dit": {},
+    "samplers": {}, "presets": {}, "compare": {}, "import-dit": {}, "models": {}, "export": {},
 }
 TRAINING = ("train", "train-autoencoder")  # their --steps go through train_steps
 GENERIC = {"cap": {"-n": 10, "--steps": 8}}  # a kakusan subcommand SIZES does not know yet
@@ -87,6 +87,8 @@ RULES = [
     Rule(r"^make test\b", skip="the test suite itself: `make test`, run by CI"),
     Rule(r"^make demo\b", skip="installs and trains ~2 min; `kakusan demo --steps N` below runs the same code"),
     Rule(r"^make readme-check\b", skip="this script"),
+    Rule(r"^make install\b", skip="makes .venv: this script runs in it (make readme-check installs first)"),
+    Rule(r"^\.venv/bin/kakusan ", replace=(".venv/bin/kakusan ", "kakusan ")),
     Rule(r"^make serve\b|^kakusan serve\b", skip="a server that runs until stopped; tests/test_serve.py and "
                                                  "tests/test_serve_browser.py start one and use it"),
     Rule(r"^kakusan demo \[--steps N\]", expand=["kakusan demo --steps 40"]),

@@ -447,12 +447,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import Limits, default_checkpoint
+    from .serve import Limits, default_checkpoints
 
     limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_upload_pixels,
                     max_models=args.max_models, queue_size=args.queue_size)
-    checkpoints = args.checkpoint or [default_checkpoint()]
+    checkpoints = args.checkpoint or default_checkpoints()
     if args.dry_run:
         print(json.dumps({"checkpoints": [str(c) for c in checkpoints], "host": args.host, "port": args.port,
                           "lora": args.lora or [], **vars(limits)}, indent=2))
@@ -1181,7 +1181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="a local web page over the pipeline (Gradio; pip install 'kakusan[ui]')")
     p.add_argument("--checkpoint", action="append", help="a checkpoint the page may use (repeat for several; the "
                                                          "page chooses among these only; default runs/demo, "
-                                                         "the model make demo trains)")
+                                                         "the model make demo trains, and the shipped models)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback prints a warning")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--lora", action="append", help="a LoRA adapter file the page may apply (repeat for several)")

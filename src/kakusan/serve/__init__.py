@@ -4,7 +4,7 @@
 pipeline) and imports no web framework; :mod:`.app` is the Gradio page over it, imported only by ``serve``.
 """
 
-from .service import Limits, ModelPool, Request, Result, Service, default_checkpoint, open_upload
+from .service import Limits, ModelPool, Request, Result, Service, default_checkpoints, open_upload
 
 
 def serve(*args, **kwargs):
@@ -14,4 +14,4 @@ def serve(*args, **kwargs):
     return _serve(*args, **kwargs)
 
 
-__all__ = ["Limits", "ModelPool", "Request", "Result", "Service", "default_checkpoint", "open_upload", "serve"]
+__all__ = ["Limits", "ModelPool", "Request", "Result", "Service", "default_checkpoints", "open_upload", "serve"]

@@ -447,13 +447,20 @@ class Service:
         return settings, msg
 
 
-def default_checkpoint() -> Path:
-    """What ``kakusan serve`` serves with no --checkpoint: the model ``make demo`` trained (runs/demo)."""
-    p = Path("runs/demo")
+def default_checkpoints() -> list:
+    """What ``kakusan serve`` serves with no --checkpoint: the model ``make demo`` trained (runs/demo) when there is
+    one, and the models shipped with kakusan (``kakusan models``), so a fresh clone has a page to open."""
+    from ..zoo import names
+
+    found = []
     try:
-        resolve_checkpoint(p)
+        resolve_checkpoint("runs/demo")
+        found.append(Path("runs/demo"))
     except CheckpointError:
-        raise CheckpointError("no --checkpoint given and no model at runs/demo: train one with `make demo` "
-                              "(a few minutes on a CPU), or pass --checkpoint PATH") from None
-    return p
+        pass
+    found += names()
+    if not found:
+        raise CheckpointError("no --checkpoint given, no model at runs/demo and no shipped models: train one with "
+                              "`make demo` (a few minutes on a CPU), or pass --checkpoint PATH")
+    return found
 
