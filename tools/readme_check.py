@@ -92,7 +92,7 @@ RULES = [
     Rule(r"^make serve\b|^kakusan serve\b", skip="a server that runs until stopped; tests/test_serve.py and "
                                                  "tests/test_serve_browser.py start one and use it"),
     Rule(r"^kakusan demo \[--steps N\]", expand=["kakusan demo --steps 40"]),
-    Rule(r"^kakusan samplers \| presets", expand=["kakusan samplers", "kakusan presets"]),
+    Rule(r"^kakusan samplers \| presets \| models", expand=["kakusan samplers", "kakusan presets", "kakusan models"]),
     Rule(r"^kakusan plot schedules \| forward \| embedding \| loss --run (\S+) \| trajectory --checkpoint (\S+)",
          expand=["kakusan plot schedules", "kakusan plot forward", "kakusan plot embedding",
                  "kakusan plot loss --run {1}", "kakusan plot trajectory --checkpoint {2} --steps 8"]),

@@ -45,14 +45,14 @@ def score_entry(path: Path, label: str) -> dict:
             raise SystemExit(f"{path}: no row labelled {label!r}")
         s, src = row["scores"], row["record"]["samples"]
         summary = (f"FID {s['fid']:.2f}, {100 * s['class_agreement']:.1f}% as asked ({src['sampler']} "
-                   f"{src['steps']}, n={data['n']})")
-        return {"summary": summary, "file": str(path.relative_to(ROOT)), "label": label, "scores": s,
+                   f"{src['steps']}, w={src['guidance']:g}, n={data['n']})")
+        return {"summary": summary, "file": str(path.resolve().relative_to(ROOT)), "label": label, "scores": s,
                 "record": row["record"]}
     if "retrieval" in data:  # benchmarks/text_to_image.py
         r = data["retrieval"]
         summary = (f"retrieval top-1 {100 * r['top1']:.1f}%, subcategory {100 * r['subcategory']:.1f}% "
                    f"(chance {100 * data['chance']['subcategory']:.1f}%; n={data['n_prompts']})")
-        return {"summary": summary, "file": str(path.relative_to(ROOT)), "label": label, "scores": r,
+        return {"summary": summary, "file": str(path.resolve().relative_to(ROOT)), "label": label, "scores": r,
                 "record": {k: v for k, v in data.items() if k not in ("retrieval", "grid")}}
     raise SystemExit(f"{path}: neither a recipes.py nor a text_to_image.py result")
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         "name": args.name, "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "bytes": out.stat().st_size, "dtype": args.dtype, "title": args.title, "example": args.example,
         "train": {"command": args.train_command, "checkpoint": ckpt.name, **run_summary(args.run),
-                  "preset": config["model"].get("preset"), "kakusan_version": config.get("kakusan_version")},
+                  "preset": config["train"].get("preset"), "kakusan_version": config.get("kakusan_version")},
         "data": {"spec": spec, "name": data.name, "images": len(data), "sha256": data.sha256()},
         "scores": [score_entry(p, lab) for p, lab in zip(args.scores, labels)],
     }

@@ -526,15 +526,16 @@ def cmd_models(args) -> int:
     if not models:
         print(f"no shipped models in {SHIPPED_DIR}")
         return 0
-    print(f"{'name':<14} {'size':>8} {'weights':<8} {'score':<44} what")
+    print(f"{'name':<14} {'size':>8} {'weights':<8} {'score':<52} what")
     for m in models:
         score = "; ".join(s["summary"] for s in m.get("scores", [])[:1]) or "-"
-        print(f"{m['name']:<14} {m['bytes'] / 1e6:6.1f}MB {m['dtype']:<8} {score:<44} {m['title']}")
+        print(f"{m['name']:<14} {m['bytes'] / 1e6:6.1f}MB {m['dtype']:<8} {score:<52} {m['title']}")
     print()
     for m in models:
         print(f"  {m['example']}")
-    print(f"\nUse a name wherever a checkpoint goes (--checkpoint, --init-from, Pipeline.load). How each was trained "
-          f"and scored\n(command, data hash, evaluation records): {SHIPPED_DIR / 'index.json'}")
+    print(f"\nUse a name wherever a checkpoint goes (--checkpoint, --init-from, Pipeline.load). FID in the domain "
+          f"classifier's features\n(docs/RESULTS.md). How each was trained and scored (command, data hash, evaluation "
+          f"records):\n{SHIPPED_DIR / 'index.json'}")
     return 0
 
 
