@@ -478,3 +478,26 @@ def test_embedding_on_eval_and_sweep(world, tmp_path):
     assert main(["eval", "--checkpoint", str(world["base"]), "--prompt", "red <my-cat>", "--extractor", ext,
                  "--ref", f"folder:{world['subject']}", "-n", "4", "--steps", "2", "--metrics", "kid",
                  "--embedding", str(tmp_path / "none.safetensors")]) == 2
+
+
+def test_serve_loads_embeddings_into_its_text_models(world, tmp_path):
+    """serve --embedding: every text model served reads the word (the page's prompts may use it), the same
+    images as sample --embedding; a missing file, or no text model to take it, is refused."""
+    from kakusan.serve import Limits, ModelPool, Request, Service
+
+    ckpt = Trainer(_ti(world, tmp_path, steps=2)).fit()
+    learned = ckpt / "learned_embeds.safetensors"
+    svc = Service(ModelPool([world["base"]], embeddings=[learned]), Limits(), tmp_path / "out")
+    name = svc.pool.names[0]
+    res = svc.generate(Request(model=name, prompt="red <my-cat>", steps=2, guidance=2.0, seed=3, n=2))
+    want = Pipeline.load(world["base"], embedding=learned)("red <my-cat>", n=2, steps=2, guidance=2.0, seed=3)
+    assert [e["token"] for e in svc.pool.get(name).embeddings] == ["<my-cat>"]
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                       for p in res.paths])
+    assert torch.equal(got, want.uint8())
+    with pytest.raises(ConfigError, match="--embedding .*: file not found"):
+        ModelPool([world["base"]], embeddings=[tmp_path / "none.safetensors"])
+    class_run = Trainer(TrainConfig(data="digits", preset="unet-tiny", cond="class", steps=1, out=str(tmp_path / "c"),
+                                    **RUN)).fit()
+    with pytest.raises(ConfigError, match="none of the served models is text-conditional"):
+        ModelPool([class_run], embeddings=[learned])

@@ -455,7 +455,7 @@ def cmd_serve(args) -> int:
     checkpoints = args.checkpoint or [default_checkpoint()]
     if args.dry_run:
         print(json.dumps({"checkpoints": [str(c) for c in checkpoints], "host": args.host, "port": args.port,
-                          "lora": args.lora or [], **vars(limits)}, indent=2))
+                          "lora": args.lora or [], "embedding": args.embedding or [], **vars(limits)}, indent=2))
         return 0
     try:
         import gradio  # noqa: F401
@@ -466,7 +466,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(checkpoints, host=args.host, port=args.port, limits=limits, device=args.device, loras=args.lora,
-          preview_every=args.preview_every)
+          preview_every=args.preview_every, embeddings=args.embedding)
     return 0
 
 
@@ -1214,6 +1214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback prints a warning")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--lora", action="append", help="a LoRA adapter file the page may apply (repeat for several)")
+    p.add_argument("--embedding", action="append", help="a textual-inversion embedding file loaded into every text "
+                                                        "model served, its word usable in the prompts (repeat)")
     p.add_argument("--max-models", type=int, default=2, help="checkpoints kept loaded at once")
     p.add_argument("--max-n", type=int, default=16, help="images per request")
     p.add_argument("--max-steps", type=int, default=200, help="sampling steps per request")
