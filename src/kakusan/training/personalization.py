@@ -37,9 +37,10 @@ CLASS_IMAGES_BATCH = 16  # the class images are drawn in batches of this size (i
 PROVENANCE = "provenance.json"
 TRAIN_TEXT_ENCODER_REFUSAL = (
     "--train-text-encoder: kakusan's text models read a frozen encoder, recorded in the checkpoint by its weights "
-    "hash, its caption embeddings computed once and cached; sampling loads that encoder and refuses another. A "
-    "tuned encoder would have to be saved with the run and loaded in its place, which kakusan does not do yet: "
-    "DreamBooth here tunes the U-Net (all weights or --lora-rank); for a new word, use --textual-inversion")
+    "hash, its caption embeddings computed once and cached; sampling loads that encoder and refuses another (a "
+    "Stable Diffusion run's adapter file holds the U-Net's adapters alone). A tuned encoder would have to be saved "
+    "with the run and loaded in its place, which kakusan does not do yet: DreamBooth here tunes the U-Net (all "
+    "weights or --lora-rank); for a new word, use --textual-inversion")
 
 
 def check_config(cfg) -> None:
