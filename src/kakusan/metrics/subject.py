@@ -53,7 +53,7 @@ def paired_drift(base_u8: Tensor, tuned_u8: Tensor, base_features: Tensor | None
     out = {"pixel_rms": float((x - y).square().flatten(1).mean(1).sqrt().mean())}
     if base_features is not None:
         cos = torch.nn.functional.cosine_similarity(base_features.double(), tuned_features.double(), dim=1)
-        out["feature_cosine_distance"] = float((1 - cos).mean())
+        out["feature_cosine_distance"] = float((1 - cos).clamp_min(0).mean())  # (not -1e-16 for equal ones)
     return out
 
 
