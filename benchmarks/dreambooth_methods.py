@@ -41,12 +41,12 @@ def trained(ckpt: Path, config: dict) -> tuple[int, Path]:
     """(numbers trained, the file a run shares) of a run's checkpoint."""
     from safetensors.torch import load_file
 
-    numel = sum(v.numel() for v in load_file(ckpt / "model.safetensors").values())
+    weights = load_file(ckpt / "model.safetensors")
     if "textual_inversion" in config:
-        return numel, ckpt / "learned_embeds.safetensors"
-    if "lora" in config:
-        return numel, ckpt / "lora.safetensors"
-    return numel, ckpt / "ema.safetensors"
+        return sum(v.numel() for v in weights.values()), ckpt / "learned_embeds.safetensors"
+    if "lora" in config:  # (the checkpoint holds the whole adapted model: its adapters trained)
+        return sum(v.numel() for k, v in weights.items() if ".lora_" in k), ckpt / "lora.safetensors"
+    return sum(v.numel() for v in weights.values()), ckpt / "ema.safetensors"
 
 
 def minutes(run: Path) -> float:
