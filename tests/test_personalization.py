@@ -4,6 +4,7 @@ and the refused combinations. A tiny CLIP-style encoder and unet-tiny at 8x8 kee
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,176 @@ def test_cli_refuses_bad_combinations(world, tmp_path, capsys):
     assert main(["train", "--dreambooth", "--instance-prompt", "red cat", "--instance-data", subject, "--steps", "1",
                  "--dry-run"]) == 2
     assert "give it with --init-from" in capsys.readouterr().err
+
+
+# ---- judging the result: eval --subject ---------------------------------------------------------------------
+
+CIFAR_CLASSIFIER = Path(__file__).resolve().parents[1] / "weights" / "classifier-cifar10.safetensors"  # (3 channels)
+
+
+def test_subject_numbers_by_hand():
+    from kakusan.metrics.subject import mean_cosine, paired_drift
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[3.0, 3.0], [1.0, 0.0]])
+    # cosines: (1,0).(1,1)/sqrt2 = .7071, (1,0).(1,0) = 1, (0,1).(1,1)/sqrt2 = .7071, (0,1).(1,0) = 0
+    assert mean_cosine(a, b) == pytest.approx((2 ** -0.5 * 2 + 1) / 4, abs=1e-12)
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    y = x.clone()
+    y[0] = 255  # image 0: black against white, RMS 2 in [-1, 1]; image 1: the same
+    y[1, 0, 0, 0] = 255  # ... one pixel of four changed by 2: RMS sqrt(4 / 4) = 1
+    d = paired_drift(x, y, torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]]))
+    assert d["pixel_rms"] == pytest.approx((2 + 1) / 2) and d["feature_cosine_distance"] == pytest.approx(0.5)
+
+
+def test_eval_subject_on_image_folders_and_models(world, tmp_path, capsys):
+    """eval --subject: an image folder against itself and a one-image folder (cosine 1); the base against itself
+    and with a textual-inversion embedding (drift exactly 0: the model is the base's), a DreamBooth run (drift >
+    0); prompt fidelity not computed without a CLIP, and said so."""
+    from kakusan.metrics.evaluate import read_image_folder
+    from kakusan.metrics.features import load_extractor
+
+    ext = f"classifier:{CIFAR_CLASSIFIER}"
+    out = tmp_path / "self.json"
+    assert main(["eval", "--images", str(world["subject"]), "--subject", str(world["subject"]), "--extractor", ext,
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    f = load_extractor(ext)(read_image_folder(world["subject"]))[0]
+    u = torch.nn.functional.normalize(f.double(), dim=1)
+    assert res["scores"]["subject_fidelity"] == pytest.approx(float((u @ u.T).mean()), abs=1e-9)
+    off = (u @ u.T)[~torch.eye(5, dtype=torch.bool)].mean()
+    assert res["scores"]["subject_self_similarity"] == pytest.approx(float(off), abs=1e-9)
+    assert res["scores"]["prompt_fidelity"] is None and "no CLIP model" in res["notes"]["prompt_fidelity"]
+    assert res["record"]["subject"]["n"] == 5 and res["record"]["feature_space"]["name"] == "kakusan-domain-classifier"
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((world["subject"] / "0.png").read_bytes())
+    assert main(["eval", "--images", str(one), "--subject", str(one), "--extractor", ext, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["scores"]["subject_fidelity"] == pytest.approx(1.0, abs=1e-12)
+
+    ckpt = Trainer(_ti(world, tmp_path, steps=2)).fit()
+    db = Trainer(_db(world, tmp_path, steps=2, lr=5e-2)).fit()
+    common = ["--subject", str(world["subject"]), "--extractor", ext, "-n", "4", "--steps", "2", "--guidance", "2",
+              "--base", str(world["base"]), "--out", str(out)]
+    drift_file = tmp_path / "drift.txt"
+    drift_file.write_text("green apple face\nred face\n\ngreen cat\n")
+    runs = {"base": ["--checkpoint", str(world["base"]), "--prompt", "red cat"],
+            "ti": ["--checkpoint", str(world["base"]), "--embedding", str(ckpt / "learned_embeds.safetensors"),
+                   "--prompt", "red <my-cat>", "--drift-prompts", str(drift_file)],
+            "db": ["--checkpoint", str(db), "--prompt", "red cat", "--drift-prompts", str(drift_file)]}
+    got = {}
+    for name, args in runs.items():
+        capsys.readouterr()
+        assert main(["eval", *args, *common]) == 0, name
+        got[name] = json.loads(out.read_text())
+        assert "subject fidelity" in capsys.readouterr().out
+    for name in ("base", "ti"):
+        d = got[name]["scores"]["prior_drift"]
+        assert d["pixel_rms"] == 0.0 and d["feature_cosine_distance"] == pytest.approx(0.0, abs=1e-12), name
+    assert len(got["base"]["record"]["prior_drift"]["prompts"]) == 50
+    assert got["db"]["scores"]["prior_drift"]["pixel_rms"] > 1e-3
+    assert got["db"]["record"]["prior_drift"]["prompts"] == ["green apple face", "red face", "green cat"]
+    assert got["ti"]["record"]["samples"]["embeddings"][0]["token"] == "<my-cat>"
+    assert got["base"]["scores"]["subject_fidelity"] != got["ti"]["scores"]["subject_fidelity"]
+    assert got["base"]["record"]["samples"]["checkpoint_sha256"] == got["db"]["record"]["prior_drift"]["base"][
+        "checkpoint_sha256"]
+    # refusals, one line each
+    for args, match in [(["--images", str(one), "--subject", str(one)], "give --extractor .* or --clip"),
+                        (["--images", str(one), "--extractor", ext, "--base", str(world["base"]), "--ref", "x"],
+                         "options of --subject"),
+                        (["--images", str(one), "--subject", str(one), "--extractor", ext, "--ref", "digits"],
+                         "not options of --subject"),
+                        (["--images", str(one), "--subject", str(tmp_path / "none"), "--extractor", ext],
+                         "image folder not found"),
+                        (["--images", str(one), "--subject", str(one), "--extractor", ext, "--base",
+                          str(world["base"])], "give --checkpoint, not --images"),
+                        (["--checkpoint", str(world["base"]), "--subject", str(one), "--extractor", ext],
+                         "give a text-conditional --checkpoint and its prompts")]:
+        capsys.readouterr()
+        assert main(["eval", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(match, err), (args, err)
+
+
+def _tiny_clip(folder):
+    """A random CLIP (text and vision towers, 16 px images) with an offline CLIP tokenizer."""
+    from kakusan.testing import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=516, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=514, eos_token_id=515,
+                         pad_token_id=515),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=8)
+    transformers.CLIPModel(cfg).save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    return folder
+
+
+def test_eval_subject_with_a_clip_folder(world, tmp_path):
+    """--clip: subject fidelity in CLIP's image embeddings, prompt fidelity = the mean cosine of each sample with
+    its own prompt, checked against the CLIP model called directly."""
+    from kakusan.metrics.subject import ClipScorer, evaluate_subject
+
+    folder = _tiny_clip(tmp_path / "clip-model")
+    clip = ClipScorer(folder)
+    res = evaluate_subject(world["base"], str(world["subject"]), ["red cat", "green face"], n=4, clip=clip,
+                           steps=2, guidance=2.0, device="cpu")
+    images = res["images"]
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(images.float() / 255, size=(16, 16), mode="bicubic", antialias=True)
+        x = (x.clamp(0, 1) - clip.mean) / clip.std
+        img = clip._as_tensor(model.get_image_features(pixel_values=x))
+        txt = clip._as_tensor(model.get_text_features(**tok(["red cat", "red cat", "green face", "green face"],
+                                                            padding=True, return_tensors="pt")))
+    want = torch.nn.functional.cosine_similarity(img.double(), txt.double(), dim=1).mean()
+    assert res["scores"]["prompt_fidelity"] == pytest.approx(float(want), abs=1e-6)
+    assert res["record"]["feature_space"]["name"] == "clip" and "prompt_fidelity" not in res["notes"]
+    with pytest.raises(ConfigError, match="not a CLIP model folder"):
+        ClipScorer(tmp_path)
+
+
+def test_embedding_on_eval_and_sweep(world, tmp_path):
+    """--embedding loads the word for eval's and sweep's samples (their prompts use it; the record names it)."""
+    ckpt = Trainer(_ti(world, tmp_path, steps=2)).fit()
+    learned = str(ckpt / "learned_embeds.safetensors")
+    ext = f"classifier:{CIFAR_CLASSIFIER}"
+    common = ["--checkpoint", str(world["base"]), "--embedding", learned, "--prompt", "red <my-cat>",
+              "--extractor", ext, "--ref", f"folder:{world['subject']}", "--guidance", "2"]
+    assert main(["eval", *common, "-n", "4", "--metrics", "kid", "--steps", "2",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    rec = json.loads((tmp_path / "e.json").read_text())["record"]["samples"]
+    assert [e["token"] for e in rec["embeddings"]] == ["<my-cat>"] and rec["prompts"] == ["red <my-cat>"]
+    assert main(["sweep", *common, "-n", "130", "--samplers", "ddim", "--steps", "2",
+                 "--out", str(tmp_path / "sw")]) == 0
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert rows[0]["result"]["record"]["samples"]["embeddings"][0]["token"] == "<my-cat>"
+    assert main(["eval", "--checkpoint", str(world["base"]), "--prompt", "red <my-cat>", "--extractor", ext,
+                 "--ref", f"folder:{world['subject']}", "-n", "4", "--steps", "2", "--metrics", "kid",
+                 "--embedding", str(tmp_path / "none.safetensors")]) == 2
+
+
+def test_serve_loads_embeddings_into_its_text_models(world, tmp_path):
+    """serve --embedding: every text model served reads the word (the page's prompts may use it), the same
+    images as sample --embedding; a missing file, or no text model to take it, is refused."""
+    from kakusan.serve import Limits, ModelPool, Request, Service
+
+    ckpt = Trainer(_ti(world, tmp_path, steps=2)).fit()
+    learned = ckpt / "learned_embeds.safetensors"
+    svc = Service(ModelPool([world["base"]], embeddings=[learned]), Limits(), tmp_path / "out")
+    name = svc.pool.names[0]
+    res = svc.generate(Request(model=name, prompt="red <my-cat>", steps=2, guidance=2.0, seed=3, n=2))
+    want = Pipeline.load(world["base"], embedding=learned)("red <my-cat>", n=2, steps=2, guidance=2.0, seed=3)
+    assert [e["token"] for e in svc.pool.get(name).embeddings] == ["<my-cat>"]
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                       for p in res.paths])
+    assert torch.equal(got, want.uint8())
+    with pytest.raises(ConfigError, match="--embedding .*: file not found"):
+        ModelPool([world["base"]], embeddings=[tmp_path / "none.safetensors"])
+    class_run = Trainer(TrainConfig(data="digits", preset="unet-tiny", cond="class", steps=1, out=str(tmp_path / "c"),
+                                    **RUN)).fit()
+    with pytest.raises(ConfigError, match="none of the served models is text-conditional"):
+        ModelPool([class_run], embeddings=[learned])

@@ -617,13 +617,13 @@ def test_eval_and_sweep_on_sd_prompts(sd, tmp_path):
     assert abs(fid["ddim", 1] - fid["euler", 1]) < 1e-6 and abs(fid["ddim", 2] - fid["euler", 2]) > 1e-6
 
 
-def _same_image_as_diffusers(ours, ref, atol=1e-3):
+def _same_image_as_diffusers(ours, ref, atol=1e-3, prompt=PROMPT):
     """kakusan's pipeline and diffusers' from the same latents: DDIM 10, guidance 7.5, a negative prompt."""
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     sigma0 = ours.schedule.alpha_sigma(torch.tensor(901.0))[1].item()
-    got = ours(PROMPT, negative_prompt=NEGATIVE, sampler="ddim", steps=10, spacing="leading", guidance=7.5,
+    got = ours(prompt, negative_prompt=NEGATIVE, sampler="ddim", steps=10, spacing="leading", guidance=7.5,
                noise=noise, n=1).images
-    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=16, width=16,
+    want = ref(prompt, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=16, width=16,
                latents=noise * sigma0, output_type="pt").images
     assert ref.scheduler.timesteps[0].item() == 901
     diff = ((got + 1) / 2 - want).abs().max().item()
@@ -685,3 +685,118 @@ def test_lora_files_travel_between_kakusan_diffusers_and_kohya(sd, captioned, tm
     assert [adapter_format(f) for f in (ours_file, kohya_file, theirs_file)] == ["kakusan", "kohya", "diffusers"]
     with pytest.raises(Exception, match="not a LoRA file kakusan reads"):
         adapter_format(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Teaching an SD model a subject: textual inversion (its CLIP's new rows) and DreamBooth + LoRA
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """Four 24x24 RGB images of 'the subject' (resized to the model's 16 px on load), as a plain image folder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("subject")
+    g = torch.Generator().manual_seed(11)
+    for i in range(4):
+        Image.fromarray((torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"{i}.png")
+    return root
+
+
+def _teach_cfg(subject, base, **kw):
+    return dict(data=f"folder:{subject}", init_from=str(base), batch_size=2, lr=1e-2, warmup_steps=0,
+                sample_every=0, checkpoint_every=2, log_every=1, precision="fp32", device="cpu", progress=False, **kw)
+
+
+TI = dict(textual_inversion=True, placeholder="<my-cat>", initializer="cat", num_vectors=2)
+
+
+def test_textual_inversion_on_an_sd_folder(sd, subject, tmp_path, capsys):
+    """Only the new word's two CLIP rows train: the U-Net, the VAE and the text encoder are bitwise the folder's;
+    learned_embeds.safetensors loads in diffusers' load_textual_inversion and in kakusan (--embedding, or the run
+    as a checkpoint), each giving diffusers' image from the same latents; the resume is exact."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from conftest import assert_resume_exact
+    from kakusan.training import Trainer, TrainConfig
+
+    folder = sd["sd1"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = Trainer(TrainConfig(out=str(tmp_path / "ti"), steps=4, **TI, **_teach_cfg(subject, folder)))
+        fresh = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet").state_dict(),
+                 "vae": AutoencoderKL.from_pretrained(folder / "vae").state_dict(),
+                 "text": {k.removeprefix("text_model."): v for k, v in  # (transformers 5: flat keys)
+                          CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict().items()}}
+    enc = tr.objective.encoder
+    cat = fresh["text"]["embeddings.token_embedding.weight"][enc.tokenizer.convert_tokens_to_ids("cat</w>")]
+    start = tr.model.weight.detach().clone()
+    assert start.shape == (2, 32) and torch.equal(start, cat.expand(2, -1))
+    assert [p for g in tr.optimizer.param_groups for p in g["params"]] == [tr.model.weight]
+    tr.fit()
+    unet = tr.objective.unet.unet.state_dict()
+    vae = tr.autoencoder.module.state_dict()
+    text = {k.removeprefix("text_model.").replace("token_embedding.base.", "token_embedding."): v
+            for k, v in enc.model.state_dict().items() if ".parts." not in k}
+    for name, now in (("unet", unet), ("vae", vae), ("text", text)):
+        want = fresh[name]
+        assert now.keys() == want.keys() and all(torch.equal(now[k], want[k]) for k in want), name
+    assert (tr.model.weight - start).abs().min() > 0  # every number of the word moved
+    ckpt = assert_resume_exact(tmp_path, None, 4, files=("model.safetensors", "ema.safetensors",
+                                                         "optimizer.safetensors", "learned_embeds.safetensors"),
+                               **TI, **_teach_cfg(subject, folder))
+    learned = ckpt / "learned_embeds.safetensors"
+    tensors = load_file(learned)
+    assert tensors.keys() == {"<my-cat>"} and tensors["<my-cat>"].shape == (2, 32)
+    ref = _diffusers_pipe(folder)
+    ref.load_textual_inversion(str(learned))
+    assert ref.tokenizer.convert_tokens_to_ids(["<my-cat>", "<my-cat>_1"]) == [516, 517]
+    prompt = "a <my-cat>"
+    got = _same_image_as_diffusers(_load(sd, "sd1", "folder", embedding=learned), ref, prompt=prompt)
+    as_run = _load(sd, "sd1", "folder").__class__.load(tmp_path / "full", device="cpu", precision="fp32")
+    assert [e["token"] for e in as_run.embeddings] == ["<my-cat>"]
+    assert torch.equal(_same_image_as_diffusers(as_run, ref, prompt=prompt), got)
+    assert (got - _same_image_as_diffusers(_load(sd, "sd1", "folder"), _diffusers_pipe(folder))).abs().max() > 1e-3
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(folder), "--embedding", str(learned), "--prompt", prompt, "-n", "1",
+                 "--steps", "2", "--precision", "fp32", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_dreambooth_with_lora_on_an_sd_folder(sd, subject, tmp_path, capsys):
+    """The class images are the folder's own samples of the class prompt (drawn once, with the base's hash in
+    their provenance), encoded to latents after the subject's; only LoRA adapters train, the resume is exact, the
+    run samples as its base with its adapters. Full-weight DreamBooth on SD is refused, naming --lora-rank."""
+    from kakusan.pipeline import Pipeline as P
+    from kakusan.sd import weights_sha256
+    from kakusan.training import Trainer, TrainConfig
+
+    from conftest import assert_resume_exact
+
+    folder = sd["sd1"][0]
+    db = dict(dreambooth=True, instance_prompt="a sks cat", class_prompt="a cat", num_class_images=3, lora_rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = Trainer(TrainConfig(out=str(tmp_path / "probe"), steps=1, **db, **_teach_cfg(subject, folder)))
+        prov = json.loads((tmp_path / "probe" / "class-images" / "provenance.json").read_text())
+        assert prov["base"] == {"path": str(folder), "sha256": weights_sha256(folder)} and prov["prompt"] == "a cat"
+        assert tr.data.captions == ["a sks cat"] * 4 + ["a cat"] * 3 and tuple(tr.images.shape) == (7, 4, 8, 8)
+        drawn = _load(sd, "sd1", "folder", precision="auto")("a cat", n=3, guidance=2.0, seed=0, batch_size=16)
+        from kakusan.data import load_dataset
+
+        cls = load_dataset(f"folder:{tmp_path / 'probe' / 'class-images'}", image_size=16, channels=3).images
+        assert torch.equal(cls, drawn.uint8().cpu())  # the base's images of the class prompt, as PNGs
+        trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+        assert trainable and all(".lora_" in n for n in trainable)
+        ckpt = assert_resume_exact(tmp_path, None, 4, **db, **_teach_cfg(subject, folder))
+        kw = dict(guidance=3.0, sampler="ddim", steps=4, seed=1)
+        tuned = P.load(tmp_path / "full", device="cpu", precision="fp32")("a sks cat", **kw).images
+        by_file = P.load(folder, device="cpu", precision="fp32", lora=ckpt / "lora.safetensors")("a sks cat", **kw)
+        assert torch.equal(tuned, by_file.images)
+        assert (tuned - _load(sd, "sd1", "folder")("a sks cat", **kw).images).abs().max().item() > 1e-3
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(folder), "--dreambooth", "--instance-data", f"folder:{subject}",
+                 "--instance-prompt", "a sks cat", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DreamBooth on a Stable Diffusion U-Net trains LoRA adapters" in err

@@ -455,7 +455,7 @@ def cmd_serve(args) -> int:
     checkpoints = args.checkpoint or default_checkpoints()
     if args.dry_run:
         print(json.dumps({"checkpoints": [str(c) for c in checkpoints], "host": args.host, "port": args.port,
-                          "lora": args.lora or [], **vars(limits)}, indent=2))
+                          "lora": args.lora or [], "embedding": args.embedding or [], **vars(limits)}, indent=2))
         return 0
     try:
         import gradio  # noqa: F401
@@ -466,7 +466,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(checkpoints, host=args.host, port=args.port, limits=limits, device=args.device, loras=args.lora,
-          preview_every=args.preview_every)
+          preview_every=args.preview_every, embeddings=args.embedding)
     return 0
 
 
@@ -648,8 +648,14 @@ def _guidance_options(args) -> dict:
             "guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval}
 
 
-def _eval_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--extractor", required=True, help="classifier:FILE | inception | inception:FILE")
+EMBEDDING_HELP = ("text models: a textual-inversion embedding file (learned_embeds.safetensors of a "
+                  "--textual-inversion run, diffusers' or A1111 / kohya's layout), its word usable in the prompts "
+                  "(repeat for several)")
+
+
+def _eval_common(p: argparse.ArgumentParser, extractor_required: bool = True) -> None:
+    p.add_argument("--extractor", required=extractor_required, help="classifier:FILE | inception | inception:FILE")
+    p.add_argument("--embedding", action="append", help=EMBEDDING_HELP)
     p.add_argument("--ref", help="real data set spec (mnist, fashion-mnist, cifar10[:PATH], folder:DIR, ...)")
     p.add_argument("--ref-split", default="test", help="split of --ref (default test)")
     p.add_argument("--ref-limit", type=int, help="use only the first N reference images")
@@ -670,21 +676,67 @@ def cmd_eval(args) -> int:
     if bool(args.checkpoint) == bool(args.images):
         raise ConfigError("give exactly one of --checkpoint (sample from it) or --images DIR")
     _check_guide_model(args)
+    subject_only = [f for f, v in (("--base", args.base), ("--clip", args.clip),
+                                   ("--drift-prompts", args.drift_prompts)) if v]
+    if subject_only and not args.subject:
+        raise ConfigError(f"{', '.join(subject_only)}: options of --subject DIR (judging a model taught a subject)")
+    if not args.extractor and not (args.subject and args.clip):
+        raise ConfigError("give --extractor (classifier:FILE | inception | inception:FILE)"
+                          + (" or --clip DIR" if args.subject else ""))
     if args.dry_run:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
         return 0
     args.device_resolved = resolve_device(args.device)
+    if args.subject:
+        return _eval_subject(args)
     extractor = load_extractor(args.extractor, download=args.download)
     ref = _reference(args, extractor)
     if args.checkpoint:
         fake = sample_features(extractor, args.checkpoint, args.n, device=args.device_resolved,
                                sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
                                seed=args.seed, batch_size=args.batch_size, progress=True, precision=args.precision,
-                               compile=args.compile, guide=args.guide_model, **_guidance_options(args))
+                               compile=args.compile, guide=args.guide_model, embedding=args.embedding,
+                               **_guidance_options(args))
     else:
         fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
     result = score(extractor, fake, ref, tuple(args.metrics))
     print(format_scores(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(nan_to_none(result), indent=2))
+        print(f"scores and record: {args.out}")
+    return 0
+
+
+def _eval_subject(args) -> int:
+    """``eval --subject DIR``: subject fidelity, prompt fidelity, prior drift (kakusan.metrics.subject)."""
+    from .errors import ConfigError
+    from .metrics.evaluate import nan_to_none
+    from .metrics.features import load_extractor
+    from .metrics.subject import ClipScorer, evaluate_subject, format_subject
+
+    not_here = [f for f, v in (("--ref", args.ref), ("--ref-stats", args.ref_stats), ("--guide-model",
+                                                                                       args.guide_model),
+                               ("--negative-prompt", args.negative_prompt)) if v]
+    if not_here:
+        raise ConfigError(f"{', '.join(not_here)}: not options of --subject (its reference is the subject's images)")
+    drift = None
+    if args.drift_prompts:
+        try:
+            drift = [ln.strip() for ln in Path(args.drift_prompts).read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise ConfigError(f"--drift-prompts {args.drift_prompts}: {e.strerror or e}") from None
+        if not drift:
+            raise ConfigError(f"--drift-prompts {args.drift_prompts}: no prompts in it")
+    extractor = load_extractor(args.extractor, download=args.download) if args.extractor else None
+    clip = ClipScorer(args.clip, args.device_resolved) if args.clip else None
+    result = evaluate_subject(args.checkpoint, args.subject, args.prompt or [], n=args.n, extractor=extractor,
+                              clip=clip, base=args.base, drift_prompts=drift, sampler=args.sampler, steps=args.steps,
+                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                              device=args.device_resolved, precision=args.precision, embedding=args.embedding,
+                              images=args.images)
+    result.pop("images")
+    print(format_subject(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(nan_to_none(result), indent=2))
@@ -801,7 +853,7 @@ def cmd_sweep(args) -> int:
 
     kw = dict(seed=args.seed, device=args.device_resolved, batch_size=args.batch_size, on_row=show,
               grid_dir=out / "grids" if args.grids else None, guide=args.guide_model, reference=args.reference,
-              distance=distance, **_guidance_options(args))
+              distance=distance, embedding=args.embedding, **_guidance_options(args))
     if args.ema:  # --checkpoint is the run; each width reconstructed into OUT/ema-srS, then swept
         rows = ema_sweep(extractor, args.checkpoint, ref, args.ema, args.samplers, args.steps, args.guidance, args.n,
                          out, **kw)
@@ -962,10 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", help="a LoRA adapter (lora.safetensors of a --lora-rank run) to apply "
                                                    "to this checkpoint, the base it was trained on; FILE:SCALE sets "
                                                    "its strength; repeat to stack adapters")
-    p.add_argument("--embedding", action="append",
-                   help="text models: a textual-inversion embedding file (learned_embeds.safetensors of a "
-                        "--textual-inversion run, diffusers' or A1111 / kohya's layout), its word usable in the "
-                        "prompts (repeat for several)")
+    p.add_argument("--embedding", action="append", help=EMBEDDING_HELP)
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of adapters given without :SCALE "
                                                                  "(default 1)")
     p.add_argument("--precision", default="auto",
@@ -1079,8 +1128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write scores + provenance record as JSON here")
     p.add_argument("--precision", default="auto", help="the network's forward pass when sampling: auto | fp32 | bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling")
+    p.add_argument("--subject", metavar="DIR", help="judge a model taught a subject against the subject's images in "
+                   "DIR (DreamBooth's numbers): subject fidelity in --extractor's features (or --clip's), prompt "
+                   "fidelity (with --clip), prior drift (with --base); instead of FID and the others")
+    p.add_argument("--base", help="with --subject: the model before tuning, for prior drift (its samples and the "
+                                  "checkpoint's of unrelated prompts from the same noise)")
+    p.add_argument("--clip", metavar="DIR", help="with --subject: a Hugging Face CLIP model folder: its image "
+                                                 "features for subject fidelity, and prompt fidelity")
+    p.add_argument("--drift-prompts", metavar="FILE", help="with --base: the unrelated prompts, one a line (default: "
+                                                           "kakusan's 50, kakusan.metrics.subject.DRIFT_PROMPTS)")
     _eval_guidance_args(p)
-    _eval_common(p)
+    _eval_common(p, extractor_required=False)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("stats", help="write a reference feature-statistics file (with its record)")
@@ -1186,6 +1244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback prints a warning")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--lora", action="append", help="a LoRA adapter file the page may apply (repeat for several)")
+    p.add_argument("--embedding", action="append", help="a textual-inversion embedding file loaded into every text "
+                                                        "model served, its word usable in the prompts (repeat)")
     p.add_argument("--max-models", type=int, default=2, help="checkpoints kept loaded at once")
     p.add_argument("--max-n", type=int, default=16, help="images per request")
     p.add_argument("--max-steps", type=int, default=200, help="sampling steps per request")

@@ -1112,6 +1112,16 @@ def _adapter_run(checkpoint) -> tuple[str, Path] | None:
     return config["init_from"]["path"], ckpt / "lora.safetensors"
 
 
+def _base_sha256(path: str | Path) -> str:
+    """The weights hash of a fine-tuning base as its runs record it (a Stable Diffusion checkpoint read directly:
+    its U-Net's / single file's; a kakusan checkpoint: its EMA weights file)."""
+    from .sd import sd_layout, weights_sha256
+
+    if sd_layout(path) is not None:
+        return weights_sha256(path)
+    return file_sha256(weights_file(resolve_checkpoint(path), True))
+
+
 def _textual_inversion_run(ckpt: Path) -> tuple[str, Path] | None:
     """(base checkpoint, embedding file) of a textual-inversion run's checkpoint; None for any other checkpoint.
     The base must be there with the weights it was trained on."""
@@ -1124,8 +1134,7 @@ def _textual_inversion_run(ckpt: Path) -> tuple[str, Path] | None:
     base = config["init_from"]
     if not file.is_file():
         raise CheckpointError(f"{ckpt}: a textual-inversion checkpoint without its {EMBEDDING_FILE}")
-    if not Path(base["path"]).exists() or file_sha256(weights_file(resolve_checkpoint(base["path"]), True)) != \
-            base["sha256"]:
+    if not Path(base["path"]).exists() or _base_sha256(base["path"]) != base["sha256"]:
         raise CheckpointError(f"{ckpt} is a textual-inversion run whose base {base['path']} is not there with the "
                               f"weights it was trained on; sample a base with --embedding {file}")
     return base["path"], file

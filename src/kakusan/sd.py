@@ -187,8 +187,6 @@ def read_folder(path: Path) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .metrics.provenance import file_sha256
-
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -224,8 +222,16 @@ def read_folder(path: Path) -> SDModel:
         raise CheckpointError(f"{path}: the U-Net takes extra conditioning (SDXL-like); not supported yet")
     family = "sd2" if text_model.config.hidden_act == "gelu" else "sd1"
     return SDModel(unet, text_model, tokenizer, vae, schedule, prediction, folder_pixel_shape(path)[1],
-                   float(vae.config.scaling_factor), family, "folder", str(path),
-                   file_sha256(_weights_of(path / "unet")))
+                   float(vae.config.scaling_factor), family, "folder", str(path), weights_sha256(path))
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The hash kakusan records for an SD checkpoint (:attr:`SDModel.sha256`), without loading it: of the U-Net's
+    weights file in a pipeline folder, of the file itself for a single file."""
+    from .metrics.provenance import file_sha256
+
+    path = Path(path).expanduser()
+    return file_sha256(_weights_of(path / "unet") if path.is_dir() else path)
 
 
 def folder_pixel_shape(path: Path) -> list[int]:

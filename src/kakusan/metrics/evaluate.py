@@ -143,34 +143,38 @@ def folder_features(extractor: FeatureExtractor, path: str | Path, limit: int | 
                                       "images_sha256": tensor_sha256(images)})
 
 
-def _pipeline(checkpoint, guide=None, **load):
-    """``checkpoint`` as a :class:`~kakusan.pipeline.Pipeline`: itself if it is one (its guide, if any, already
-    attached), else loaded with ``load`` options and ``guide``."""
+def _pipeline(checkpoint, guide=None, embedding=None, **load):
+    """``checkpoint`` as a :class:`~kakusan.pipeline.Pipeline`: itself if it is one (its guide and embeddings, if
+    any, already attached), else loaded with ``load`` options, ``guide`` and textual-inversion ``embedding``
+    file(s)."""
     from ..pipeline import Pipeline
 
     if not isinstance(checkpoint, Pipeline):
-        return Pipeline.load(checkpoint, guide=guide, **load)
+        return Pipeline.load(checkpoint, guide=guide, embedding=embedding, **load)
     if guide is not None:
         raise ConfigError("a loaded pipeline brings its own guide model: attach it there (Pipeline.attach_guide)")
+    if embedding:
+        raise ConfigError("a loaded pipeline brings its own embeddings: add them there (Pipeline.add_embedding)")
     return checkpoint
 
 
 def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | None = None,
              spacing: str | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 250,
              device="cpu", progress: bool = False, precision: str = "auto", prompt: list[str] | None = None,
-             compile: bool = False, guide: str | Path | None = None, **options) -> tuple[Tensor, Tensor | None, dict]:
+             compile: bool = False, guide: str | Path | None = None, embedding=None,
+             **options) -> tuple[Tensor, Tensor | None, dict]:
     """``n`` samples (uint8) from a checkpoint (a path or a loaded :class:`~kakusan.pipeline.Pipeline`), balanced
     over classes for a class-conditional model and over ``prompt`` for a text model; ``options``: more pipeline
     arguments (negative prompt / class, guidance rescale / interval, ...). Returns (images, requested labels or
     None, source record with the wall time). ``guide``: a guide model for autoguidance (with a loaded pipeline,
-    attach it there instead)."""
+    attach it there instead); ``embedding``: textual-inversion file(s) whose words the prompts may use."""
     from ..samplers import get_sampler
 
     if sampler is not None:
         get_sampler(sampler)  # a bad name fails before the checkpoint is read
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
-    pipe = _pipeline(checkpoint, guide, device=device, precision=precision, compile=compile)
+    pipe = _pipeline(checkpoint, guide, embedding, device=device, precision=precision, compile=compile)
     labels = None
     if pipe.is_text:
         if not prompt:
@@ -202,6 +206,8 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
             source[key] = rec[key]
     if pipe.is_text:
         source["prompts"] = list(prompt)
+    if pipe.embeddings:  # the textual-inversion words the prompts could use: files and hashes
+        source["embeddings"] = pipe.embeddings
     if pipe.autoencoder is not None:
         source["autoencoder_sha256"] = pipe.autoencoder.sha256
     return gen.uint8(), labels, source
@@ -287,7 +293,7 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
           guidance: list[float | None], n: int, seed: int = 0, device="cpu", batch_size: int = 250,
           metrics: tuple[str, ...] = ("fid", "kid", "pr"), on_row=None, grid_dir: str | Path | None = None,
           grid_n: int = 40, guide: str | Path | None = None, reference: str | None = None, distance=None,
-          **options) -> list[dict]:
+          embedding=None, **options) -> list[dict]:
     """Score every (sampler, steps, guidance); each row has the scores, NFE and sampling wall time. With
     ``grid_dir``, the first ``grid_n`` samples of every point are also saved as a grid there. ``guide``: a guide
     model: the guided points are autoguided. ``reference`` (``SAMPLER:STEPS``, e.g. ``ddpm:1000``) with
@@ -295,7 +301,8 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
     its samples to the reference sampler's from the same noises (same seed, batches and classes or prompts, same
     guidance), under the distance's label (``lpips``, or ``feature_distance`` for the stand-in); the reference's
     own samples are scored too, as the last row (``reference``: True) when they are not one of the points, so a
-    sweep against ``ddpm:1000`` also says what DDPM-1000 scores and costs."""
+    sweep against ``ddpm:1000`` also says what DDPM-1000 scores and costs. ``embedding``: textual-inversion
+    file(s) loaded with the checkpoint."""
     from ..samplers import get_sampler
 
     for s in samplers:
@@ -303,7 +310,7 @@ def sweep(extractor: FeatureExtractor, checkpoint, ref: FeatureSet, samplers: li
     ref_sampler = parse_reference(reference) if reference else None
     if ref_sampler and distance is None:
         raise ConfigError("a reference sampler needs a distance to measure (lpips:alex, classifier:FILE, ...)")
-    pipe = _pipeline(checkpoint, guide, device=device)
+    pipe = _pipeline(checkpoint, guide, embedding, device=device)
     rows = []
     points = [(s, st) for s in samplers for st in steps]
     if ref_sampler and ref_sampler not in points:  # the reference is scored too (its FID, its time): the last row

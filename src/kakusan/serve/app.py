@@ -304,12 +304,12 @@ def build_app(service: Service, preview_every: int = 0):
 
 def serve(checkpoints, *, host: str = "127.0.0.1", port: int = 7860, limits: Limits | None = None,
           device: str = "auto", loras=None, out_dir: str | Path | None = None, preview_every: int = 0,
-          block: bool = True):
+          block: bool = True, embeddings=None):
     """Start the page on ``host:port`` (a warning when that is not loopback). Returns gradio's (app, url)."""
     import tempfile
 
     limits = limits or Limits()
-    pool = ModelPool(checkpoints, max_models=limits.max_models, device=device, loras=loras)
+    pool = ModelPool(checkpoints, max_models=limits.max_models, device=device, loras=loras, embeddings=embeddings)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="kakusan-serve-"))
     service = Service(pool, limits, out)
     if host not in LOOPBACK:

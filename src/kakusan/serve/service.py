@@ -179,7 +179,7 @@ class ModelPool:
     """The checkpoints given on the command line, by name; each loaded on first use, at most ``max_models``
     kept (least recently used dropped); one generation at a time per model (``use``)."""
 
-    def __init__(self, checkpoints, *, max_models: int = 2, device: str = "auto", loras=None):
+    def __init__(self, checkpoints, *, max_models: int = 2, device: str = "auto", loras=None, embeddings=None):
         if not checkpoints:
             raise ConfigError("no checkpoint to serve")
         self.device, self.max_models = device, max_models
@@ -197,6 +197,14 @@ class ModelPool:
         for f in self.loras:
             if not f.is_file():
                 raise ConfigError(f"--lora {f}: file not found")
+        # textual-inversion words: loaded into every text model served (their prompts may use them)
+        self.embeddings = [Path(f) for f in (embeddings or [])]
+        for f in self.embeddings:
+            if not f.is_file():
+                raise ConfigError(f"--embedding {f}: file not found")
+        if self.embeddings and not any(i.kind == "text" for i in self.info.values()):
+            raise ConfigError("--embedding: none of the served models is text-conditional (embeddings are new words "
+                              "for a text model's prompts)")
         self._loaded: OrderedDict = OrderedDict()
         self._pool_lock = threading.Lock()
         self._model_locks = {name: threading.Lock() for name in self.info}
@@ -241,7 +249,8 @@ class ModelPool:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
         pipe = Pipeline.load(info.path, device=self.device, lora=None if adapter is None else str(adapter),
-                             lora_scale=float(lora_scale), guide=None if guide_info is None else guide_info.path)
+                             lora_scale=float(lora_scale), guide=None if guide_info is None else guide_info.path,
+                             embedding=[str(f) for f in self.embeddings] if info.kind == "text" else None)
         with self._pool_lock:
             self._loaded[key] = pipe
             while len(self._loaded) > self.max_models:

@@ -14,8 +14,10 @@ the one trainer (the loss of a step, what trains, what a checkpoint holds beside
   exactly) and ``learned_embeds.safetensors`` (the EMA's vectors in diffusers' layout), which ``sample
   --embedding`` loads into any model with this text encoder.
 
-Both are for text models (kakusan's own, with its frozen encoder recorded by hash). The text encoder is used
-through ``TextEncoder``, so a Stable Diffusion CLIP plugs in the same way once the trainer trains SD.
+Both are for text models: kakusan's own (with its frozen encoder recorded by hash) and Stable Diffusion bases (a
+pipeline folder or an imported checkpoint: DreamBooth trains LoRA adapters of the U-Net, textual inversion new
+rows for its CLIP, whose tokens are the same ``TextEncoder`` contract; the file is diffusers' own layout, which
+``load_textual_inversion`` reads).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ CLASS_IMAGES_BATCH = 16  # the class images are drawn in batches of this size (i
 PROVENANCE = "provenance.json"
 TRAIN_TEXT_ENCODER_REFUSAL = (
     "--train-text-encoder: kakusan's text models read a frozen encoder, recorded in the checkpoint by its weights "
-    "hash, its caption embeddings computed once and cached; sampling loads that encoder and refuses another. A "
-    "tuned encoder would have to be saved with the run and loaded in its place, which kakusan does not do yet: "
-    "DreamBooth here tunes the U-Net (all weights or --lora-rank); for a new word, use --textual-inversion")
+    "hash, its caption embeddings computed once and cached; sampling loads that encoder and refuses another (a "
+    "Stable Diffusion run's adapter file holds the U-Net's adapters alone). A tuned encoder would have to be saved "
+    "with the run and loaded in its place, which kakusan does not do yet: DreamBooth here tunes the U-Net (all "
+    "weights or --lora-rank); for a new word, use --textual-inversion")
 
 
 def check_config(cfg) -> None:
@@ -113,30 +116,32 @@ def check_config(cfg) -> None:
 # Data: the subject's images (+ the base's class images), captioned
 
 
-def _base_pixel_shape(init_from) -> tuple[int | None, int | None]:
-    """(image size, channels) of a pixel-space base model (None, None for a latent one: give --image-size)."""
-    from ..checkpoints import read_config, resolve_checkpoint
-
-    config = read_config(resolve_checkpoint(init_from))
-    if config.get("autoencoder"):
+def _base_pixel_shape(base) -> tuple[int | None, int | None]:
+    """(image size, channels) of the images a base model draws (None, None for a kakusan latent model: give
+    --image-size; a Stable Diffusion base's were set from its own configs when the run adopted it)."""
+    config = base.config
+    if config.get("autoencoder") and not base.is_sd:
         return None, None
-    return config["model"]["image_size"], config["model"]["in_channels"]
+    c, h, _ = config["data"]["shape"] if base.is_sd else (config["model"]["in_channels"],
+                                                             config["model"]["image_size"], None)
+    return h, c
 
 
-def personalization_data(cfg, data: ImageDataset | None, device) -> ImageDataset:
+def personalization_data(cfg, data: ImageDataset | None, device, base) -> ImageDataset:
     """The images a DreamBooth / textual-inversion run trains on, each captioned with its prompt: the subject's
     (``cfg.data``, or ``data``), and for DreamBooth with prior preservation the base model's class images after
-    them (made once, see :func:`class_images`)."""
+    them (made once, see :func:`class_images`). ``base``: the run's BaseModel (a kakusan checkpoint or a Stable
+    Diffusion folder)."""
     if data is None:
         if cfg.data.partition(":")[0] not in ("folder", "captions", "emoji"):
             raise ConfigError(f"--instance-data takes the subject's images as folder:DIR, got {cfg.data!r}")
-        size, channels = _base_pixel_shape(cfg.init_from)
+        size, channels = _base_pixel_shape(base)
         data = load_dataset(cfg.data, image_size=cfg.image_size or size, channels=cfg.channels or channels,
                             limit=cfg.limit)
     prompt = cfg.instance_prompt or cfg.placeholder
     images, captions = data.images, [prompt] * len(data)
     if prior_preservation(cfg):
-        extra = class_images(cfg, data.shape, device)
+        extra = class_images(cfg, data.shape, device, base)
         images, captions = torch.cat([images, extra]), captions + [cfg.class_prompt] * len(extra)
     return ImageDataset(images, None, [], data.name, skipped=data.skipped, captions=captions)
 
@@ -149,7 +154,7 @@ def class_images_folder(cfg) -> Path:
     return Path(cfg.class_data).expanduser() if cfg.class_data else Path(cfg.out) / "class-images"
 
 
-def class_images(cfg, shape: tuple[int, int, int], device) -> torch.Tensor:
+def class_images(cfg, shape: tuple[int, int, int], device, base) -> torch.Tensor:
     """The ``num_class_images`` prior-preservation images (uint8 (M, C, H, W)) of ``class_prompt``, drawn by the base
     model through the pipeline (its default sampler and steps, guidance ``class_guidance``, seed ``seed``) into
     ``class-images/`` (or ``class_data``) with ``provenance.json``: what exists with the same provenance is read
@@ -157,9 +162,8 @@ def class_images(cfg, shape: tuple[int, int, int], device) -> torch.Tensor:
     function of the seed and its index, so an interrupted folder completes to the same images), other provenance
     is refused. A ``class_data`` folder without ``provenance.json`` holds class images of your own (the first M
     in sorted order are used)."""
-    from ..checkpoints import resolve_checkpoint, sampling_defaults, read_config, weights_file
+    from ..checkpoints import sampling_defaults
     from ..data.datasets import load_image
-    from ..metrics.provenance import file_sha256
 
     folder, m = class_images_folder(cfg), cfg.num_class_images
     c, h, _ = shape
@@ -168,9 +172,9 @@ def class_images(cfg, shape: tuple[int, int, int], device) -> torch.Tensor:
         if len(own) < m:
             raise ConfigError(f"{folder}: {len(own)} class images of your own, --num-class-images is {m}")
         return own.images[:m]
-    ckpt = resolve_checkpoint(cfg.init_from)
-    sampler, steps = sampling_defaults(read_config(ckpt))
-    want = {"base": {"path": str(ckpt), "sha256": file_sha256(weights_file(ckpt, True))},
+    ckpt = base.ckpt
+    sampler, steps = sampling_defaults(base.config)
+    want = {"base": {"path": str(ckpt), "sha256": base.sha256},
             "prompt": cfg.class_prompt, "guidance": float(cfg.class_guidance), "seed": cfg.seed,
             "batch_size": CLASS_IMAGES_BATCH, "sampler": sampler, "steps": steps}
     prov = folder / PROVENANCE
@@ -304,7 +308,9 @@ class TextualInversion:
         if trainer.dist.world > 1:
             raise ConfigError("textual inversion trains a few vectors: run it as one process (not under torchrun)")
         self.trainer, self.cfg = trainer, cfg
-        self.encoder = load_text_encoder(cfg.text_encoder, cfg.text_max_length, trainer.device)
+        base = trainer.base  # a Stable Diffusion base brings its own CLIP (the captions were cached with it)
+        self.encoder = (base.text_encoder(trainer.device) if base.is_sd else
+                        load_text_encoder(cfg.text_encoder, cfg.text_max_length, trainer.device))
         if self.encoder.sha256 != trainer.text_record["sha256"]:
             raise ConfigError("the text encoder changed between caching the captions and loading it")
         self.trainable = TokenVectors(self._initial_vectors())

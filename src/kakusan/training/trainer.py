@@ -433,17 +433,21 @@ class BaseModel:
         return replace(cfg, **adopted, sigma_data=base_sd, autoencoder=cfg.autoencoder or (ae["path"] if ae else None))
 
     def _adopt_sd(self, cfg: TrainConfig) -> TrainConfig:
-        """A Stable Diffusion base: LoRA adapters on its U-Net, trained on captioned images at its pixel size,
-        through its own text encoder (77 padded tokens) and autoencoder (latents cached, scaled as SD's)."""
+        """A Stable Diffusion base: LoRA adapters on its U-Net (plain fine-tuning or DreamBooth), or a new word's
+        vectors (textual inversion), trained on captioned images at its pixel size, through its own text encoder
+        (77 padded tokens) and autoencoder (latents cached, scaled as SD's)."""
         from dataclasses import replace
 
         where = f"{self.ckpt} (Stable Diffusion)"
         if cfg.controlnet or cfg.distill:
             raise ConfigError(f"{where}: ControlNet training and consistency distillation on a Stable Diffusion "
                               f"base are not supported yet; LoRA fine-tuning is (--lora-rank)")
-        if not cfg.lora_rank:
-            raise ConfigError(f"{where}: fine-tuning a Stable Diffusion U-Net trains LoRA adapters: give --lora-rank "
-                              f"(e.g. 8); full fine-tuning of its weights is not supported yet")
+        if not cfg.lora_rank and not cfg.textual_inversion:
+            what = ("DreamBooth on a Stable Diffusion U-Net" if cfg.dreambooth else
+                    "fine-tuning a Stable Diffusion U-Net")
+            raise ConfigError(f"{where}: {what} trains LoRA adapters: give --lora-rank (e.g. 8); full fine-tuning of "
+                              f"its weights is not supported (its runs save and load the adapters alone, the U-Net "
+                              f"being the base's by hash)")
         if cfg.posthoc_ema:
             raise ConfigError(f"{where}: --posthoc-ema is not supported for Stable Diffusion LoRA runs yet")
         if cfg.cond == "class":
@@ -571,7 +575,7 @@ class Trainer:
         if cfg.dreambooth or cfg.textual_inversion:  # the subject's images (+ the base's class images), captioned
             from .personalization import personalization_data
 
-            self.data = personalization_data(cfg, data, self.device)
+            self.data = personalization_data(cfg, data, self.device, self.base)
         else:
             self.data = data or load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                                              download_if_missing=cfg.download, limit=cfg.limit)
