@@ -5,6 +5,10 @@ pickled) samples and evaluates like one kakusan trained.
 class-conditional ImageNet in the latent space of Stable Diffusion's f = 8 autoencoder). Its diffusion is
 DDPM's linear schedule over 1,000 steps with eps prediction (the learned variance is not used by kakusan's
 samplers); its latents are the autoencoder's times 0.18215, the constant it was trained with.
+
+The other way round, ``sample_with_diffusers``: diffusers' schedulers driving a kakusan denoiser, so that both
+libraries' samplers can be compared on the same trained network from the same noise
+(benchmarks/sampler_models.py).
 """
 
 from __future__ import annotations
