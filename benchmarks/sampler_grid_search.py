@@ -8,6 +8,7 @@ starts it is then scored on. diffusers' per-start errors are computed once per (
 
     python benchmarks/sampler_grid_search.py --nfe 5 --order 2 --rho 3,7 --cap 3,5,7,10,20 --floor 0.12,0.2,0.3,0.45
     python benchmarks/sampler_grid_search.py --nfe 10 --order 2,3 --rho 5,7 --cap 5,10 --floor 0.015,0.03,0.06
+    python benchmarks/sampler_grid_search.py --seed 7 --default --nfe 5,10,20   # the rule on the benchmark's seed
 
 Per candidate and NFE: the cells (of 8) whose RMSE is at most the best diffusers', the cells whose median
 per-start error is at most half the best diffusers', the geometric mean of the 8 RMSE ratios, and each cell's
@@ -73,6 +74,9 @@ def main() -> None:
     p.add_argument("--cap", default="10")
     p.add_argument("--floor", default="0,0.2")
     p.add_argument("--cache", default=None, help="diffusers' errors (default: a file in the system's temp dir)")
+    p.add_argument("--default", action="store_true",
+                   help="score the default instead (the grid samplers.DEFAULT_GRIDS picks per NFE), with round "
+                        "one's grid (Karras below sigma~ = 10, down to t = 0) in brackets")
     args = p.parse_args()
     torch.set_num_threads(1)
     floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
@@ -83,6 +87,9 @@ def main() -> None:
     data = cache(args.starts, args.seed, (5, 10, 20), path)
     mixes, schedules = B.mixtures(False), {s: make_schedule(s) for s in ("linear", "cosine")}
     t0 = time.time()
+    if args.default:
+        score_default(data, mixes, schedules, nfes)
+        return
     for order, rho, cap, floor in itertools.product([int(v) for v in args.order.split(",")], floats(args.rho),
                                                     floats(args.cap), floats(args.floor)):
         for nfe in nfes:
@@ -100,6 +107,34 @@ def main() -> None:
                   f"{len(cells)}, geometric mean {gm:.2f} | " + " ".join(f"{r:.2f}/{m:.2f}" for r, m in cells),
                   flush=True)
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
+
+
+def score_default(data, mixes, schedules, nfes) -> None:
+    """The default's cells as a Markdown table: RMSE ratio / median ratio (RMSE ratio of round one's grid), and
+    issue #22's counts."""
+    from kakusan.samplers import DEFAULT_SAMPLER, sampling_levels
+
+    met_rmse = met_median = cells = 0
+    print("| schedule | mixture | " + " | ".join(f"NFE {n}: RMSE / median (round one)" for n in nfes) + " |")
+    print("|---|---|" + "---|" * len(nfes))
+    for (sn, mn), cell in data.items():
+        s, den = schedules[sn], MixtureDenoiser(mixes[mn], schedules[sn])
+        line = f"| {sn} | {mn} |"
+        for nfe in nfes:
+            best = min((v for k, v in cell["diff"].items() if k[2] == nfe), key=lambda v: v.mean().item())
+            ratios = []
+            for lv in (sampling_levels(s, DEFAULT_SAMPLER, nfe),
+                       noise_levels(s, timesteps(s, nfe, "karras", sigma_max=10.0))):
+                e = (sample_unipc(den, cell["x_T"], lv, order=2) - cell["ref"]).pow(2).mean(1)
+                ratios.append(((e.mean() / best.mean()).sqrt().item(),
+                               (e.sqrt().median() / best.sqrt().median()).item()))
+            (r, m), (r_old, _) = ratios
+            cells += 1
+            met_rmse += r <= 1
+            met_median += m <= 0.5
+            line += f" {f'**{r:.2f}**' if r <= 1 else f'{r:.2f}'} / {m:.2f} ({r_old:.2f}) |"
+        print(line, flush=True)
+    print(f"RMSE <= best diffusers in {met_rmse} of {cells} cells; median ratio <= 0.5 in {met_median} of {cells}")
 
 
 if __name__ == "__main__":
