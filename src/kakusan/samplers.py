@@ -408,10 +408,11 @@ DEFAULT_SAMPLER = "unipc-2"
 # than the benchmark's, among caps 3-20, floors 0.012-0.45, rho 3/5/7 and UniPC order 2/3; docs/RESULTS.md,
 # "Samplers, round two"): with few steps the last model call is better spent at sigma~ ~ 0.2 than between two
 # nearly clean levels (the final denoise from there is the exact answer for all but the narrowest modes), and a
-# lower cap leaves more of five calls where the modes separate. At 5 steps this took the geometric mean of the
-# eight RMSE ratios to the best diffusers configuration from 2.0 to 0.8; at 10 from 0.52 to 0.45. From 15 steps
-# on the floor costs the narrow mixtures more than it gains, and the grid is the one used before. Order 3 lost
-# at every budget tried (its extrapolation over the long first steps).
+# lower cap leaves more of five calls where the modes separate. On the search's starts, against the best diffusers
+# configuration per cell: at 5 steps the geometric mean of the eight RMSE ratios went from 1.95 to 0.83 (cells at
+# or below 1: 1 -> 6 of 8), at 10 it stayed 0.63 while the cells went 6 -> 8 of 8. From 15 steps on a floor costs
+# the narrowest modes more than it gains (0.03 at 20 steps: ratio 4.6 on the 2-D mixture), and the grid is the one
+# used before. Order 3 lost on every grid tried (5 steps, same grid: 0.90; 10 steps: 0.64-1.7).
 DEFAULT_GRIDS: tuple[tuple[int, dict], ...] = (
     (7, {"rho": 7.0, "sigma_max": 5.0, "sigma_min": 0.2}),
     (14, {"rho": 5.0, "sigma_max": 10.0, "sigma_min": 0.03}),
