@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--round-one", action="store_true",
+                    help="no diffusers: the default against round one's grid (Karras below sigma~ = 10, down to "
+                         "t = 0), the check that the rule does not hurt a trained model")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
 
     # the pilot: every diffusers configuration on the first p samples, by distance to the reference
     pilot = {}
-    for nfe in nfes:
+    for nfe in (nfes if not args.round_one else []):
         lv = sampling_levels(pipe.schedule, DEFAULT_SAMPLER, nfe)
         dk = distance(run_kakusan(pipe, d, noise[:p], labels[:p], lv, DEFAULT_SAMPLER, bs), ref[:p]).mean().item()
         pilot[("kakusan", DEFAULT_SAMPLER, "default grid", nfe)] = dk
@@ -184,6 +187,13 @@ def main(argv=None) -> int:
                         DEFAULT_SAMPLER, bs)
         scored(x, "kakusan", DEFAULT_SAMPLER, "default grid", nfe, time.perf_counter() - t0,
                sampling_grid(DEFAULT_SAMPLER, nfe).record())
+        if args.round_one:
+            t0 = time.perf_counter()
+            lv = noise_levels(pipe.schedule, timesteps(pipe.schedule, nfe, "karras", sigma_max=10.0))
+            x = run_kakusan(pipe, d, noise, labels, lv, DEFAULT_SAMPLER, bs)
+            scored(x, "kakusan", DEFAULT_SAMPLER, "round one's grid", nfe, time.perf_counter() - t0,
+                   {"spacing": "karras", "sigma_max": 10.0})
+            continue
         ranked = sorted((v, key) for key, v in pilot.items() if key[0] == "diffusers" and key[3] == nfe and v == v)
         for _, (_, label, opt, _) in ranked[:args.keep]:
             t0 = time.perf_counter()
@@ -191,6 +201,13 @@ def main(argv=None) -> int:
             x = run_diffusers(pipe, d, noise, labels, cls, o, nfe, bs)
             scored(x, "diffusers", label, opt, nfe, time.perf_counter() - t0)
 
+    if args.round_one:
+        out = Path(args.out) / f"sampler_models-{args.name}-round-one.json"
+        out.write_text(json.dumps(nan_to_none({"benchmark": "sampler_models", "checkpoint": args.checkpoint,
+                                               "n": n, "guidance": args.guidance, "seed": args.seed,
+                                               "reference_steps": args.ref_steps, "rows": rows}), indent=1))
+        print(f"wrote {out}")
+        return 0
     print(f"\n{args.name}: {n} samples ({p} in the pilot), guidance {args.guidance}, reference "
           f"{args.ref_steps}-step DPM-Solver++(3M)")
     print(f"{'NFE':>4} {'default FID':>12} {'best diffusers FID':>34} {'default dist.':>14} "
