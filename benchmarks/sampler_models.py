@@ -12,9 +12,10 @@ configuration and both libraries):
 diffusers' configurations are swept as in benchmarks/sampler_accuracy.py (DDIM, DPM++ 2M / 3M, SDE-DPM++ 2M,
 UniPC-2 / 3, DEIS-3, Euler, Heun, each over its spacing options: ~37). Sampling all of them at the full n is
 beyond a 2-core CPU, so a pilot of ``--pilot`` samples (the first of the n) scores every configuration by its
-distance to the reference, and the best ``--keep`` of each NFE are run at the full n (SDE-DPM++ is stochastic,
-so its distance says little: its best spacing goes through on FID-free grounds, by its pilot distance like the
-others). The best diffusers configuration is then chosen after the fact, per NFE and per score, among those.
+distance to the reference, and the best ``--keep`` of each NFE are run at the full n (SDE-DPM++ is stochastic:
+its distance to the ODE reference is large by construction, so the pilot does not keep it; its pilot distances
+are in the JSON). The best diffusers configuration is then chosen after the fact, per NFE and per score, among
+those: with a small ``--keep`` the FID side is the pilot's pick by distance, not the best of all by FID.
 
     python benchmarks/sampler_models.py --checkpoint runs/mnist --name mnist -n 1000 \\
         --extractor classifier:weights/classifier-mnist.safetensors --ref mnist:../shared/data/mnist
