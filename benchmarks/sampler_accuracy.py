@@ -39,11 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kakusan.samplers import DEFAULT_SAMPLER, SAMPLERS, get_sampler  # noqa: E402
+from kakusan.samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_levels  # noqa: E402
 from kakusan.schedules import make_schedule, noise_levels, timesteps  # noqa: E402
 from kakusan.testing import GaussianMixture, MixtureDenoiser, exact_endpoint  # noqa: E402
 
 NFES = (5, 10, 20, 50)
+DEFAULT_LABEL = "default grid"  # the default sampler on the grid samplers.DEFAULT_GRIDS picks for each NFE
 
 
 def mixtures(quick: bool) -> dict[str, GaussianMixture]:
@@ -87,6 +88,10 @@ def kakusan_runs(mix, schedule, x_T):
                 kw = {"schedule": schedule} if info.needs_schedule else {}
                 res[nfe] = info.fn(den, x_T, lv, **kw)
             out[(name, sp)] = res
+    # the default: its grid chosen per NFE by samplers.DEFAULT_GRIDS
+    info = get_sampler(DEFAULT_SAMPLER)
+    out[(DEFAULT_SAMPLER, DEFAULT_LABEL)] = {nfe: info.fn(den, x_T, sampling_levels(schedule, DEFAULT_SAMPLER, nfe))
+                                             for nfe in NFES}
     return out
 
 
@@ -161,9 +166,7 @@ def main() -> None:
         diffusers = None
         print("diffusers is not installed: kakusan only (pip install 'kakusan[bench]')", file=sys.stderr)
 
-    info = get_sampler(DEFAULT_SAMPLER)
-    default_name = DEFAULT_SAMPLER
-    default_spacing = info.default_spacing + (f"@{info.default_sigma_max:g}" if info.default_sigma_max else "")
+    default_name, default_spacing = DEFAULT_SAMPLER, DEFAULT_LABEL
     results, t0 = [], time.time()
     for sched_name in ("linear", "cosine"):
         schedule = make_schedule(sched_name)
@@ -216,8 +219,10 @@ def main() -> None:
                                      for k, r in rows.items()]})
             _print_table(sched_name, mix_name, rows, extra, default_name, default_spacing, noise)
     meta = {"benchmark": "sampler_accuracy", "nfe": NFES, "default": [default_name, default_spacing],
+            "default_grids": [[most, row] for most, row in DEFAULT_GRIDS],
             "torch": torch.__version__, "diffusers": getattr(diffusers, "__version__", None),
             "seconds": time.time() - t0}
+    _print_figures(results, default_name, default_spacing)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "results": results}, indent=1))
@@ -242,6 +247,33 @@ def summarize(path: Path) -> None:
         noise = {int(n): v for n, v in cell.get("default_vs_best_diffusers", {}).items()}
         _print_table(cell["schedule"], f"{cell['mixture']} ({cell['starts']} starts)", rows, extra,
                      default_name, default_spacing, noise)
+    _print_figures(data["results"], default_name, default_spacing)
+
+
+def _print_figures(results, default_name, default_spacing, nfes=(5, 10, 20)):
+    """Issue #22's figures over all cells: RMSE(default) <= RMSE(best diffusers, chosen after the fact) in every
+    cell, and the ratio of the median per-start errors <= 0.5 in at least 18 of the 24 cells at NFE 5, 10, 20."""
+    print(f"\n== the default ({default_name} / {default_spacing}) against the best diffusers configuration ==")
+    print(f"{'schedule':<8} {'mixture':<18}" + "".join(f"{'NFE ' + str(n) + ': RMSE / median':>24}" for n in nfes))
+    met_rmse, met_median, cells = 0, 0, 0
+    for cell in results:
+        rows = {(r["library"], r["sampler"], r["spacing"]): r for r in cell["rows"]}
+        d = rows.get(("kakusan", default_name, default_spacing))
+        line = f"{cell['schedule']:<8} {cell['mixture']:<18}"
+        for n in map(str, nfes):
+            cands = [r for k, r in rows.items() if k[0] == "diffusers" and r["rmse"].get(n) is not None
+                     and r["rmse"][n] == r["rmse"][n]]
+            if d is None or not cands or n not in d["rmse"]:
+                line += f"{'-':>24}"
+                continue
+            b = min(cands, key=lambda r: r["rmse"][n])
+            ratio, med = d["rmse"][n] / b["rmse"][n], d["median"][n] / b["median"][n]
+            cells += 1
+            met_rmse += ratio <= 1
+            met_median += med <= 0.5
+            line += f"{ratio:>16.2f} / {med:<5.2f}"
+        print(line)
+    print(f"RMSE <= best diffusers: {met_rmse} of {cells} cells; median ratio <= 0.5: {met_median} of {cells}")
 
 
 def _best(rows, library, nfe):

@@ -375,3 +375,20 @@ def test_named_masks_are_the_regions_they_name(pipe):
     a = pipe(init_image=x, mask="lower-half", class_label=[3, 4], steps=3, seed=4)
     b = pipe(init_image=x, mask=m.expand(2, 1, 8, 8), class_label=[3, 4], steps=3, seed=4)
     assert torch.equal(a.images, b.images) and a.records[0]["mask"] == {"name": "lower-half"}
+
+
+def test_record_says_which_grid_the_default_rule_chose(pipe):
+    """Without --sampler / --spacing the default sampler's grid is chosen by the step budget
+    (samplers.DEFAULT_GRIDS); the record names the rule and everything it chose, and regenerating from the record
+    asks the rule again and gets the same image. A record whose rule this version would answer otherwise is
+    refused, naming both grids."""
+    gen = pipe(n=2, class_label=3, steps=5, seed=4)
+    rec = gen.record
+    assert (rec["sampler"], rec["spacing"], rec["sigma_max"], rec["rho"], rec["sigma_min"]) == \
+        ("unipc-2", "karras", 5.0, 7.0, 0.2)
+    assert rec["grid_rule"] == "default grid for 5 steps (samplers.DEFAULT_GRIDS)" and rec["nfe"] == 5
+    assert torch.equal(pipe.regenerate(rec).uint8(), gen.uint8())
+    # a named spacing is the caller's: no rule in the record
+    assert "grid_rule" not in pipe(n=1, class_label=3, steps=5, spacing="karras").record
+    with pytest.raises(KakusanError, match=r"default grid of its day \(karras, rho 7.0, sigma~ 0.3..5.0\)"):
+        pipe.regenerate({**rec, "sigma_min": 0.3})

@@ -346,3 +346,53 @@ def test_sampler_errors():
         sample(den, s, (1, 1), sampler="ddim", steps=2, eta=1.5)
     with pytest.raises(ConfigError, match="variance"):
         sample_ddpm(den, torch.zeros(1, 1), noise_levels(s, timesteps(s, 2)), variance="big")
+
+
+def test_default_grid_is_chosen_by_the_step_budget():
+    """The default sampler's grid comes from one rule (DEFAULT_GRIDS): 5 steps reach the cap sigma~ = 5 in one step
+    from t = T-1 and end at sigma~ = 0.2 (the final denoise goes from there); 10 steps span 10..0.03 with rho 5; 20
+    steps keep the grid of before (cap 10, down to t = 0). A spacing given, or another sampler, is not touched."""
+    from kakusan.samplers import DEFAULT_SAMPLER, sampling_grid, sampling_levels
+
+    for name in ("linear", "cosine", "flow"):
+        s = make_schedule(name)
+        for steps, cap, floor in ((5, 5.0, 0.2), (10, 10.0, 0.03)):
+            lv = sampling_levels(s, DEFAULT_SAMPLER, steps)
+            st = (lv.sigma / lv.alpha)[:-1]
+            assert len(st) == steps and lv.t[0] == 999 and lv.sigma[-1] == 0
+            assert st[1].item() == pytest.approx(cap, rel=1e-9) and st[-1].item() == pytest.approx(floor, rel=1e-9)
+        g20 = sampling_levels(s, DEFAULT_SAMPLER, 20)
+        assert torch.equal(g20.t, noise_levels(s, timesteps(s, 20, "karras", sigma_max=10.0)).t)
+    g = sampling_grid(DEFAULT_SAMPLER, 5)
+    assert (g.spacing, g.rho, g.sigma_max, g.sigma_min) == ("karras", 7.0, 5.0, 0.2) and "5 steps" in g.rule
+    assert sampling_grid(DEFAULT_SAMPLER, 10).record() == {
+        "spacing": "karras", "sigma_max": 10.0, "rho": 5.0, "sigma_min": 0.03,
+        "grid_rule": "default grid for 10 steps (samplers.DEFAULT_GRIDS)"}
+    assert sampling_grid(DEFAULT_SAMPLER, 5, sigma_max=3.0).sigma_max == 3.0  # a cap given replaces the rule's
+    assert sampling_grid(DEFAULT_SAMPLER, 5, "karras").record() == {"spacing": "karras", "sigma_max": None}
+    assert sampling_grid("dpmpp-2m", 5).record() == {"spacing": "logsnr", "sigma_max": None}
+    with pytest.raises(ConfigError, match="sigma_min .* must lie below"):
+        timesteps(make_schedule("linear"), 5, "karras", sigma_max=5.0, sigma_min=6.0)
+
+
+def test_default_grid_at_five_steps_beats_the_grid_before():
+    """What the 5-step row of DEFAULT_GRIDS is for, on the exact-score oracle: 128 starts of a 16-D mixture of four
+    narrow modes, the default against the grid used before for every budget (Karras capped at 10, down to t = 0,
+    which spends the last of five calls between two nearly clean levels): the RMSE to the exact endpoint
+    falls by 40% and more (measured on 256 starts: 0.252 -> 0.129 on the linear schedule, 0.260 -> 0.130 on
+    cosine; the test runs cosine only, for time)."""
+    from kakusan.samplers import DEFAULT_SAMPLER, sampling_levels, sample_unipc
+
+    g = torch.Generator().manual_seed(1234)
+    mix = GaussianMixture(torch.randn(4, 16, generator=g), torch.full((4,), 0.1))
+    for name in ("cosine",):
+        s = make_schedule(name)
+        den = MixtureDenoiser(mix, s)
+        x_T = torch.randn(128, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        x_T = x_T * s.alpha_sigma(999)[1].item()
+        (a0, s0), (a1, s1) = (tuple(v.item() for v in s.alpha_sigma(t)) for t in (999, 0))
+        ref = exact_endpoint(mix, x_T, a0, s0, a1, s1)
+        rmse = lambda lv: (sample_unipc(den, x_T, lv, order=2) - ref).pow(2).mean().sqrt().item()  # noqa: E731
+        new = rmse(sampling_levels(s, DEFAULT_SAMPLER, 5))
+        before = rmse(noise_levels(s, timesteps(s, 5, "karras", sigma_max=10.0)))
+        assert new < 0.6 * before, (name, new, before)

@@ -284,7 +284,7 @@ def cmd_sample(args) -> int:
     from .checkpoints import read_config, resolve_checkpoint, sampling_defaults
     from .errors import ConfigError
     from .pipeline import Pipeline
-    from .samplers import get_sampler
+    from .samplers import get_sampler, sampling_grid
 
     if args.sampler is not None:
         get_sampler(args.sampler)  # fail fast on a bad name
@@ -319,8 +319,7 @@ def cmd_sample(args) -> int:
         config = {} if sd_layout(args.checkpoint) else read_config(resolve_checkpoint(args.checkpoint))
         default_sampler, default_steps = sampling_defaults(config)
         kw["sampler"], kw["steps"] = kw["sampler"] or default_sampler, kw["steps"] or default_steps
-        info = get_sampler(kw["sampler"])
-        kw["spacing"] = kw["spacing"] or info.default_spacing
+        kw.update(sampling_grid(kw["sampler"], kw["steps"], kw["spacing"], kw["sigma_max"]).record())
         print(json.dumps({"checkpoint": args.checkpoint, **kw, "guide_model": args.guide_model, "out": args.out,
                           "out_dir": args.out_dir}, indent=2))
         return 0
@@ -471,19 +470,24 @@ def cmd_serve(args) -> int:
 
 
 def cmd_samplers(args) -> int:
-    from .samplers import DEFAULT_SAMPLER, SAMPLERS
+    from .samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, SAMPLERS
 
     print(f"{'name':<16} {'order':>5} {'evals/step':>10} {'stochastic':>10}  {'default grid':<20} description")
     for name, info in SAMPLERS.items():
         order = "-" if info.stochastic else str(info.order)
-        grid = info.default_spacing + (f", sigma~ <= {info.default_sigma_max:g}" if info.default_sigma_max else "")
+        grid = info.default_spacing + (f", sigma~ <= {info.default_sigma_max:g}" if info.default_sigma_max else
+                                       ", by steps" if name == DEFAULT_SAMPLER else "")
         mark = " (default)" if name == DEFAULT_SAMPLER else ""
         print(f"{name:<16} {order:>5} {info.nfe_per_step:>10} {str(info.stochastic):>10}  {grid:<20} "
               f"{info.summary}{mark}")
     print("\norder: p in error ~ steps^-p, the error to the exact probability-flow ODE endpoint, as "
           "tests/test_samplers.py\nmeasures it on a Gaussian mixture ('-': stochastic, no single endpoint); "
           "UniPC's corrector adds one to its\npredictor's order. Default grid: the spacing of the steps unless "
-          "--spacing is given; sigma~ = sigma / alpha.")
+          "--spacing is given; sigma~ = sigma / alpha.\nThe default sampler's grid by steps (cap, floor, rho; "
+          "samplers.DEFAULT_GRIDS): " + "; ".join(
+              f"<= {most} steps: sigma~ {row['sigma_min'] or 't=0'}..{row['sigma_max']:g}, rho {row['rho']:g}"
+              if most < 2**31 else f"more: sigma~ {row['sigma_min'] or 't=0'}..{row['sigma_max']:g}, rho {row['rho']:g}"
+              for most, row in DEFAULT_GRIDS) + ".")
     return 0
 
 

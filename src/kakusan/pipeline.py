@@ -39,7 +39,7 @@ from .diffusion import ClippedDenoiser, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
 from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, check_interval
 from .metrics.provenance import file_sha256, tensor_sha256
-from .samplers import get_sampler, model_calls, run_sampler, sampling_levels
+from .samplers import get_sampler, model_calls, run_sampler, sampling_grid, sampling_levels
 from .schedules import NoiseLevels
 from .zoo import locate
 
@@ -740,7 +740,7 @@ class Pipeline:
         t_start = time.perf_counter()
         default_sampler, default_steps = self.defaults()
         sampler = sampler or default_sampler
-        info = get_sampler(sampler)
+        get_sampler(sampler)  # an unknown name fails here
         steps = default_steps if steps is None else _int("steps", steps, 1, MAX_STEPS)
         seed = _int("seed", seed, 0, 2**63 - 1)
         resample_steps = _int("resample_steps", resample_steps, 1, 100)
@@ -803,8 +803,7 @@ class Pipeline:
         record = {"kakusan_version": __version__, "checkpoint": self.source, "checkpoint_sha256": self.weights_sha256,
                   "use_ema": self.use_ema, "lora": self.loras, **({"embeddings": self.embeddings} if self.embeddings
                                                                   else {}), "sampler": sampler, "steps": steps,
-                  "spacing": spacing or info.default_spacing,
-                  "sigma_max": sigma_max if sigma_max is not None or spacing else info.default_sigma_max,
+                  **sampling_grid(sampler, steps, spacing, sigma_max).record(),
                   "eta": options.get("eta"), "nfe": model_calls(sampler, self.schedule, steps, spacing, sigma_max),
                   **guide_record, "prompt": None, "class_label": None, "seed": seed, "n": n,
                   "batch_size": batch_size, "clip": clip, "precision": self.precision, "device": str(self.device),
@@ -1004,6 +1003,16 @@ class Pipeline:
                                          "strength")}
         kw["guidance_rescale"] = record.get("guidance_rescale", 0.0)
         kw["sigma_max"] = record.get("sigma_max")  # with the recorded spacing: the same grid
+        if record.get("grid_rule") is not None:  # the grid the default rule chose: ask the rule again
+            grid = sampling_grid(record["sampler"], record["steps"]).record()
+            if any(grid.get(k) != record.get(k) for k in ("spacing", "sigma_max", "rho", "sigma_min")):
+                raise CheckpointError(
+                    f"this image was sampled on the default grid of its day ({record['spacing']}, rho "
+                    f"{record.get('rho')}, sigma~ {record.get('sigma_min')}..{record.get('sigma_max')}); this "
+                    f"version's default for {record['steps']} steps is another ({grid['spacing']}, rho "
+                    f"{grid['rho']}, sigma~ {grid['sigma_min']}..{grid['sigma_max']}), so it would not be the same "
+                    f"image")
+            kw["spacing"], kw["sigma_max"] = None, None
         if record.get("guidance_interval") is not None:
             kw["guidance_interval"] = tuple(record["guidance_interval"])
         if self.is_text:

@@ -388,8 +388,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp-3m-sde": SamplerInfo(_with(sample_dpmpp, order=3, eta=1.0), 1, 1, True, "logsnr",
                                 "SDE-DPM-Solver++(3M)"),
     "unipc-2": SamplerInfo(_with(sample_unipc, order=2), 3, 1, False, "karras",
-                           "UniPC, order-2 predictor + corrector (bh2)",
-                           default_sigma_max=10.0),
+                           "UniPC, order-2 predictor + corrector (bh2)"),  # its grid: DEFAULT_GRIDS
     "unipc-3": SamplerInfo(_with(sample_unipc, order=3), 4, 1, False, "logsnr",
                            "UniPC, order-3 predictor + corrector (bh2)"),
     "lcm": SamplerInfo(sample_consistency, 1, 1, True, "trailing",
@@ -401,17 +400,74 @@ SAMPLERS: dict[str, SamplerInfo] = {
 # what a user gets without choosing: measured against diffusers in benchmarks/sampler_accuracy.py
 DEFAULT_SAMPLER = "unipc-2"
 
+# The default sampler's grid by step budget: the one rule that picks it (``sampling_grid``), reported in every
+# pipeline record. Karras spacing (rho) between a cap sigma~ <= sigma_max, reached in one step from t = T-1, and a
+# floor sigma_min, left in one final denoise (None: the schedule's t = 0). Rows: (most steps, grid).
+#
+# Measured on the exact-score oracle (benchmarks/sampler_accuracy.py; chosen on 1,024 starts of another seed
+# than the benchmark's, among caps 3-20, floors 0.012-0.45, rho 3/5/7 and UniPC order 2/3; docs/RESULTS.md,
+# "Samplers, round two"): with few steps the last model call is better spent at sigma~ ~ 0.2 than between two
+# nearly clean levels (the final denoise from there is the exact answer for all but the narrowest modes), and a
+# lower cap leaves more of five calls where the modes separate. On the search's starts, against the best diffusers
+# configuration per cell: at 5 steps the geometric mean of the eight RMSE ratios went from 1.95 to 0.83 (cells at
+# or below 1: 1 -> 6 of 8), at 10 it stayed 0.63 while the cells went 6 -> 8 of 8. From 15 steps on a floor costs
+# the narrowest modes more than it gains (0.03 at 20 steps: ratio 4.6 on the 2-D mixture), and the grid is the one
+# used before. Order 3 lost on every grid tried (5 steps, same grid: 0.90; 10 steps: 0.64-1.7).
+DEFAULT_GRIDS: tuple[tuple[int, dict], ...] = (
+    (7, {"rho": 7.0, "sigma_max": 5.0, "sigma_min": 0.2}),
+    (14, {"rho": 5.0, "sigma_max": 10.0, "sigma_min": 0.03}),
+    (2**31, {"rho": 7.0, "sigma_max": 10.0, "sigma_min": None}),
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a sampler's steps go: a spacing (schedules.timesteps) with its parameters, and what chose it
+    (``rule``: 'default grid for N steps' when DEFAULT_GRIDS did, None when the caller or the sampler's fixed
+    default did)."""
+
+    spacing: str
+    rho: float = 7.0
+    sigma_max: float | None = None
+    sigma_min: float | None = None
+    rule: str | None = None
+
+    def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
+        return timesteps(schedule, steps, self.spacing, rho=self.rho, sigma_max=self.sigma_max,
+                         sigma_min=self.sigma_min)
+
+    def record(self) -> dict:
+        """The fields a pipeline record carries (rho and sigma_min only where they are not the spacing's usual)."""
+        out = {"spacing": self.spacing, "sigma_max": self.sigma_max}
+        if self.rule is not None:
+            out.update(rho=self.rho, sigma_min=self.sigma_min, grid_rule=self.rule)
+        return out
+
+
+def sampling_grid(sampler: str, steps: int, spacing: str | None = None, sigma_max: float | None = None) -> Grid:
+    """The grid :func:`sample` and the pipeline use: ``spacing`` (with ``sigma_max``) when given; else for the
+    default sampler the row of DEFAULT_GRIDS for ``steps`` (its cap replaced by ``sigma_max`` if given), for the
+    others their fixed default spacing and cap. The same rule for every schedule family (VP, zero terminal SNR,
+    rectified flow): it is written in sigma~ = sigma / alpha, which they share."""
+    info = get_sampler(sampler)
+    if spacing is not None:
+        return Grid(spacing, sigma_max=sigma_max)
+    if sampler == DEFAULT_SAMPLER:
+        most, row = next((most, row) for most, row in DEFAULT_GRIDS if steps <= most)
+        row = {**row, **({"sigma_max": sigma_max} if sigma_max is not None else {})}
+        return Grid(info.default_spacing, **row, rule=f"default grid for {steps} steps (samplers.DEFAULT_GRIDS)")
+    return Grid(info.default_spacing, sigma_max=sigma_max if sigma_max is not None else info.default_sigma_max)
+
 
 def sampling_levels(schedule: Schedule, sampler: str, steps: int, spacing: str | None = None,
                     sigma_max: float | None = None) -> NoiseLevels:
-    """The levels :func:`sample` walks with ``sampler``: ``spacing`` or the sampler's default grid (and its
-    default cap)."""
+    """The levels :func:`sample` walks with ``sampler``: ``spacing`` or the sampler's default grid
+    (:func:`sampling_grid`)."""
     info = get_sampler(sampler)
-    if spacing is None:
-        spacing, sigma_max = info.default_spacing, sigma_max if sigma_max is not None else info.default_sigma_max
+    grid = sampling_grid(sampler, steps, spacing, sigma_max)
     # DDIM on a schedule imported with diffusers' set_alpha_to_one = False ends, as diffusers' does, at t = 0's level
     final = schedule.config.final_level if info.fn is sample_ddim and schedule.config is not None else "clean"
-    return noise_levels(schedule, timesteps(schedule, steps, spacing, sigma_max=sigma_max), final)
+    return noise_levels(schedule, grid.timesteps(schedule, steps), final)
 
 
 def model_calls(sampler: str, schedule: Schedule, steps: int, spacing: str | None = None,

@@ -334,7 +334,7 @@ SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr", "exponential"
 
 
 def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho: float = 7.0,
-              sigma_max: float | None = None) -> Tensor:
+              sigma_max: float | None = None, sigma_min: float | None = None) -> Tensor:
     """The ``num_steps`` timesteps a sampler visits, noisiest first; float64 tensor of shape (num_steps,).
 
     Uniform in t (integer steps): 'leading', 'trailing', 'linspace' (DDIM sec. 4.2; Lin et al. 2024, table 2).
@@ -343,7 +343,10 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
     A zero-terminal-SNR schedule starts at t = T-1 (sigma~ = inf); the Karras and log-SNR grids then span the
     remaining finite range. ``sigma_max`` caps those grids at sigma~ = sigma_max: the first step then goes from
     t = T-1 straight to the cap (at such noise the denoiser is nearly constant and the exponential step nearly
-    exact), and the other steps are spent where the image forms."""
+    exact), and the other steps are spent where the image forms. ``sigma_min`` raises the low end of those grids
+    to sigma~ = sigma_min (above the schedule's t = 0): the sampler's final step then goes from there to the clean
+    image in one denoise, which with few steps is a better use of the last model call than a step between two
+    nearly clean levels (samplers.DEFAULT_GRIDS)."""
     T = schedule.num_timesteps
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {num_steps!r}")
@@ -373,6 +376,16 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
         else:
             t_max = T - 2 if schedule.zero_terminal_snr else T - 1
         st_min, st_max = schedule.sigma_tilde_at(0), schedule.sigma_tilde_at(t_max)
+        t_min = 0.0
+        if sigma_min is not None:
+            if not sigma_min > 0:
+                raise ConfigError(f"sigma_min must be positive, got {sigma_min}")
+            if sigma_min >= st_max.item():
+                raise ConfigError(f"sigma_min ({sigma_min:g}) must lie below the grid's top level sigma~ = "
+                                  f"{st_max.item():.4g}")
+            if sigma_min > st_min.item():
+                st_min = torch.tensor(float(sigma_min), dtype=torch.float64)
+                t_min = schedule.t_at_sigma_tilde(st_min).item()
         u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
         if spacing == "karras":
             st = (st_max ** (1 / rho) + u * (st_min ** (1 / rho) - st_max ** (1 / rho))) ** rho
@@ -380,7 +393,7 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing", rho
             st = torch.exp(st_max.log() + u * (st_min.log() - st_max.log()))
         ts = schedule.t_at_sigma_tilde(st).flip(0) if n > 0 else torch.zeros(0, dtype=torch.float64)
         if n > 1:  # the ends exactly on the grid, free of round-off
-            ts[0], ts[-1] = 0.0, float(t_max)
+            ts[0], ts[-1] = t_min, float(t_max)
         if prepend:
             ts = torch.cat([ts, torch.tensor([T - 1.0], dtype=torch.float64)])
     else:

@@ -201,7 +201,7 @@ def generate(checkpoint, n: int, *, sampler: str | None = None, steps: int | Non
               "precision": pipe.precision, "compiled": getattr(pipe.denoiser, "denoiser", pipe.denoiser).compiled,
               "classes": "balanced" if labels is not None else None}
     for key in ("negative_prompt", "negative_class", "guidance_rescale", "guidance_interval", "lora",
-                "guidance_kind", "guide"):
+                "guidance_kind", "guide", "rho", "sigma_min", "grid_rule"):
         if rec.get(key):
             source[key] = rec[key]
     if pipe.is_text:
