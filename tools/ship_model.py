@@ -33,7 +33,10 @@ def run_summary(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r]
     last = steps[-1]
-    return {"steps": last["step"], "final_loss": round(last["loss"], 5), "minutes": round(last["elapsed_s"] / 60, 1)}
+    # a resumed run starts its clock again: add up each segment's last time
+    total = sum(a["elapsed_s"] for a, b in zip(steps, steps[1:] + [None]) if b is None or b["elapsed_s"] < a["elapsed_s"])
+    return {"steps": last["step"], "final_loss": round(last["loss"], 5), "minutes": round(total / 60, 1),
+            "segments": 1 + sum(b["elapsed_s"] < a["elapsed_s"] for a, b in zip(steps, steps[1:]))}
 
 
 def score_entry(path: Path, label: str) -> dict:
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
         "name": args.name, "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "bytes": out.stat().st_size, "dtype": args.dtype, "title": args.title, "example": args.example,
         "train": {"command": args.train_command, "checkpoint": ckpt.name, **run_summary(args.run),
+                  "steps": int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None,
                   "preset": config["train"].get("preset"), "kakusan_version": config.get("kakusan_version")},
         "data": {"spec": spec, "name": data.name, "images": len(data), "sha256": data.sha256()},
         "scores": [score_entry(p, lab) for p, lab in zip(args.scores, labels)],
