@@ -673,7 +673,7 @@ def _eval_common(p: argparse.ArgumentParser, extractor_required: bool = True) ->
 
 def cmd_eval(args) -> int:
     from .errors import ConfigError
-    from .metrics.evaluate import folder_features, format_scores, nan_to_none, sample_features, score
+    from .metrics.evaluate import folder_features, format_scores, sample_features, score
     from .metrics.features import load_extractor
     from .diffusion import resolve_device
 
@@ -705,17 +705,23 @@ def cmd_eval(args) -> int:
         fake = folder_features(extractor, args.images, args.n, device=args.device_resolved)
     result = score(extractor, fake, ref, tuple(args.metrics))
     print(format_scores(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(nan_to_none(result), indent=2))
-        print(f"scores and record: {args.out}")
+    _write_scores(args.out, result)
     return 0
+
+
+def _write_scores(out, result: dict) -> None:
+    """eval's --out: the scores with their record, as JSON (NaN written as null)."""
+    from .metrics.evaluate import nan_to_none
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(nan_to_none(result), indent=2))
+        print(f"scores and record: {out}")
 
 
 def _eval_subject(args) -> int:
     """``eval --subject DIR``: subject fidelity, prompt fidelity, prior drift (kakusan.metrics.subject)."""
     from .errors import ConfigError
-    from .metrics.evaluate import nan_to_none
     from .metrics.features import load_extractor
     from .metrics.subject import ClipScorer, evaluate_subject, format_subject
 
@@ -741,10 +747,7 @@ def _eval_subject(args) -> int:
                               images=args.images)
     result.pop("images")
     print(format_subject(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(nan_to_none(result), indent=2))
-        print(f"scores and record: {args.out}")
+    _write_scores(args.out, result)
     return 0
 
 
