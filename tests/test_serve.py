@@ -314,17 +314,21 @@ def test_non_loopback_bind_warns():
     assert "warning: serving on 0.0.0.0, not loopback" in line and "no login" in line
 
 
-def test_no_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+def test_no_checkpoint_serves_the_shipped_models_or_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from kakusan import zoo
     from kakusan.cli import main
 
     monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--dry-run"]) == 0  # no runs/demo: the models that ship with kakusan
+    assert json.loads(capsys.readouterr().out)["checkpoints"] == ["mnist", "fashion-mnist", "emoji"] == zoo.names()
+    monkeypatch.setattr(zoo, "_index", lambda: ())  # an installation without them
     assert main(["serve", "--dry-run"]) == 2
-    assert "no model at runs/demo: train one with `make demo`" in capsys.readouterr().err
+    assert "no model at runs/demo and no shipped models: train one with `make demo`" in capsys.readouterr().err
 
 
 def test_no_checkpoint_serves_the_demo_model(tmp_path, monkeypatch, capsys):
     """With no --checkpoint: runs/demo, where `make demo` writes its run (here a run folder made from the tiny
-    model's file)."""
+    model's file), then the shipped models."""
     import shutil
 
     from kakusan.checkpoints import read_config
@@ -338,7 +342,7 @@ def test_no_checkpoint_serves_the_demo_model(tmp_path, monkeypatch, capsys):
         shutil.copy(TINY, step / name)
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out)["checkpoints"] == ["runs/demo"]
+    assert json.loads(capsys.readouterr().out)["checkpoints"] == ["runs/demo", "mnist", "fashion-mnist", "emoji"]
     assert ModelPool(["runs/demo"]).model_info("demo").class_names == [str(i) for i in range(10)]
 
 
