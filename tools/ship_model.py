@@ -16,8 +16,8 @@ full provenance record, plus a one-line summary for ``kakusan models``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kakusan.checkpoints import export_model, read_config, resolve_checkpoint  # noqa: E402
 from kakusan.data import load_dataset  # noqa: E402
+from kakusan.metrics.provenance import file_sha256  # noqa: E402
 from kakusan.zoo import INDEX, SHIPPED_DIR  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     data = load_dataset(spec, image_size=shape[-1], channels=shape[0])
     labels = args.score_label or ["fp16"] * len(args.scores)
     entry = {
-        "name": args.name, "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "name": args.name, "file": out.name, "sha256": file_sha256(out),
         "bytes": out.stat().st_size, "dtype": args.dtype, "title": args.title, "example": args.example,
         "train": {"command": args.train_command, "checkpoint": ckpt.name, **run_summary(args.run),
                   "steps": int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None,
@@ -91,19 +92,13 @@ def main(argv=None) -> int:
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
-        entry["params"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        entry["params"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     models = json.loads(INDEX.read_text())["models"] if INDEX.is_file() else []
-    models = [m for m in models if m["name"] != args.name] + [entry]
+    names = [m["name"] for m in models]  # a model shipped again keeps its place in the list
+    models = [entry if m["name"] == args.name else m for m in models] if args.name in names else models + [entry]
     INDEX.write_text(json.dumps({"models": models}, indent=1) + "\n")
     print(f"shipped {args.name}: {out} ({entry['bytes'] / 1e6:.2f} MB, {entry['params']:,} parameters)")
     return 0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 if __name__ == "__main__":

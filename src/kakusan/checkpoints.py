@@ -164,11 +164,11 @@ def restore_rng_state(state: dict, generator: torch.Generator, device: torch.dev
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), a model .safetensors file, or the name of a
     shipped model (``kakusan models``)."""
-    from .zoo import locate, names
+    from .zoo import locate, names, plain_name
 
     path = Path(locate(path)).expanduser()
     if not path.exists():
-        shipped = f" (nor the name of a shipped model: {', '.join(names())})" if names() and "/" not in str(path) \
+        shipped = f" (nor the name of a shipped model: {', '.join(names())})" if names() and plain_name(str(path)) \
             else ""
         raise CheckpointError(f"checkpoint not found: {path}{shipped}")
     if (path / "model_index.json").is_file():
@@ -336,11 +336,12 @@ def export_model(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", u
         raise CheckpointError(f"{ckpt}: a LoRA run on a Stable Diffusion base holds its adapters alone; share its "
                               f"lora.safetensors instead")
     weights = weights_file(ckpt, use_ema)
-    tensors = load_tensors(weights)
     if "lora" in config:  # adapters merged into plain weights: the exported file is an ordinary model
         denoiser, _ = load_denoiser(ckpt, use_ema=use_ema, precision="fp32")
         tensors = denoiser.backbone.state_dict()
         config = {k: v for k, v in config.items() if k != "lora"}
+    else:
+        tensors = load_tensors(weights)
     cast = {k: (v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     record = {"source": str(ckpt), "weights": "ema" if use_ema else "raw", "dtype": dtype,
               "source_sha256": file_sha256(weights), **(extra or {})}

@@ -12,12 +12,12 @@ called ``mnist`` reads the folder (say ``./mnist`` to be explicit either way).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import CheckpointError
+from .metrics.provenance import file_sha256
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 INDEX = SHIPPED_DIR / "index.json"
@@ -57,11 +57,16 @@ def shipped_file(name: str, check: bool = True) -> Path:
     if not path.is_file():
         raise CheckpointError(f"shipped model {name!r}: its file {path} is missing from this installation")
     if check:
-        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        h = file_sha256(path)
         if h != e["sha256"]:
             raise CheckpointError(f"shipped model {name!r}: {path} has sha256 {h[:12]}, the list says "
                                   f"{e['sha256'][:12]} (damaged or replaced; reinstall kakusan)")
     return path
+
+
+def plain_name(text: str) -> bool:
+    """Whether ``text`` could name a shipped model (no folder in it)."""
+    return "/" not in text and "\\" not in text
 
 
 def locate(checkpoint):
@@ -70,7 +75,7 @@ def locate(checkpoint):
     if not isinstance(checkpoint, (str, Path)):
         return checkpoint
     text = str(checkpoint)
-    if Path(text).expanduser().exists() or "/" in text or "\\" in text:
+    if Path(text).expanduser().exists() or not plain_name(text):
         return checkpoint
     if text in names():
         return shipped_file(text)
