@@ -274,6 +274,30 @@ def _print_figures(results, default_name, default_spacing, nfes=(5, 10, 20)):
             line += f"{ratio:>16.2f} / {med:<5.2f}"
         print(line)
     print(f"RMSE <= best diffusers: {met_rmse} of {cells} cells; median ratio <= 0.5: {met_median} of {cells}")
+    _print_reach(results, nfes)
+
+
+def _print_reach(results, nfes):
+    """What any single kakusan configuration (sampler x spacing, the default among them) reaches per NFE, over
+    the same cells: a rule that picks one configuration per NFE can do no better than the best line here."""
+    print("\n== the best single kakusan configuration per NFE (cells: RMSE <= best diffusers / median <= 0.5x) ==")
+    for n in map(str, nfes):
+        counts = {}
+        for cell in results:
+            rows = {(r["library"], r["sampler"], r["spacing"]): r for r in cell["rows"]}
+            cands = [r for k, r in rows.items() if k[0] == "diffusers" and r["rmse"].get(n) is not None
+                     and r["rmse"][n] == r["rmse"][n]]
+            if not cands:
+                continue
+            b = min(cands, key=lambda r: r["rmse"][n])
+            for k, r in rows.items():
+                if k[0] != "kakusan" or r["rmse"].get(n) is None or r["median"].get(n) is None:
+                    continue
+                c = counts.setdefault(k[1:], [0, 0])
+                c[0] += r["rmse"][n] <= b["rmse"][n]
+                c[1] += r["median"][n] <= 0.5 * b["median"][n]
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:3]
+        print(f"NFE {n:>2}: " + "; ".join(f"{a} / {sp}: {c[0]} / {c[1]} of {len(results)}" for (a, sp), c in ranked))
 
 
 def _best(rows, library, nfe):

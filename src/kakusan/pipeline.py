@@ -324,6 +324,7 @@ class Pipeline:
             base, file = learned
             return cls.load(base, **{**options, "embedding": [file, *_listed(embedding)]})
         weights = weights_file(ckpt, use_ema)
+        weights_sha256 = file_sha256(weights)  # read once: each LoRA's base check and the record use it
         denoiser, config = load_denoiser(ckpt, use_ema=use_ema, device=device, precision=precision)
         side = torch.device("cpu") if offload else device  # where the text encoder and autoencoder run
         encoder = None
@@ -338,12 +339,12 @@ class Pipeline:
         for f, s in zip(files, scales):
             if encoder is not None and not hasattr(encoder, "encode") and _adapts_text_encoder(f):
                 encoder = encoder()  # loaded now: this LoRA merges into it
-            loras.append(_merge_lora(denoiser, f, s, file_sha256(weights),
+            loras.append(_merge_lora(denoiser, f, s, weights_sha256,
                                      text_model=getattr(encoder, "model", None)))
         if compile:  # after the LoRA merge: the compiled graph holds the final weights
             getattr(denoiser, "denoiser", denoiser).compile(frozen=True)
         decoder = autoencoder_for_checkpoint(config, autoencoder, side)
-        return cls(denoiser, config, source=str(ckpt), weights_sha256=file_sha256(weights), autoencoder=decoder,
+        return cls(denoiser, config, source=str(ckpt), weights_sha256=weights_sha256, autoencoder=decoder,
                    text_encoder=encoder, device=device, use_ema=use_ema, loras=loras).add_embeddings(embedding)
 
     def add_embeddings(self, files) -> "Pipeline":
