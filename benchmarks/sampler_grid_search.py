@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--rho", default="7")
     p.add_argument("--cap", default="10")
     p.add_argument("--floor", default="0,0.2")
+    p.add_argument("--last-step", default="denoise", help="UniPC's last step: denoise, gaussian, or both (csv)")
     p.add_argument("--cache", default=None, help="diffusers' errors (default: a file in the system's temp dir)")
     p.add_argument("--default", action="store_true",
                    help="score the default instead (the grid samplers.DEFAULT_GRIDS picks per NFE), with round "
@@ -90,19 +91,21 @@ def main() -> None:
     if args.default:
         score_default(data, mixes, schedules, nfes)
         return
-    for order, rho, cap, floor in itertools.product([int(v) for v in args.order.split(",")], floats(args.rho),
-                                                    floats(args.cap), floats(args.floor)):
+    for order, rho, cap, floor, last in itertools.product([int(v) for v in args.order.split(",")], floats(args.rho),
+                                                          floats(args.cap), floats(args.floor),
+                                                          args.last_step.split(",")):
         for nfe in nfes:
             cells = []
             for (sn, mn), cell in data.items():
                 s = schedules[sn]
                 lv = noise_levels(s, timesteps(s, nfe, "karras", rho=rho, sigma_max=cap, sigma_min=floor or None))
-                e = (sample_unipc(MixtureDenoiser(mixes[mn], s), cell["x_T"], lv, order=order) - cell["ref"]
-                     ).pow(2).mean(1)
+                e = (sample_unipc(MixtureDenoiser(mixes[mn], s), cell["x_T"], lv, order=order, last_step=last)
+                     - cell["ref"]).pow(2).mean(1)
                 best = min((v for k, v in cell["diff"].items() if k[2] == nfe), key=lambda v: v.mean().item())
                 cells.append(((e.mean() / best.mean()).sqrt().item(), (e.sqrt().median() / best.sqrt().median()).item()))
             gm = math.exp(sum(math.log(r) for r, _ in cells) / len(cells))
-            print(f"order {order} rho {rho:g} cap {cap:g} floor {floor:g} NFE {nfe:>2}: RMSE <= best diffusers "
+            print(f"order {order} rho {rho:g} cap {cap:g} floor {floor:g} last {last} NFE {nfe:>2}: RMSE <= best "
+                  f"diffusers "
                   f"{sum(r <= 1 for r, _ in cells)}/{len(cells)}, median <= 0.5x {sum(m <= 0.5 for _, m in cells)}/"
                   f"{len(cells)}, geometric mean {gm:.2f} | " + " ".join(f"{r:.2f}/{m:.2f}" for r, m in cells),
                   flush=True)
@@ -112,7 +115,7 @@ def main() -> None:
 def score_default(data, mixes, schedules, nfes) -> None:
     """The default's cells as a Markdown table: RMSE ratio / median ratio (RMSE ratio of round one's grid), and
     issue #22's counts."""
-    from kakusan.samplers import DEFAULT_SAMPLER, sampling_levels
+    from kakusan.samplers import DEFAULT_SAMPLER, sampling_grid, sampling_levels
 
     met_rmse = met_median = cells = 0
     print("| schedule | mixture | " + " | ".join(f"NFE {n}: RMSE / median (round one)" for n in nfes) + " |")
@@ -123,9 +126,10 @@ def score_default(data, mixes, schedules, nfes) -> None:
         for nfe in nfes:
             best = min((v for k, v in cell["diff"].items() if k[2] == nfe), key=lambda v: v.mean().item())
             ratios = []
-            for lv in (sampling_levels(s, DEFAULT_SAMPLER, nfe),
-                       noise_levels(s, timesteps(s, nfe, "karras", sigma_max=10.0))):
-                e = (sample_unipc(den, cell["x_T"], lv, order=2) - cell["ref"]).pow(2).mean(1)
+            for lv, opts in ((sampling_levels(s, DEFAULT_SAMPLER, nfe),
+                              sampling_grid(DEFAULT_SAMPLER, nfe).options()),
+                             (noise_levels(s, timesteps(s, nfe, "karras", sigma_max=10.0)), {})):
+                e = (sample_unipc(den, cell["x_T"], lv, order=2, **opts) - cell["ref"]).pow(2).mean(1)
                 ratios.append(((e.mean() / best.mean()).sqrt().item(),
                                (e.sqrt().median() / best.sqrt().median()).item()))
             (r, m), (r_old, _) = ratios

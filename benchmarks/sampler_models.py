@@ -74,13 +74,13 @@ def _batches(n: int, size: int):
         yield slice(lo, min(n, lo + size))
 
 
-def run_kakusan(pipe, d, noise, labels, levels, sampler, batch_size, seed=0):
+def run_kakusan(pipe, d, noise, labels, levels, sampler, batch_size, seed=0, options=None):
     out = []
     for j, sl in enumerate(_batches(len(noise), batch_size)):
         x = noise[sl] * levels.sigma[0].item()
         g = torch.Generator().manual_seed(seed + j)
         out.append(run_sampler(sampler, d, x, levels, pipe.schedule, cond=pipe._encode(labels[sl].tolist()),
-                               generator=g).float())
+                               generator=g, **(options or {})).float())
     return torch.cat(out)
 
 
@@ -119,6 +119,13 @@ def main(argv=None) -> int:
     ap.add_argument("--round-one", action="store_true",
                     help="no diffusers: the default against round one's grid (Karras below sigma~ = 10, down to "
                          "t = 0), the check that the rule does not hurt a trained model")
+    ap.add_argument("--default-only", action="store_true",
+                    help="no diffusers: the default alone (after a change to the rule; the diffusers rows of an "
+                         "earlier run with the same -n, --seed and --ref-steps stay valid), written to "
+                         "sampler_models-<name>-default.json")
+    ap.add_argument("--cache", default=None,
+                    help="a folder where the reference samples are kept between runs (keyed by checkpoint hash, "
+                         "n, seed, reference steps and precision)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -138,7 +145,19 @@ def main(argv=None) -> int:
 
     # the reference: a long ODE solve from the same noise, and its half-steps check
     ref_levels = noise_levels(pipe.schedule, timesteps(pipe.schedule, args.ref_steps, "logsnr"))
-    ref = run_kakusan(pipe, d, noise, labels, ref_levels, "dpmpp-3m", bs)
+    cached = None
+    if args.cache:
+        cached = Path(args.cache) / (f"sampler_models-ref-{pipe.weights_sha256[:16]}-n{n}-seed{args.seed}-"
+                                     f"steps{args.ref_steps}-{pipe.precision}.pt")
+    if cached is not None and cached.is_file():
+        ref = torch.load(cached, weights_only=True)
+        log(f"reference read from {cached}")
+    else:
+        ref = run_kakusan(pipe, d, noise, labels, ref_levels, "dpmpp-3m", bs)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ref, cached.with_suffix(".tmp"))
+            cached.with_suffix(".tmp").replace(cached)
     p = args.pilot
     half_levels = noise_levels(pipe.schedule, timesteps(pipe.schedule, args.ref_steps // 2, "logsnr"))
     ref_check = distance(run_kakusan(pipe, d, noise[:p], labels[:p], half_levels, "dpmpp-3m", bs), ref[:p]).mean()
@@ -147,9 +166,10 @@ def main(argv=None) -> int:
 
     # the pilot: every diffusers configuration on the first p samples, by distance to the reference
     pilot = {}
-    for nfe in (nfes if not args.round_one else []):
+    for nfe in (nfes if not (args.round_one or args.default_only) else []):
         lv = sampling_levels(pipe.schedule, DEFAULT_SAMPLER, nfe)
-        dk = distance(run_kakusan(pipe, d, noise[:p], labels[:p], lv, DEFAULT_SAMPLER, bs), ref[:p]).mean().item()
+        dk = distance(run_kakusan(pipe, d, noise[:p], labels[:p], lv, DEFAULT_SAMPLER, bs,
+                                  options=sampling_grid(DEFAULT_SAMPLER, nfe).options()), ref[:p]).mean().item()
         pilot[("kakusan", DEFAULT_SAMPLER, "default grid", nfe)] = dk
         for label, opt, cls, o in diffusers_configs():
             try:
@@ -185,9 +205,11 @@ def main(argv=None) -> int:
     for nfe in nfes:
         t0 = time.perf_counter()
         x = run_kakusan(pipe, d, noise, labels, sampling_levels(pipe.schedule, DEFAULT_SAMPLER, nfe),
-                        DEFAULT_SAMPLER, bs)
+                        DEFAULT_SAMPLER, bs, options=sampling_grid(DEFAULT_SAMPLER, nfe).options())
         scored(x, "kakusan", DEFAULT_SAMPLER, "default grid", nfe, time.perf_counter() - t0,
                sampling_grid(DEFAULT_SAMPLER, nfe).record())
+        if args.default_only:
+            continue
         if args.round_one:
             t0 = time.perf_counter()
             lv = noise_levels(pipe.schedule, timesteps(pipe.schedule, nfe, "karras", sigma_max=10.0))
@@ -202,11 +224,16 @@ def main(argv=None) -> int:
             x = run_diffusers(pipe, d, noise, labels, cls, o, nfe, bs)
             scored(x, "diffusers", label, opt, nfe, time.perf_counter() - t0)
 
-    if args.round_one:
-        out = Path(args.out) / f"sampler_models-{args.name}-round-one.json"
+    if args.round_one or args.default_only:
+        out = Path(args.out) / f"sampler_models-{args.name}-{'round-one' if args.round_one else 'default'}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(nan_to_none({"benchmark": "sampler_models", "checkpoint": args.checkpoint,
                                                "n": n, "guidance": args.guidance, "seed": args.seed,
-                                               "reference_steps": args.ref_steps, "rows": rows}), indent=1))
+                                               "reference_steps": args.ref_steps,
+                                               "reference_half_steps_distance": ref_check.item(),
+                                               "default": {str(nfe): sampling_grid(DEFAULT_SAMPLER, nfe).record()
+                                                           for nfe in nfes},
+                                               "rows": rows}), indent=1))
         print(f"wrote {out}")
         return 0
     print(f"\n{args.name}: {n} samples ({p} in the pilot), guidance {args.guidance}, reference "

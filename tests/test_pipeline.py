@@ -384,11 +384,16 @@ def test_record_says_which_grid_the_default_rule_chose(pipe):
     refused, naming both grids."""
     gen = pipe(n=2, class_label=3, steps=5, seed=4)
     rec = gen.record
-    assert (rec["sampler"], rec["spacing"], rec["sigma_max"], rec["rho"], rec["sigma_min"]) == \
-        ("unipc-2", "karras", 5.0, 7.0, 0.2)
+    assert (rec["sampler"], rec["spacing"], rec["sigma_max"], rec["rho"], rec["sigma_min"], rec["last_step"]) == \
+        ("unipc-2", "karras", 5.0, 7.0, 0.35, "gaussian")
     assert rec["grid_rule"] == "default grid for 5 steps (samplers.DEFAULT_GRIDS)" and rec["nfe"] == 5
     assert torch.equal(pipe.regenerate(rec).uint8(), gen.uint8())
     # a named spacing is the caller's: no rule in the record
     assert "grid_rule" not in pipe(n=1, class_label=3, steps=5, spacing="karras").record
-    with pytest.raises(KakusanError, match=r"default grid of its day \(karras, rho 7.0, sigma~ 0.3..5.0\)"):
+    with pytest.raises(KakusanError, match=r"default grid of its day \(karras, rho 7.0, sigma~ 0.3..5.0, last step "
+                                           r"gaussian\)"):
         pipe.regenerate({**rec, "sigma_min": 0.3})
+    # a record from before the last step was part of the rule ended in the plain denoise: not this image
+    before = {k: v for k, v in rec.items() if k != "last_step"}
+    with pytest.raises(KakusanError, match=r"last step denoise\); this version's default .* last step gaussian"):
+        pipe.regenerate(before)

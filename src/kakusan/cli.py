@@ -485,8 +485,9 @@ def cmd_samplers(args) -> int:
           "UniPC's corrector adds one to its\npredictor's order. Default grid: the spacing of the steps unless "
           "--spacing is given; sigma~ = sigma / alpha.\nThe default sampler's grid by steps (cap, floor, rho; "
           "samplers.DEFAULT_GRIDS): " + "; ".join(
-              f"<= {most} steps: sigma~ {row['sigma_min'] or 't=0'}..{row['sigma_max']:g}, rho {row['rho']:g}"
-              if most < 2**31 else f"more: sigma~ {row['sigma_min'] or 't=0'}..{row['sigma_max']:g}, rho {row['rho']:g}"
+              f"{f'<= {most} steps' if most < 2**31 else 'more'}: sigma~ {row['sigma_min'] or 't=0'}.."
+              f"{row['sigma_max']:g}, rho {row['rho']:g}"
+              + (f", {row['last_step']} last step" if row.get("last_step", "denoise") != "denoise" else "")
               for most, row in DEFAULT_GRIDS) + ".")
     return 0
 

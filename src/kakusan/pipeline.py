@@ -761,6 +761,8 @@ class Pipeline:
         n, conds, nrow = self._conditions(n, prompt, class_label, k, guidance)  # k: a guiding classifier's classes
         batch_size = min(n, 256) if batch_size is None else _int("batch_size", batch_size, 1, MAX_N)
         levels = sampling_levels(self.schedule, sampler, steps, spacing, sigma_max)
+        grid = sampling_grid(sampler, steps, spacing, sigma_max)
+        options.update(grid.options())
 
         start_record, x0_init, m = {}, None, None
         c, h, w = self.image_shape
@@ -804,8 +806,8 @@ class Pipeline:
         record = {"kakusan_version": __version__, "checkpoint": self.source, "checkpoint_sha256": self.weights_sha256,
                   "use_ema": self.use_ema, "lora": self.loras, **({"embeddings": self.embeddings} if self.embeddings
                                                                   else {}), "sampler": sampler, "steps": steps,
-                  **sampling_grid(sampler, steps, spacing, sigma_max).record(),
-                  "eta": options.get("eta"), "nfe": model_calls(sampler, self.schedule, steps, spacing, sigma_max),
+                  **grid.record(), "eta": options.get("eta"),
+                  "nfe": model_calls(sampler, self.schedule, steps, spacing, sigma_max),
                   **guide_record, "prompt": None, "class_label": None, "seed": seed, "n": n,
                   "batch_size": batch_size, "clip": clip, "precision": self.precision, "device": str(self.device),
                   **start_record}
@@ -1006,13 +1008,14 @@ class Pipeline:
         kw["sigma_max"] = record.get("sigma_max")  # with the recorded spacing: the same grid
         if record.get("grid_rule") is not None:  # the grid the default rule chose: ask the rule again
             grid = sampling_grid(record["sampler"], record["steps"]).record()
-            if any(grid.get(k) != record.get(k) for k in ("spacing", "sigma_max", "rho", "sigma_min")):
+            recorded = {**record, "last_step": record.get("last_step", "denoise")}  # before the field existed
+            if any(grid.get(k) != recorded.get(k) for k in ("spacing", "sigma_max", "rho", "sigma_min", "last_step")):
                 raise CheckpointError(
                     f"this image was sampled on the default grid of its day ({record['spacing']}, rho "
-                    f"{record.get('rho')}, sigma~ {record.get('sigma_min')}..{record.get('sigma_max')}); this "
-                    f"version's default for {record['steps']} steps is another ({grid['spacing']}, rho "
-                    f"{grid['rho']}, sigma~ {grid['sigma_min']}..{grid['sigma_max']}), so it would not be the same "
-                    f"image")
+                    f"{record.get('rho')}, sigma~ {record.get('sigma_min')}..{record.get('sigma_max')}, last step "
+                    f"{recorded['last_step']}); this version's default for {record['steps']} steps is another "
+                    f"({grid['spacing']}, rho {grid['rho']}, sigma~ {grid['sigma_min']}..{grid['sigma_max']}, last "
+                    f"step {grid['last_step']}), so it would not be the same image")
             kw["spacing"], kw["sigma_max"] = None, None
         if record.get("guidance_interval") is not None:
             kw["guidance_interval"] = tuple(record["guidance_interval"])
