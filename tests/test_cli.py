@@ -153,8 +153,8 @@ def test_samplers_listing_says_each_fact_once(capsys):
     assert list(rows) == list(SAMPLERS)
     assert sum(line.count("default)") for line in lines) == 1 and rows[DEFAULT_SAMPLER].endswith("(default)")
     assert rows["unipc-2"].split()[1] == "3" and "karras, by steps" in rows["unipc-2"]
-    assert ("<= 7 steps: sigma~ 0.35..5, rho 7, gaussian last step; <= 14 steps: sigma~ 0.1..10, rho 7, gaussian "
-            "last step; more: sigma~ t=0..10, rho 7.") in lines[-1]
+    assert ("<= 7 steps: sigma~ 0.2..5, rho 7; <= 14 steps: sigma~ 0.1..10, rho 7, gaussian last step; more: "
+            "sigma~ t=0..10, rho 7.") in lines[-1]
     assert rows["ddpm"].split()[1] == "-"  # stochastic: no ODE order
     for name, line in rows.items():  # the order is said in its column only
         assert not any(w in line.lower() for w in ("2nd order", "second-order", "order 3")), line

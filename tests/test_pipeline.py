@@ -382,15 +382,16 @@ def test_record_says_which_grid_the_default_rule_chose(pipe):
     (samplers.DEFAULT_GRIDS); the record names the rule and everything it chose, and regenerating from the record
     asks the rule again and gets the same image. A record whose rule this version would answer otherwise is
     refused, naming both grids."""
-    gen = pipe(n=2, class_label=3, steps=5, seed=4)
+    gen = pipe(n=2, class_label=3, steps=10, seed=4)
     rec = gen.record
     assert (rec["sampler"], rec["spacing"], rec["sigma_max"], rec["rho"], rec["sigma_min"], rec["last_step"]) == \
-        ("unipc-2", "karras", 5.0, 7.0, 0.35, "gaussian")
-    assert rec["grid_rule"] == "default grid for 5 steps (samplers.DEFAULT_GRIDS)" and rec["nfe"] == 5
+        ("unipc-2", "karras", 10.0, 7.0, 0.1, "gaussian")
+    assert rec["grid_rule"] == "default grid for 10 steps (samplers.DEFAULT_GRIDS)" and rec["nfe"] == 10
     assert torch.equal(pipe.regenerate(rec).uint8(), gen.uint8())
     # a named spacing is the caller's: no rule in the record
     assert "grid_rule" not in pipe(n=1, class_label=3, steps=5, spacing="karras").record
-    with pytest.raises(KakusanError, match=r"default grid of its day \(karras, rho 7.0, sigma~ 0.3..5.0, last step "
+    assert pipe(n=1, class_label=3, steps=5).record["last_step"] == "denoise"
+    with pytest.raises(KakusanError, match=r"default grid of its day \(karras, rho 7.0, sigma~ 0.3..10.0, last step "
                                            r"gaussian\)"):
         pipe.regenerate({**rec, "sigma_min": 0.3})
     # a record from before the last step was part of the rule ended in the plain denoise: not this image
