@@ -128,6 +128,9 @@ def main(argv=None) -> int:
                     help="no diffusers: the default alone (after a change to the rule; the diffusers rows of an "
                          "earlier run with the same -n, --seed and --ref-steps stay valid), written to "
                          "sampler_models-<name>-default.json")
+    ap.add_argument("--variant", action="append", default=[], metavar="CAP,FLOOR,RHO,LAST",
+                    help="with --default-only: also score the default sampler on this Karras grid (cap sigma~, floor "
+                         "sigma~, rho) with this last step (denoise / gaussian); repeatable")
     ap.add_argument("--cache", default=None,
                     help="a folder where the reference samples are kept between runs (keyed by checkpoint hash, "
                          "n, seed, reference steps and precision)")
@@ -217,6 +220,15 @@ def main(argv=None) -> int:
         scored(x, "kakusan", DEFAULT_SAMPLER, "default grid", nfe, time.perf_counter() - t0,
                sampling_grid(DEFAULT_SAMPLER, nfe).record())
         if args.default_only:
+            for v in args.variant:
+                cap, floor, rho, last = v.split(",")
+                t0 = time.perf_counter()
+                lv = noise_levels(pipe.schedule, timesteps(pipe.schedule, nfe, "karras", rho=float(rho),
+                                                           sigma_max=float(cap), sigma_min=float(floor)))
+                x = run_kakusan(pipe, d, noise, labels, lv, DEFAULT_SAMPLER, bs, options={"last_step": last})
+                scored(x, "kakusan", DEFAULT_SAMPLER, f"cap {cap}, floor {floor}, rho {rho}, {last}", nfe,
+                       time.perf_counter() - t0, {"spacing": "karras", "sigma_max": float(cap),
+                                                  "sigma_min": float(floor), "rho": float(rho), "last_step": last})
             continue
         if args.round_one:
             t0 = time.perf_counter()
