@@ -461,9 +461,10 @@ DEFAULT_SAMPLER = "unipc-2"
 # with median <= 0.5x 4 -> 7 of 8; on the benchmark's 4,096 starts 8 of 8 on both. On the MNIST and Fashion-MNIST
 # models (5,000 samples, benchmarks/sampler_models.py) it is closer to the 60-step reference than the plain
 # denoise from the same floor (0.0227 against 0.0279, 0.0283 against 0.0330), and on Fashion-MNIST its FID is
-# nearer the reference's own (6.59 against 5.07; the reference 6.21). At 5 steps it was not kept: with the floor it favours there (0.35) it took the oracle's
-# median cells from 1 to 5 of 8, but on Fashion-MNIST it carried the noise of the floor level into the image (FID
-# 4.4 -> 9.5 where the exact ODE's samples score 6.2; visibly grainy), so that row stays a plain denoise from 0.2.
+# nearer the reference's own (6.59 against 5.07; the reference 6.21). At 5 steps it was not kept: with the floor
+# it favours there (0.35) it took the oracle's median cells from 1 to 5 of 8, but on Fashion-MNIST it carried the
+# noise of the floor level into the image (FID 4.4 -> 9.5 where the exact ODE's samples score 6.2; visibly
+# grainy), so that row stays a plain denoise from 0.2.
 # With no floor (from 15 steps, last level ~0.01) it lost (the 2-D mixture 0.98 -> 1.85).
 DEFAULT_GRIDS: tuple[tuple[int, dict], ...] = (
     (7, {"rho": 7.0, "sigma_max": 5.0, "sigma_min": 0.2}),
