@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kakusan.samplers import (DEFAULT_GRIDS, DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_grid,  # noqa: E402
-                              sampling_levels)
+from kakusan.samplers import DEFAULT_GRIDS, DEFAULT_SAMPLER, SAMPLERS, get_sampler, sampling_plan  # noqa: E402
 from kakusan.schedules import make_schedule, noise_levels, timesteps  # noqa: E402
 from kakusan.testing import GaussianMixture, MixtureDenoiser, exact_endpoint  # noqa: E402
 
@@ -91,9 +90,9 @@ def kakusan_runs(mix, schedule, x_T):
             out[(name, sp)] = res
     # the default: its grid chosen per NFE by samplers.DEFAULT_GRIDS
     info = get_sampler(DEFAULT_SAMPLER)
-    out[(DEFAULT_SAMPLER, DEFAULT_LABEL)] = {nfe: info.fn(den, x_T, sampling_levels(schedule, DEFAULT_SAMPLER, nfe),
-                                                          **sampling_grid(DEFAULT_SAMPLER, nfe).options())
-                                             for nfe in NFES}
+    plans = {nfe: sampling_plan(schedule, DEFAULT_SAMPLER, nfe) for nfe in NFES}
+    out[(DEFAULT_SAMPLER, DEFAULT_LABEL)] = {nfe: info.fn(den, x_T, lv, **grid.options())
+                                             for nfe, (grid, lv) in plans.items()}
     return out
 
 

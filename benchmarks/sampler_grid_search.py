@@ -115,7 +115,7 @@ def main() -> None:
 def score_default(data, mixes, schedules, nfes) -> None:
     """The default's cells as a Markdown table: RMSE ratio / median ratio (RMSE ratio of round one's grid), and
     issue #22's counts."""
-    from kakusan.samplers import DEFAULT_SAMPLER, sampling_grid, sampling_levels
+    from kakusan.samplers import DEFAULT_SAMPLER, sampling_plan
 
     met_rmse = met_median = cells = 0
     print("| schedule | mixture | " + " | ".join(f"NFE {n}: RMSE / median (round one)" for n in nfes) + " |")
@@ -126,9 +126,8 @@ def score_default(data, mixes, schedules, nfes) -> None:
         for nfe in nfes:
             best = min((v for k, v in cell["diff"].items() if k[2] == nfe), key=lambda v: v.mean().item())
             ratios = []
-            for lv, opts in ((sampling_levels(s, DEFAULT_SAMPLER, nfe),
-                              sampling_grid(DEFAULT_SAMPLER, nfe).options()),
-                             (noise_levels(s, timesteps(s, nfe, "karras", sigma_max=10.0)), {})):
+            grid, lv = sampling_plan(s, DEFAULT_SAMPLER, nfe)
+            for lv, opts in ((lv, grid.options()), (noise_levels(s, timesteps(s, nfe, "karras", sigma_max=10.0)), {})):
                 e = (sample_unipc(den, cell["x_T"], lv, order=2, **opts) - cell["ref"]).pow(2).mean(1)
                 ratios.append(((e.mean() / best.mean()).sqrt().item(),
                                (e.sqrt().median() / best.sqrt().median()).item()))

@@ -47,7 +47,7 @@ from kakusan.interop import diffusers_scheduler, sample_with_diffusers  # noqa: 
 from kakusan.metrics.evaluate import FeatureSet, nan_to_none, reference_features, score  # noqa: E402
 from kakusan.metrics.features import load_extractor  # noqa: E402
 from kakusan.pipeline import Pipeline  # noqa: E402
-from kakusan.samplers import DEFAULT_SAMPLER, run_sampler, sampling_grid, sampling_levels  # noqa: E402
+from kakusan.samplers import DEFAULT_SAMPLER, run_sampler, sampling_grid, sampling_plan  # noqa: E402
 from kakusan.schedules import noise_levels, timesteps  # noqa: E402
 
 
@@ -175,9 +175,9 @@ def main(argv=None) -> int:
     # the pilot: every diffusers configuration on the first p samples, by distance to the reference
     pilot = {}
     for nfe in (nfes if not (args.round_one or args.default_only) else []):
-        lv = sampling_levels(pipe.schedule, DEFAULT_SAMPLER, nfe)
-        dk = distance(run_kakusan(pipe, d, noise[:p], labels[:p], lv, DEFAULT_SAMPLER, bs,
-                                  options=sampling_grid(DEFAULT_SAMPLER, nfe).options()), ref[:p]).mean().item()
+        grid, lv = sampling_plan(pipe.schedule, DEFAULT_SAMPLER, nfe)
+        dk = distance(run_kakusan(pipe, d, noise[:p], labels[:p], lv, DEFAULT_SAMPLER, bs, options=grid.options()),
+                      ref[:p]).mean().item()
         pilot[("kakusan", DEFAULT_SAMPLER, "default grid", nfe)] = dk
         for label, opt, cls, o in diffusers_configs():
             try:
@@ -215,10 +215,9 @@ def main(argv=None) -> int:
     scored(ref, "reference", "dpmpp-3m", f"{args.ref_steps} log-SNR steps", args.ref_steps, None)
     for nfe in nfes:
         t0 = time.perf_counter()
-        x = run_kakusan(pipe, d, noise, labels, sampling_levels(pipe.schedule, DEFAULT_SAMPLER, nfe),
-                        DEFAULT_SAMPLER, bs, options=sampling_grid(DEFAULT_SAMPLER, nfe).options())
-        scored(x, "kakusan", DEFAULT_SAMPLER, "default grid", nfe, time.perf_counter() - t0,
-               sampling_grid(DEFAULT_SAMPLER, nfe).record())
+        grid, lv = sampling_plan(pipe.schedule, DEFAULT_SAMPLER, nfe)
+        x = run_kakusan(pipe, d, noise, labels, lv, DEFAULT_SAMPLER, bs, options=grid.options())
+        scored(x, "kakusan", DEFAULT_SAMPLER, "default grid", nfe, time.perf_counter() - t0, grid.record())
         if args.default_only:
             for v in args.variant:
                 cap, floor, rho, last = v.split(",")

@@ -39,7 +39,7 @@ from .diffusion import ClippedDenoiser, randn, resolve_device
 from .errors import CheckpointError, ConfigError, DataError
 from .guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, check_interval
 from .metrics.provenance import file_sha256, tensor_sha256
-from .samplers import get_sampler, model_calls, run_sampler, sampling_grid, sampling_levels
+from .samplers import get_sampler, model_calls, run_sampler, sampling_grid, sampling_levels, sampling_plan
 from .schedules import NoiseLevels
 from .zoo import locate
 
@@ -760,8 +760,7 @@ class Pipeline:
             classifier_scale=classifier_scale, clip=clip)
         n, conds, nrow = self._conditions(n, prompt, class_label, k, guidance)  # k: a guiding classifier's classes
         batch_size = min(n, 256) if batch_size is None else _int("batch_size", batch_size, 1, MAX_N)
-        levels = sampling_levels(self.schedule, sampler, steps, spacing, sigma_max)
-        grid = sampling_grid(sampler, steps, spacing, sigma_max)
+        grid, levels = sampling_plan(self.schedule, sampler, steps, spacing, sigma_max)
         options.update(grid.options())
 
         start_record, x0_init, m = {}, None, None

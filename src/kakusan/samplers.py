@@ -517,15 +517,23 @@ def sampling_grid(sampler: str, steps: int, spacing: str | None = None, sigma_ma
     return Grid(info.default_spacing, sigma_max=sigma_max if sigma_max is not None else info.default_sigma_max)
 
 
-def sampling_levels(schedule: Schedule, sampler: str, steps: int, spacing: str | None = None,
-                    sigma_max: float | None = None) -> NoiseLevels:
-    """The levels :func:`sample` walks with ``sampler``: ``spacing`` or the sampler's default grid
-    (:func:`sampling_grid`)."""
+def sampling_plan(schedule: Schedule, sampler: str, steps: int, spacing: str | None = None,
+                  sigma_max: float | None = None) -> tuple[Grid, NoiseLevels]:
+    """The grid (:func:`sampling_grid`: what to record, and the options it asks of the sampler, ``grid.options()``)
+    and the levels :func:`sample` walks with ``sampler``: the two halves of one choice, asked of the rule once."""
     info = get_sampler(sampler)
     grid = sampling_grid(sampler, steps, spacing, sigma_max)
     # DDIM on a schedule imported with diffusers' set_alpha_to_one = False ends, as diffusers' does, at t = 0's level
     final = schedule.config.final_level if info.fn is sample_ddim and schedule.config is not None else "clean"
-    return noise_levels(schedule, grid.timesteps(schedule, steps), final)
+    return grid, noise_levels(schedule, grid.timesteps(schedule, steps), final)
+
+
+def sampling_levels(schedule: Schedule, sampler: str, steps: int, spacing: str | None = None,
+                    sigma_max: float | None = None) -> NoiseLevels:
+    """The levels :func:`sample` walks with ``sampler``: ``spacing`` or the sampler's default grid
+    (:func:`sampling_grid`). A caller that runs the sampler itself wants :func:`sampling_plan`, whose grid also
+    says how to leave the levels (the default's ``last_step``)."""
+    return sampling_plan(schedule, sampler, steps, spacing, sigma_max)[1]
 
 
 def model_calls(sampler: str, schedule: Schedule, steps: int, spacing: str | None = None,
@@ -569,10 +577,10 @@ def sample(
 ) -> Tensor:
     """Draw x_T ~ N(0, sigma_T^2 I) and run a named sampler over ``steps`` timesteps of ``schedule``. Without
     ``spacing`` the sampler's default grid is used (and its default sigma_max cap, unless one is given)."""
-    levels = sampling_levels(schedule, sampler, steps, spacing, sigma_max)
+    grid, levels = sampling_plan(schedule, sampler, steps, spacing, sigma_max)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     x = randn(shape, generator, device, dtype) * levels.sigma[0].item()
-    options = {**sampling_grid(sampler, steps, spacing, sigma_max).options(), **options}
+    options = {**grid.options(), **options}
     return run_sampler(sampler, denoiser, x, levels, schedule, cond=cond, generator=generator, callback=callback,
                        progress=progress, **options)
